@@ -1,0 +1,68 @@
+"""Build reservd: generate the gRPC stubs from proto/ and compile the Cython counter table in ext/.
+
+RESERVD_DEBUG=1 compiles the table with its debug invariant checks (see ext/table.pyx).
+"""
+import os
+import pathlib
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+ROOT = pathlib.Path(__file__).parent.resolve()
+PROTO = ROOT / "proto"
+SRC = ROOT / "src"
+
+
+def generate_protos() -> None:
+    """Generate reservd/v1/*_pb2*.py next to the sources (they are build outputs, not tracked)."""
+    from grpc_tools import protoc
+    import grpc_tools
+
+    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
+    for proto in sorted(PROTO.rglob("*.proto")):
+        args = [
+            "grpc_tools.protoc",
+            f"-I{PROTO}",
+            f"-I{include}",
+            f"--python_out={SRC}",
+            f"--pyi_out={SRC}",
+            f"--grpc_python_out={SRC}",
+            str(proto),
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed on {proto}")
+
+
+class BuildPy(build_py):
+    def run(self):
+        generate_protos()
+        super().run()
+
+
+class BuildExt(build_ext):
+    def run(self):
+        generate_protos()
+        super().run()
+
+
+def extensions():
+    from Cython.Build import cythonize
+
+    debug = os.environ.get("RESERVD_DEBUG") == "1"
+    ext = Extension(
+        "reservd._ctable",
+        ["ext/table.pyx"],
+        include_dirs=["ext"],
+        extra_compile_args=["-O2"],
+        # Without a C compiler the install still works on the pure-Python table (reservd._pytable).
+        optional=True,
+    )
+    return cythonize(
+        [ext],
+        compile_time_env={"RESERVD_DEBUG": debug},
+        compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
+    )
+
+
+setup(ext_modules=extensions(), cmdclass={"build_py": BuildPy, "build_ext": BuildExt})

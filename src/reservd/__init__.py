@@ -1,0 +1,2 @@
+"""reservd: an inventory reservation daemon that never oversells."""
+__version__ = "0.1.0"
