@@ -1,0 +1,5 @@
+import sys
+
+from reservd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+"""Configuration: every bound the daemon enforces, with units in the names."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """Input bounds enforced by the service layer (INVALID_ARGUMENT beyond them)."""
+
+    id_bytes_max: int = 128
+    channel_bytes_max: int = 64
+    reason_bytes_max: int = 256
+    lines_max: int = 100
+    quantity_max: int = 1_000_000
+    on_hand_max: int = 1_000_000_000_000
+    ttl_seconds_default: int = 600
+    ttl_seconds_min: int = 1
+    ttl_seconds_max: int = 86_400
+    watch_skus_max: int = 10_000
+    get_skus_max: int = 1_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    """Everything `reservd serve` can be told; defaults are the embedded default."""
+
+    bind: str = "127.0.0.1:50051"
+    data_dir: Path | None = Path("reservd-data")  # None: in memory only (benchmarks, tests)
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    shards: int = 64
+    # Change ring read by WatchStock (and the mirror): entries, a power of two.
+    watch_ring_capacity: int = 1 << 18
+    # Idempotency records of finished reservations and adjustments are kept this long / this many.
+    retention_seconds: int = 86_400
+    retained_max: int = 1_000_000
+    # Live (held or committed) reservations; Reserve answers RESOURCE_EXHAUSTED beyond it.
+    reservations_max: int = 5_000_000
+    expiry_tick_ms: int = 100
+    expiry_batch_max: int = 10_000
+    message_bytes_max: int = 1 << 20
+    shutdown_grace_seconds: float = 10.0
+    segment_bytes_max: int = 64 << 20
+    # A snapshot is taken after this many WAL records since the last one.
+    snapshot_records_interval: int = 1_000_000
+    metrics_port: int | None = None
+    redis_url: str | None = None
+    redis_prefix: str = "reservd:"
+    mirror_timeout_ms: int = 250
+    mirror_lag_ms_max: int = 1_000
+    mirror_batch_max: int = 5_000

@@ -1,0 +1,606 @@
+"""The ledger: every business rule of reservd, in one place.
+
+A call decides and applies synchronously (no await between the check and the change), then
+appends one command to the log; the caller waits for that command's durability before it
+answers. Replay feeds logged commands back through the same ``_apply_*`` code, so recovery
+rebuilds exactly the state that was acknowledged.
+
+Business outcomes are values (:class:`Rejection`, ``granted=False``), not exceptions; a broken
+invariant raises AssertionError and stops the daemon, and recovery takes over.
+"""
+from __future__ import annotations
+
+import collections
+import enum
+import heapq
+import logging
+import pickle
+from typing import NamedTuple, Protocol, Sequence
+
+from reservd import records
+from reservd.config import Config
+from reservd.records import RecordType
+from reservd.table import RESERVE_INSUFFICIENT, RESERVE_UNKNOWN_SKU, CounterTable
+
+log = logging.getLogger("reservd.ledger")
+
+SNAPSHOT_FORMAT = 1
+
+
+class State(enum.IntEnum):
+    """A reservation's life; numbers match reservd.v1.ReservationState."""
+
+    HELD = 1
+    COMMITTED = 2
+    RELEASED = 3
+    EXPIRED = 4
+    FULFILLED = 5
+
+
+class Code(enum.Enum):
+    """Why a request was refused (mapped one to one onto gRPC status codes)."""
+
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+
+
+class Rejection(NamedTuple):
+    code: Code
+    message: str
+
+
+class Reservation(NamedTuple):
+    """One reservation. Immutable: a change replaces it, so a shallow copy of the ledger's
+    dict is a consistent snapshot."""
+
+    reservation_id: str
+    channel: str
+    request: tuple  # (skus, requested, channel, ttl_seconds, allow_partial): the idempotency key
+    skus: tuple[str, ...]  # lines that hold units (granted > 0)
+    handles: tuple[int, ...]
+    quantities: tuple[int, ...]  # units held or, once committed, units granted
+    committed: tuple[int, ...] | None
+    state: State
+    expires_at_ms: int
+    seq: int  # sequence of the latest mutation of this reservation
+    finished_at_ms: int
+
+
+class ReserveOutcome(NamedTuple):
+    granted: bool
+    skus: tuple[str, ...]
+    requested: tuple[int, ...]
+    quantities: tuple[int, ...]  # granted per line (0 when refused)
+    available: tuple[int, ...]
+    expires_at_ms: int
+    state: State | None
+    seq: int
+    replayed: bool
+
+
+class ReservationOutcome(NamedTuple):
+    reservation: Reservation
+    seq: int  # the mutation to wait for before answering (0: nothing to wait for)
+    replayed: bool
+
+
+class StockOutcome(NamedTuple):
+    sku: str
+    on_hand: int
+    reserved: int
+    committed: int
+    previous_on_hand: int
+    shortfall: int
+    seq: int
+    replayed: bool
+
+
+class _Adjustment(NamedTuple):
+    request: tuple
+    outcome: StockOutcome
+    finished_at_ms: int
+
+
+class Log(Protocol):
+    """Where the ledger appends its commands (the WAL, or nothing in memory-only mode)."""
+
+    last_seq: int
+
+    def append(self, seq: int, type: int, payload: bytes) -> None: ...
+
+
+class Ledger:
+    """Reservations, their expiry and idempotency, over a counter table."""
+
+    def __init__(self, table: CounterTable, log_: Log, clock, config: Config) -> None:
+        self.table = table
+        self.log = log_
+        self.clock = clock
+        self.config = config
+        self.seq = log_.last_seq
+        self.reservations: dict[str, Reservation] = {}
+        self.adjustments: dict[str, _Adjustment] = {}
+        self.live = 0  # held + committed
+        self._deadlines: list[tuple[int, str]] = []  # heap; stale entries skipped on pop
+        self._finished: collections.deque[tuple[int, bool, str]] = collections.deque()
+
+    # -- Reservations ------------------------------------------------------------------------
+
+    def reserve(
+        self,
+        reservation_id: str,
+        skus: tuple[str, ...],
+        quantities: tuple[int, ...],
+        channel: str,
+        ttl_seconds: int,
+        allow_partial: bool,
+    ) -> ReserveOutcome | Rejection:
+        """Hold units for a cart: all-or-nothing, or clamped per line with allow_partial."""
+        request = (skus, quantities, channel, ttl_seconds, allow_partial)
+        existing = self.reservations.get(reservation_id)
+        if existing is not None:
+            if existing.request != request:
+                return Rejection(
+                    Code.ALREADY_EXISTS,
+                    f"reservation {reservation_id!r} exists with a different payload",
+                )
+            return self._replayed_reserve(existing)
+        if self.live >= self.config.reservations_max:
+            return Rejection(
+                Code.RESOURCE_EXHAUSTED,
+                f"{self.live} live reservations: reservations_max reached",
+            )
+        seq = self.seq + 1
+        status, handles, granted, available = self.table.reserve(
+            skus, quantities, allow_partial, seq
+        )
+        if status == RESERVE_UNKNOWN_SKU:
+            unknown = skus[handles.index(-1)]
+            return Rejection(Code.NOT_FOUND, f"sku {unknown!r} is unknown")
+        if status == RESERVE_INSUFFICIENT:
+            return ReserveOutcome(
+                False, skus, quantities, granted, available, 0, None, 0, False
+            )
+        now_ms = self.clock.now_ms()
+        command = records.Reserve(
+            now_ms, reservation_id, channel, ttl_seconds, allow_partial,
+            now_ms + ttl_seconds * 1000, skus, quantities, granted,
+        )
+        self.seq = seq
+        self.log.append(seq, RecordType.RESERVE, records.encode_reserve(command))
+        if all(granted):
+            self._apply_reserve(command, skus, handles, granted, seq)
+        else:
+            kept = [i for i, quantity in enumerate(granted) if quantity]
+            self._apply_reserve(
+                command, tuple(skus[i] for i in kept), tuple(handles[i] for i in kept),
+                tuple(granted[i] for i in kept), seq,
+            )
+        return ReserveOutcome(
+            True, skus, quantities, granted, available, command.expires_at_ms, State.HELD,
+            seq, False,
+        )
+
+    def commit(
+        self, reservation_id: str, lines: dict[str, int] | None
+    ) -> ReservationOutcome | Rejection:
+        """Soft to hard allocation. ``lines`` commits fewer units of the SKUs it names; the rest
+        of those lines returns to available."""
+        current = self._find(reservation_id, "commit")
+        if isinstance(current, Rejection):
+            return current
+        if lines is not None:
+            for sku in lines:
+                if sku not in current.skus:
+                    return Rejection(
+                        Code.FAILED_PRECONDITION,
+                        f"reservation {reservation_id!r} holds no units of sku {sku!r}",
+                    )
+        committed = tuple(
+            current.quantities[i] if lines is None else lines.get(sku, current.quantities[i])
+            for i, sku in enumerate(current.skus)
+        )
+        if current.state is State.COMMITTED:
+            if committed != current.committed:
+                return Rejection(
+                    Code.FAILED_PRECONDITION,
+                    f"reservation {reservation_id!r} is already committed with other quantities",
+                )
+            return ReservationOutcome(current, current.seq, True)
+        if current.state is not State.HELD:
+            return self._finished_rejection(current, "commit")
+        for sku, quantity, held in zip(current.skus, committed, current.quantities):
+            if quantity > held:
+                return Rejection(
+                    Code.FAILED_PRECONDITION,
+                    f"cannot commit {quantity} of sku {sku!r}: reservation "
+                    f"{reservation_id!r} holds {held}",
+                )
+        command = records.Commit(self.clock.now_ms(), reservation_id, committed)
+        seq = self._log(RecordType.COMMIT, records.encode_commit(command))
+        return ReservationOutcome(self._apply_commit(command, seq), seq, False)
+
+    def extend(self, reservation_id: str, ttl_seconds: int) -> ReservationOutcome | Rejection:
+        """Push a held reservation's expiry to at least now + ttl_seconds."""
+        current = self._find(reservation_id, "extend")
+        if isinstance(current, Rejection):
+            return current
+        if current.state is not State.HELD:
+            return self._finished_rejection(current, "extend")
+        now_ms = self.clock.now_ms()
+        expires_at_ms = max(current.expires_at_ms, now_ms + ttl_seconds * 1000)
+        command = records.Extend(now_ms, reservation_id, expires_at_ms)
+        seq = self._log(RecordType.EXTEND, records.encode_extend(command))
+        return ReservationOutcome(self._apply_extend(command, seq), seq, False)
+
+    def release(self, reservation_id: str) -> ReservationOutcome | Rejection:
+        """Cancel a held or committed reservation; its units return to available. Idempotent:
+        releasing a released or expired reservation answers its state."""
+        current = self.reservations.get(reservation_id)
+        if current is None:
+            return Rejection(Code.NOT_FOUND, f"reservation {reservation_id!r} is unknown")
+        if current.state in (State.RELEASED, State.EXPIRED):
+            return ReservationOutcome(current, current.seq, True)
+        if current.state is State.FULFILLED:
+            return self._finished_rejection(current, "release")
+        command = records.Finish(self.clock.now_ms(), reservation_id)
+        seq = self._log(RecordType.RELEASE, records.encode_finish(command))
+        return ReservationOutcome(self._apply_release(command, seq), seq, False)
+
+    def fulfil(self, reservation_id: str) -> ReservationOutcome | Rejection:
+        """The committed units shipped: they leave on_hand. Idempotent."""
+        current = self._find(reservation_id, "fulfil")
+        if isinstance(current, Rejection):
+            return current
+        if current.state is State.FULFILLED:
+            return ReservationOutcome(current, current.seq, True)
+        if current.state is State.HELD:
+            return Rejection(
+                Code.FAILED_PRECONDITION,
+                f"reservation {reservation_id!r} is held, not committed: commit it first",
+            )
+        if current.state is not State.COMMITTED:
+            return self._finished_rejection(current, "fulfil")
+        command = records.Finish(self.clock.now_ms(), reservation_id)
+        seq = self._log(RecordType.FULFIL, records.encode_finish(command))
+        return ReservationOutcome(self._apply_fulfil(command, seq), seq, False)
+
+    def expire_due(self, limit: int) -> int:
+        """Expire up to ``limit`` held reservations whose deadline has passed; returns the last
+        sequence used (0 if none). O(log n) per expiry: a heap, never a scan."""
+        now_ms = self.clock.now_ms()
+        deadlines = self._deadlines
+        last_seq = 0
+        while deadlines and deadlines[0][0] <= now_ms and limit > 0:
+            expires_at_ms, reservation_id = heapq.heappop(deadlines)
+            current = self.reservations.get(reservation_id)
+            if (
+                current is None
+                or current.state is not State.HELD
+                or current.expires_at_ms != expires_at_ms
+            ):
+                continue  # committed, released or extended since: a stale heap entry
+            last_seq = self._expire(current, now_ms)
+            limit -= 1
+        self._prune(now_ms)
+        return last_seq
+
+    def next_deadline_ms(self) -> int | None:
+        return self._deadlines[0][0] if self._deadlines else None
+
+    # -- Stock ---------------------------------------------------------------------------------
+
+    def set_stock(
+        self,
+        adjustment_id: str,
+        sku: str,
+        on_hand: int,
+        expected_on_hand: int | None,
+        reason: str,
+    ) -> StockOutcome | Rejection:
+        """A recount: on_hand becomes ``on_hand`` (creating the SKU). A recount below
+        reserved + committed is accepted (reality wins) and reported as a shortfall."""
+        return self._stock_change(
+            RecordType.SET_STOCK, adjustment_id, sku, on_hand, expected_on_hand, reason
+        )
+
+    def adjust_stock(
+        self,
+        adjustment_id: str,
+        sku: str,
+        delta: int,
+        expected_on_hand: int | None,
+        reason: str,
+    ) -> StockOutcome | Rejection:
+        """A receipt (delta > 0), damage or shrinkage (delta < 0) of an existing SKU."""
+        return self._stock_change(
+            RecordType.ADJUST_STOCK, adjustment_id, sku, delta, expected_on_hand, reason
+        )
+
+    def _stock_change(
+        self, kind: RecordType, adjustment_id: str, sku: str, value: int,
+        expected_on_hand: int | None, reason: str,
+    ) -> StockOutcome | Rejection:
+        request = (kind, sku, value, expected_on_hand)
+        previous = self.adjustments.get(adjustment_id)
+        if previous is not None:
+            if previous.request != request:
+                return Rejection(
+                    Code.ALREADY_EXISTS,
+                    f"adjustment {adjustment_id!r} exists with a different payload",
+                )
+            return previous.outcome._replace(replayed=True)
+        handle = self.table.lookup(sku)
+        if handle < 0 and kind is RecordType.ADJUST_STOCK:
+            return Rejection(Code.NOT_FOUND, f"sku {sku!r} is unknown: SetStock creates it")
+        on_hand = self.table.counters(handle)[0] if handle >= 0 else 0
+        if expected_on_hand is not None and expected_on_hand != on_hand:
+            return Rejection(
+                Code.FAILED_PRECONDITION,
+                f"sku {sku!r}: on_hand is {on_hand}, not the expected {expected_on_hand}",
+            )
+        if kind is RecordType.ADJUST_STOCK and on_hand + value < 0:
+            return Rejection(
+                Code.FAILED_PRECONDITION,
+                f"sku {sku!r}: delta {value} would make on_hand {on_hand + value} (< 0)",
+            )
+        command = records.StockChange(
+            self.clock.now_ms(), adjustment_id, sku, value, expected_on_hand, reason
+        )
+        seq = self._log(kind, records.encode_stock(command))
+        outcome = self._apply_stock(kind, command, seq)
+        if outcome.shortfall:
+            log.warning(
+                "stock shortfall",
+                extra={"sku": sku, "on_hand": outcome.on_hand, "reserved": outcome.reserved,
+                       "committed": outcome.committed, "shortfall": outcome.shortfall,
+                       "reason": reason, "adjustment_id": adjustment_id},
+            )
+        return outcome
+
+    # -- Replay and snapshots -------------------------------------------------------------------
+
+    def replay(self, seq: int, record_type: int, payload: bytes) -> None:
+        """Re-apply one logged command during recovery. A command that no longer applies means
+        the log and the rules disagree: that is corruption, so it raises."""
+        assert seq == self.seq + 1, f"replay out of order: {seq} after {self.seq}"
+        command = records.decode(record_type, payload)
+        kind = RecordType(record_type)
+        if kind is RecordType.RESERVE:
+            lines = [
+                (sku, granted) for sku, granted in zip(command.skus, command.granted) if granted
+            ]
+            skus = tuple(sku for sku, _ in lines)
+            granted = tuple(quantity for _, quantity in lines)
+            status, handles, _, _ = self.table.reserve(skus, granted, False, seq)
+            if status != 0:
+                raise AssertionError(
+                    f"replay of reserve {command.reservation_id!r} at seq {seq} was refused "
+                    f"(status {status}): the log does not match the table"
+                )
+            self.seq = seq
+            self._apply_reserve(command, skus, handles, granted, seq)
+            return
+        self.seq = seq
+        if kind is RecordType.COMMIT:
+            self._apply_commit(command, seq)
+        elif kind is RecordType.EXTEND:
+            self._apply_extend(command, seq)
+        elif kind is RecordType.RELEASE:
+            self._apply_release(command, seq)
+        elif kind is RecordType.FULFIL:
+            self._apply_fulfil(command, seq)
+        elif kind is RecordType.EXPIRE:
+            self._apply_expire(command, seq)
+        else:
+            self._apply_stock(kind, command, seq)
+
+    def snapshot_state(self):
+        """Capture the state after ``self.seq`` now (cheap copies, no encoding); returns
+        (seq, encode) where ``encode()`` builds the bytes and may run in a worker thread."""
+        seq = self.seq
+        stock = list(self.table.items())
+        reservations = list(self.reservations.values())
+        adjustments = list(self.adjustments.items())
+
+        def encode() -> bytes:
+            state = {
+                "format": SNAPSHOT_FORMAT,
+                "seq": seq,
+                "stock": stock,
+                "reservations": [
+                    (r.reservation_id, r.channel, r.request, r.skus, r.quantities, r.committed,
+                     int(r.state), r.expires_at_ms, r.seq, r.finished_at_ms)
+                    for r in reservations
+                ],
+                "adjustments": [
+                    (adjustment_id, a.request[0].value, a.request[1:], tuple(a.outcome),
+                     a.finished_at_ms)
+                    for adjustment_id, a in adjustments
+                ],
+            }
+            return pickle.dumps(state, protocol=5)
+
+        return seq, encode
+
+    def restore(self, payload: bytes) -> None:
+        """Load a snapshot into an empty ledger (before replaying the records after it)."""
+        assert not self.reservations and len(self.table) == 0, "restore into a fresh ledger"
+        # Snapshots are our own checksummed files holding only builtin types.
+        state = pickle.loads(payload)
+        if state.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"snapshot format {state.get('format')} is not {SNAPSHOT_FORMAT}")
+        for sku, on_hand, reserved, committed in state["stock"]:
+            self.table.restore(sku, on_hand, reserved, committed)
+        for (reservation_id, channel, request, skus, quantities, committed, state_value,
+             expires_at_ms, seq, finished_at_ms) in state["reservations"]:
+            reservation = Reservation(
+                reservation_id, channel, request, skus,
+                tuple(self.table.lookup(sku) for sku in skus), quantities, committed,
+                State(state_value), expires_at_ms, seq, finished_at_ms,
+            )
+            self.reservations[reservation_id] = reservation
+            if reservation.state is State.HELD:
+                heapq.heappush(self._deadlines, (expires_at_ms, reservation_id))
+            if reservation.state in (State.HELD, State.COMMITTED):
+                self.live += 1
+            else:
+                self._finished.append((finished_at_ms, False, reservation_id))
+        for adjustment_id, kind, request_tail, outcome, finished_at_ms in state["adjustments"]:
+            self.adjustments[adjustment_id] = _Adjustment(
+                (RecordType(kind), *request_tail), StockOutcome(*outcome), finished_at_ms
+            )
+            self._finished.append((finished_at_ms, True, adjustment_id))
+        self._finished = collections.deque(sorted(self._finished))
+        self.seq = state["seq"]
+
+    # -- Internals ------------------------------------------------------------------------------
+
+    def _log(self, kind: RecordType, payload: bytes) -> int:
+        seq = self.seq + 1
+        self.log.append(seq, kind, payload)
+        self.seq = seq
+        return seq
+
+    def _find(self, reservation_id: str, action: str) -> Reservation | Rejection:
+        current = self.reservations.get(reservation_id)
+        if current is None:
+            return Rejection(Code.NOT_FOUND, f"reservation {reservation_id!r} is unknown")
+        if current.state is State.HELD and current.expires_at_ms <= self.clock.now_ms():
+            # Due but not yet swept by the expiry loop: it is expired, and says so.
+            self._expire(current, self.clock.now_ms())
+            return self._finished_rejection(self.reservations[reservation_id], action)
+        return current
+
+    def _finished_rejection(self, current: Reservation, action: str) -> Rejection:
+        if current.state is State.EXPIRED:
+            why = f"it expired at {current.expires_at_ms} (unix ms): reserve again"
+        elif current.state is State.COMMITTED:
+            why = "it is committed, and committed reservations no longer expire"
+        else:
+            why = f"it is {current.state.name.lower()}"
+        return Rejection(
+            Code.FAILED_PRECONDITION,
+            f"cannot {action} reservation {current.reservation_id!r}: {why}",
+        )
+
+    def _expire(self, current: Reservation, now_ms: int) -> int:
+        command = records.Finish(now_ms, current.reservation_id)
+        seq = self._log(RecordType.EXPIRE, records.encode_finish(command))
+        self._apply_expire(command, seq)
+        return seq
+
+    def _replayed_reserve(self, existing: Reservation) -> ReserveOutcome:
+        skus, requested = existing.request[0], existing.request[1]
+        held = dict(zip(existing.skus, existing.quantities))
+        granted = tuple(held.get(sku, 0) for sku in skus)
+        available = tuple(
+            counters[0] - counters[1] - counters[2] if counters else 0
+            for counters in self.table.stock(skus)
+        )
+        return ReserveOutcome(
+            True, skus, requested, granted, available, existing.expires_at_ms, existing.state,
+            existing.seq, True,
+        )
+
+    def _apply_reserve(
+        self, command: records.Reserve, skus: tuple[str, ...], handles: tuple[int, ...],
+        quantities: tuple[int, ...], seq: int,
+    ) -> None:
+        request = (
+            command.skus, command.requested, command.channel, command.ttl_seconds,
+            command.allow_partial,
+        )
+        self.reservations[command.reservation_id] = Reservation(
+            command.reservation_id, command.channel, request, skus, handles, quantities, None,
+            State.HELD, command.expires_at_ms, seq, 0,
+        )
+        heapq.heappush(self._deadlines, (command.expires_at_ms, command.reservation_id))
+        self.live += 1
+
+    def _apply_commit(self, command: records.Commit, seq: int) -> Reservation:
+        current = self.reservations[command.reservation_id]
+        assert current.state is State.HELD, f"commit of {current.state.name} {current}"
+        self.table.commit(current.handles, current.quantities, command.committed, seq)
+        updated = current._replace(state=State.COMMITTED, committed=command.committed, seq=seq)
+        self.reservations[command.reservation_id] = updated
+        return updated
+
+    def _apply_extend(self, command: records.Extend, seq: int) -> Reservation:
+        current = self.reservations[command.reservation_id]
+        assert current.state is State.HELD, f"extend of {current.state.name} {current}"
+        updated = current._replace(expires_at_ms=command.expires_at_ms, seq=seq)
+        self.reservations[command.reservation_id] = updated
+        heapq.heappush(self._deadlines, (command.expires_at_ms, command.reservation_id))
+        return updated
+
+    def _apply_release(self, command: records.Finish, seq: int) -> Reservation:
+        current = self.reservations[command.reservation_id]
+        if current.state is State.HELD:
+            self.table.release(current.handles, current.quantities, seq)
+        else:
+            assert current.state is State.COMMITTED, f"release of {current.state.name}"
+            self.table.uncommit(current.handles, current.committed, seq)
+        return self._finish(current, State.RELEASED, command.at_ms, seq)
+
+    def _apply_fulfil(self, command: records.Finish, seq: int) -> Reservation:
+        current = self.reservations[command.reservation_id]
+        assert current.state is State.COMMITTED, f"fulfil of {current.state.name}"
+        self.table.fulfil(current.handles, current.committed, seq)
+        return self._finish(current, State.FULFILLED, command.at_ms, seq)
+
+    def _apply_expire(self, command: records.Finish, seq: int) -> Reservation:
+        current = self.reservations[command.reservation_id]
+        assert current.state is State.HELD, f"expiry of {current.state.name}"
+        self.table.release(current.handles, current.quantities, seq)
+        return self._finish(current, State.EXPIRED, command.at_ms, seq)
+
+    def _finish(self, current: Reservation, state: State, at_ms: int, seq: int) -> Reservation:
+        updated = current._replace(state=state, seq=seq, finished_at_ms=at_ms)
+        self.reservations[current.reservation_id] = updated
+        self._finished.append((at_ms, False, current.reservation_id))
+        self.live -= 1
+        assert self.live >= 0
+        return updated
+
+    def _apply_stock(
+        self, kind: RecordType, command: records.StockChange, seq: int
+    ) -> StockOutcome:
+        if kind is RecordType.SET_STOCK:
+            handle = self.table.ensure(command.sku)
+            previous = self.table.set_on_hand(handle, command.value, seq)
+        else:
+            handle = self.table.lookup(command.sku)
+            assert handle >= 0, f"adjust of unknown sku {command.sku!r}"
+            previous = self.table.adjust_on_hand(handle, command.value, seq) - command.value
+        on_hand, reserved, committed = self.table.counters(handle)
+        outcome = StockOutcome(
+            command.sku, on_hand, reserved, committed, previous,
+            max(0, reserved + committed - on_hand), seq, False,
+        )
+        self.adjustments[command.adjustment_id] = _Adjustment(
+            (kind, command.sku, command.value, command.expected_on_hand), outcome, command.at_ms
+        )
+        self._finished.append((command.at_ms, True, command.adjustment_id))
+        return outcome
+
+    def _prune(self, now_ms: int) -> None:
+        """Forget idempotency records older than retention_seconds, or beyond retained_max."""
+        horizon_ms = now_ms - self.config.retention_seconds * 1000
+        finished = self._finished
+        while finished and (
+            finished[0][0] <= horizon_ms or len(finished) > self.config.retained_max
+        ):
+            at_ms, is_adjustment, key = finished.popleft()
+            if is_adjustment:
+                entry = self.adjustments.get(key)
+                if entry is not None and entry.finished_at_ms == at_ms:
+                    del self.adjustments[key]
+            else:
+                entry = self.reservations.get(key)
+                if entry is not None and entry.finished_at_ms == at_ms and entry.state in (
+                    State.RELEASED, State.EXPIRED, State.FULFILLED
+                ):
+                    del self.reservations[key]

@@ -1,0 +1,60 @@
+"""Prometheus metrics (prometheus_client): the same words as the API.
+
+Hot-path counters are bound to their labels once, here, so a Reserve costs one ``inc()``.
+Gauges that mirror state (sequence, WAL batching, fail-closed) are read at scrape time.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        reserve = Counter(
+            "reservd_reserve", "Reserve calls by outcome", ["outcome"], registry=self.registry
+        )
+        self.reserve_granted = reserve.labels("granted")
+        self.reserve_sold_out = reserve.labels("sold_out")
+        self.reserve_rejected = reserve.labels("rejected")
+        self.reserve_unavailable = reserve.labels("unavailable")
+        self.expired = Counter(
+            "reservd_expired_reservations", "Holds released by expiry", registry=self.registry
+        )
+        self._sources: list = []
+        self.registry.register(self)
+
+    def watch(self, ledger, log_, guard) -> None:
+        """Report these objects' state at each scrape."""
+        self._sources = [ledger, log_, guard]
+
+    def collect(self):
+        if not self._sources:
+            return
+        ledger, log_, guard = self._sources
+        yield GaugeMetricFamily("reservd_sequence", "Last applied sequence", value=ledger.seq)
+        yield GaugeMetricFamily(
+            "reservd_durable_sequence", "Last durable sequence", value=log_.durable_seq
+        )
+        yield GaugeMetricFamily(
+            "reservd_live_reservations", "Held or committed reservations", value=ledger.live
+        )
+        yield GaugeMetricFamily(
+            "reservd_skus", "SKUs in the counter table", value=len(ledger.table)
+        )
+        yield GaugeMetricFamily(
+            "reservd_fail_closed", "1 while reservations are refused",
+            value=0 if guard.grant_reason is None else 1,
+        )
+        stats = getattr(log_, "stats", None)
+        if stats is not None:
+            yield CounterMetricFamily(
+                "reservd_wal_fsyncs", "WAL fdatasync calls", value=stats.fsyncs
+            )
+            yield CounterMetricFamily(
+                "reservd_wal_records", "WAL records written", value=stats.records
+            )
+
+    def serve(self, port: int, address: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=address, registry=self.registry)

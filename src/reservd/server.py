@@ -1,0 +1,209 @@
+"""Orchestration: recover state, wire the parts together, serve, drain on SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from reservd.clock import SystemClock
+from reservd.config import Config
+from reservd.guard import Guard
+from reservd.ledger import Ledger
+from reservd.memlog import MemoryLog
+from reservd.metrics import Metrics
+from reservd.service import AdminService, Durability, ReservationsService
+from reservd.table import EXTENSION, Table
+from reservd.v1 import reservd_pb2 as pb
+from reservd.v1 import reservd_pb2_grpc as pb_grpc
+from reservd.watch import WatchHub
+
+log = logging.getLogger("reservd.server")
+
+RESERVATIONS = pb.DESCRIPTOR.services_by_name["Reservations"].full_name
+ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+
+
+class Daemon:
+    """One reservd instance: ``await start()`` returns the bound port; ``await stop()`` drains."""
+
+    def __init__(self, config: Config, clock=None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.metrics = Metrics()
+        self.guard = Guard()
+        self.table = Table(shards=config.shards, ring_capacity=config.watch_ring_capacity)
+        self.log = self._open_log()
+        self.ledger = Ledger(self.table, self.log, self.clock, config)
+        self.hub = WatchHub(self.table, self.ledger)
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._health = health.aio.HealthServicer()
+
+    def _open_log(self):
+        if self.config.data_dir is None:
+            return MemoryLog()
+        from reservd.wal import WriteAheadLog
+
+        return WriteAheadLog(
+            self.config.data_dir, segment_bytes_max=self.config.segment_bytes_max, logger=log
+        )
+
+    def recover(self) -> None:
+        """Rebuild the table and reservations from the newest snapshot and the log after it."""
+        if isinstance(self.log, MemoryLog):
+            return
+        started = time.monotonic()
+        snapshot, records = self.log.recover()
+        if snapshot is not None:
+            self.ledger.restore(snapshot.payload)
+            self.hub.floor_seq = snapshot.seq
+        replayed = 0
+        for record in records:
+            self.ledger.replay(record.seq, record.type, record.payload)
+            replayed += 1
+        assert self.ledger.seq == self.log.last_seq, (self.ledger.seq, self.log.last_seq)
+        self.log.open()
+        self.hub.durable_seq = self.ledger.seq
+        log.info(
+            "recovered",
+            extra={
+                "snapshot_seq": snapshot.seq if snapshot else 0, "records": replayed,
+                "seq": self.ledger.seq, "skus": len(self.table),
+                "reservations": self.ledger.live,
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
+
+    async def start(self) -> int:
+        config = self.config
+        self.recover()
+        await self.log.start()
+        self.log.add_durable_listener(self.hub.on_durable)
+        # Holds whose TTL passed while the daemon was down are released before serving.
+        if self.ledger.expire_due(1 << 62):
+            await self.log.commit()
+        self.guard.add_listener(self._serving_changed)
+        durability = Durability(self.log)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.message_bytes_max),
+                ("grpc.max_send_message_length", config.message_bytes_max),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_ReservationsServicer_to_server(
+            ReservationsService(
+                self.ledger, durability, self.guard, self.hub, config.limits, self.metrics
+            ),
+            server,
+        )
+        pb_grpc.add_AdminServicer_to_server(
+            AdminService(self.ledger, durability, self.guard, config.limits), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (RESERVATIONS, ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(config.bind)
+        if not self.port:
+            raise OSError(f"cannot bind {config.bind}")
+        await server.start()
+        self._server = server
+        for service in (RESERVATIONS, ADMIN, ""):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.watch(self.ledger, self.log, self.guard)
+        if config.metrics_port is not None:
+            self.metrics.serve(config.metrics_port)
+        self._tasks = [
+            asyncio.create_task(self._expire_loop(), name="expiry"),
+            asyncio.create_task(self._watch_log(), name="log-health"),
+        ]
+        if not isinstance(self.log, MemoryLog):
+            self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="snapshot"))
+        log.info(
+            "serving",
+            extra={"bind": config.bind, "port": self.port, "extension": EXTENSION,
+                   "data_dir": str(config.data_dir) if config.data_dir else None},
+        )
+        return self.port
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """Stop taking calls, let in-flight ones finish (up to the grace), flush the log."""
+        grace = self.config.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        await self._health.enter_graceful_shutdown()
+        self.hub.close()
+        if self._server is not None:
+            await self._server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.log.close()
+        log.info("stopped", extra={"seq": self.ledger.seq})
+
+    def _serving_changed(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        asyncio.get_running_loop().create_task(self._health.set(RESERVATIONS, status))
+
+    async def _expire_loop(self) -> None:
+        tick = self.config.expiry_tick_ms / 1000
+        while True:
+            await asyncio.sleep(tick)
+            if self.guard.write_reason is not None:
+                continue
+            expired_before = self.ledger.live
+            if self.ledger.expire_due(self.config.expiry_batch_max):
+                self.metrics.expired.inc(expired_before - self.ledger.live)
+                try:
+                    await self.log.commit()
+                except Exception:
+                    log.exception("expiry batch not durable")
+
+    async def _watch_log(self) -> None:
+        """Trip the guard as soon as the log fails (a failed batch is never retried)."""
+        while True:
+            failed = self.log.failed
+            if failed is not None:
+                self.guard.trip("wal", f"write-ahead log failed: {failed}", blocks_writes=True)
+                return
+            await asyncio.sleep(0.05)
+
+    async def _snapshot_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_seq = self.ledger.seq
+        while True:
+            await asyncio.sleep(1.0)
+            if self.ledger.seq - last_seq < self.config.snapshot_records_interval:
+                continue
+            if self.log.failed is not None:
+                return
+            seq, encode = self.ledger.snapshot_state()
+            # A snapshot must never hold state that a crash could still take back.
+            await self.log.commit()
+            payload = await loop.run_in_executor(None, encode)
+            path = await self.log.snapshot(seq, payload)
+            last_seq = seq
+            log.info("snapshot", extra={"seq": seq, "path": str(path), "bytes": len(payload)})
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM or SIGINT; returns the exit status."""
+    daemon = Daemon(config)
+    await daemon.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("draining")
+    await daemon.stop()
+    return 0

@@ -1,0 +1,267 @@
+"""The gRPC layer: validates and translates requests, asks the ledger, waits for durability,
+answers. It holds no business rule: outcomes come from reservd.ledger."""
+from __future__ import annotations
+
+import grpc
+
+from reservd import validation
+from reservd.config import Limits
+from reservd.guard import Guard
+from reservd.ledger import Code, Ledger, Rejection, Reservation, ReservationOutcome
+from reservd.v1 import reservd_pb2 as pb
+from reservd.v1 import reservd_pb2_grpc as pb_grpc
+from reservd.validation import Invalid
+from reservd.watch import WatchHub
+
+_STATUS = {
+    Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Code.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class Durability:
+    """Waits until a mutation may be acknowledged: its WAL record is durable."""
+
+    def __init__(self, log_) -> None:
+        self.log = log_
+
+    async def wait(self, seq: int, context) -> None:
+        if seq <= self.log.durable_seq:
+            return
+        try:
+            await self.log.commit()
+        except Exception as error:  # the WAL failed: nothing from here on is acknowledged
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"not durable: write-ahead log failed ({error}); reservd must be restarted",
+            )
+
+
+async def _reject(context, rejection: Rejection) -> None:
+    await context.abort(_STATUS[rejection.code], rejection.message)
+
+
+async def _invalid(context, error: Invalid) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+
+async def _writable(guard: Guard, context) -> None:
+    """Refuse a mutation while the log cannot make it durable."""
+    if guard.write_reason is not None:
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, f"writes are closed: {guard.write_reason}"
+        )
+
+
+def _reservation_response(outcome: ReservationOutcome) -> pb.ReservationResponse:
+    reservation: Reservation = outcome.reservation
+    quantities = reservation.committed or reservation.quantities
+    return pb.ReservationResponse(
+        reservation_id=reservation.reservation_id,
+        state=int(reservation.state),
+        lines=[pb.Line(sku=sku, quantity=q) for sku, q in zip(reservation.skus, quantities)],
+        expires_at_ms=reservation.expires_at_ms if reservation.state == 1 else 0,
+        sequence=outcome.seq,
+        replayed=outcome.replayed,
+    )
+
+
+class ReservationsService(pb_grpc.ReservationsServicer):
+    def __init__(
+        self, ledger: Ledger, durability: Durability, guard: Guard, hub: WatchHub,
+        limits: Limits, metrics,
+    ) -> None:
+        self.ledger = ledger
+        self.durability = durability
+        self.guard = guard
+        self.hub = hub
+        self.limits = limits
+        self.metrics = metrics
+
+    async def Reserve(self, request: pb.ReserveRequest, context) -> pb.ReserveResponse:
+        limits = self.limits
+        try:
+            reservation_id = validation.text(
+                "reservation_id", request.reservation_id, limits.id_bytes_max
+            )
+            skus, quantities = validation.lines("lines", request.lines, limits)
+            channel = validation.text(
+                "channel", request.channel, limits.channel_bytes_max, required=False
+            )
+            ttl_seconds = validation.ttl_seconds("ttl_seconds", request.ttl_seconds, limits)
+        except Invalid as error:
+            self.metrics.reserve_rejected.inc()
+            await _invalid(context, error)
+        if self.guard.grant_reason is not None:
+            self.metrics.reserve_unavailable.inc()
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"reservations are closed: {self.guard.grant_reason}",
+            )
+        outcome = self.ledger.reserve(
+            reservation_id, skus, quantities, channel, ttl_seconds, request.allow_partial
+        )
+        if isinstance(outcome, Rejection):
+            self.metrics.reserve_rejected.inc()
+            await _reject(context, outcome)
+        if outcome.seq:
+            await self.durability.wait(outcome.seq, context)
+        if outcome.granted:
+            self.metrics.reserve_granted.inc()
+        else:
+            self.metrics.reserve_sold_out.inc()
+        return pb.ReserveResponse(
+            granted=outcome.granted,
+            lines=[
+                pb.LineOutcome(sku=sku, requested=asked, granted=given, available=available)
+                for sku, asked, given, available in zip(
+                    outcome.skus, outcome.requested, outcome.quantities, outcome.available
+                )
+            ],
+            expires_at_ms=outcome.expires_at_ms if outcome.state == 1 else 0,
+            state=outcome.state or 0,
+            sequence=outcome.seq,
+            replayed=outcome.replayed,
+        )
+
+    async def _finish(self, outcome, context) -> pb.ReservationResponse:
+        if isinstance(outcome, Rejection):
+            await _reject(context, outcome)
+        if outcome.seq:
+            await self.durability.wait(outcome.seq, context)
+        return _reservation_response(outcome)
+
+    def _reservation_id(self, request) -> str:
+        return validation.text("reservation_id", request.reservation_id, self.limits.id_bytes_max)
+
+    async def Commit(self, request: pb.CommitRequest, context) -> pb.ReservationResponse:
+        try:
+            reservation_id = self._reservation_id(request)
+            lines = None
+            if request.lines:
+                skus, quantities = validation.lines(
+                    "lines", request.lines, self.limits, zero_allowed=True
+                )
+                lines = dict(zip(skus, quantities))
+        except Invalid as error:
+            await _invalid(context, error)
+        await _writable(self.guard, context)
+        return await self._finish(self.ledger.commit(reservation_id, lines), context)
+
+    async def Extend(self, request: pb.ExtendRequest, context) -> pb.ReservationResponse:
+        try:
+            reservation_id = self._reservation_id(request)
+            if request.ttl_seconds == 0:
+                raise Invalid("ttl_seconds", "must be given (seconds from now)")
+            ttl_seconds = validation.ttl_seconds("ttl_seconds", request.ttl_seconds, self.limits)
+        except Invalid as error:
+            await _invalid(context, error)
+        await _writable(self.guard, context)
+        return await self._finish(self.ledger.extend(reservation_id, ttl_seconds), context)
+
+    async def Release(self, request: pb.ReleaseRequest, context) -> pb.ReservationResponse:
+        try:
+            reservation_id = self._reservation_id(request)
+        except Invalid as error:
+            await _invalid(context, error)
+        await _writable(self.guard, context)
+        return await self._finish(self.ledger.release(reservation_id), context)
+
+    async def Fulfil(self, request: pb.FulfilRequest, context) -> pb.ReservationResponse:
+        try:
+            reservation_id = self._reservation_id(request)
+        except Invalid as error:
+            await _invalid(context, error)
+        await _writable(self.guard, context)
+        return await self._finish(self.ledger.fulfil(reservation_id), context)
+
+    async def GetStock(self, request: pb.GetStockRequest, context) -> pb.GetStockResponse:
+        try:
+            skus = validation.skus("skus", request.skus, self.limits, self.limits.get_skus_max)
+        except Invalid as error:
+            await _invalid(context, error)
+        stock = []
+        for sku, counters in zip(skus, self.ledger.table.stock(skus)):
+            if counters is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"sku {sku!r} is unknown")
+            on_hand, reserved, committed = counters
+            stock.append(
+                pb.Stock(
+                    sku=sku, on_hand=on_hand, reserved=reserved, committed=committed,
+                    available=on_hand - reserved - committed,
+                )
+            )
+        return pb.GetStockResponse(stock=stock)
+
+    async def WatchStock(self, request: pb.WatchStockRequest, context):
+        try:
+            skus = validation.skus(
+                "skus", request.skus, self.limits, self.limits.watch_skus_max, required=False
+            )
+        except Invalid as error:
+            await _invalid(context, error)
+        async for batch in self.hub.updates(frozenset(skus) or None, request.from_sequence):
+            for sku, on_hand, reserved, committed, seq, snapshot in batch:
+                yield pb.StockUpdate(
+                    sku=sku, on_hand=on_hand, reserved=reserved, committed=committed,
+                    available=on_hand - reserved - committed, sequence=seq, snapshot=snapshot,
+                )
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, ledger: Ledger, durability: Durability, guard: Guard, limits: Limits):
+        self.ledger = ledger
+        self.durability = durability
+        self.guard = guard
+        self.limits = limits
+
+    def _common(self, request) -> tuple[str, str, str, int | None]:
+        limits = self.limits
+        sku = validation.text("sku", request.sku, limits.id_bytes_max)
+        adjustment_id = validation.text(
+            "adjustment_id", request.adjustment_id, limits.id_bytes_max
+        )
+        reason = validation.text("reason", request.reason, limits.reason_bytes_max, required=False)
+        expected = None
+        if request.HasField("expected_on_hand"):
+            expected = validation.on_hand("expected_on_hand", request.expected_on_hand, limits)
+        return sku, adjustment_id, reason, expected
+
+    async def _answer(self, outcome, context) -> pb.StockAdjustmentResponse:
+        if isinstance(outcome, Rejection):
+            await _reject(context, outcome)
+        if outcome.seq:
+            await self.durability.wait(outcome.seq, context)
+        return pb.StockAdjustmentResponse(
+            stock=pb.Stock(
+                sku=outcome.sku, on_hand=outcome.on_hand, reserved=outcome.reserved,
+                committed=outcome.committed,
+                available=outcome.on_hand - outcome.reserved - outcome.committed,
+            ),
+            previous_on_hand=outcome.previous_on_hand,
+            shortfall=outcome.shortfall,
+            sequence=outcome.seq,
+            replayed=outcome.replayed,
+        )
+
+    async def SetStock(self, request: pb.SetStockRequest, context):
+        try:
+            sku, adjustment_id, reason, expected = self._common(request)
+            on_hand = validation.on_hand("on_hand", request.on_hand, self.limits)
+        except Invalid as error:
+            await _invalid(context, error)
+        await _writable(self.guard, context)
+        outcome = self.ledger.set_stock(adjustment_id, sku, on_hand, expected, reason)
+        return await self._answer(outcome, context)
+
+    async def AdjustStock(self, request: pb.AdjustStockRequest, context):
+        try:
+            sku, adjustment_id, reason, expected = self._common(request)
+            delta = validation.delta("delta", request.delta, self.limits)
+        except Invalid as error:
+            await _invalid(context, error)
+        await _writable(self.guard, context)
+        outcome = self.ledger.adjust_stock(adjustment_id, sku, delta, expected, reason)
+        return await self._answer(outcome, context)

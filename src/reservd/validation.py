@@ -1,0 +1,95 @@
+"""Input rules. A violation names the field and the rule; the service answers it with
+INVALID_ARGUMENT and nothing changes."""
+from __future__ import annotations
+
+from reservd.config import Limits
+
+
+class Invalid(ValueError):
+    """``field``: the (dotted) request field; ``rule``: what it broke."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+def text(field: str, value: str, bytes_max: int, *, required: bool = True) -> str:
+    """An identifier: non-empty (if required), at most ``bytes_max`` UTF-8 bytes, printable."""
+    if not value:
+        if required:
+            raise Invalid(field, "must not be empty")
+        return value
+    # UTF-8 takes at most 4 bytes a character: only long strings need encoding to measure.
+    if len(value) * 4 > bytes_max and len(value.encode()) > bytes_max:
+        raise Invalid(field, f"must be at most {bytes_max} bytes (UTF-8)")
+    if not value.isprintable():
+        raise Invalid(field, "must contain only printable characters")
+    return value
+
+
+def quantity(field: str, value: int, limits: Limits, *, zero_allowed: bool = False) -> int:
+    low = 0 if zero_allowed else 1
+    if not low <= value <= limits.quantity_max:
+        raise Invalid(field, f"must be between {low} and {limits.quantity_max}, not {value}")
+    return value
+
+
+def ttl_seconds(field: str, value: int, limits: Limits) -> int:
+    if value == 0:
+        return limits.ttl_seconds_default
+    if not limits.ttl_seconds_min <= value <= limits.ttl_seconds_max:
+        raise Invalid(
+            field,
+            f"must be 0 (default {limits.ttl_seconds_default}) or between "
+            f"{limits.ttl_seconds_min} and {limits.ttl_seconds_max} seconds, not {value}",
+        )
+    return value
+
+
+def lines(field: str, request_lines, limits: Limits, *, zero_allowed: bool = False):
+    """A cart: (skus, quantities) tuples; at least one line, at most lines_max, no SKU twice."""
+    count = len(request_lines)
+    if count == 0:
+        raise Invalid(field, "must have at least one line")
+    if count > limits.lines_max:
+        raise Invalid(field, f"must have at most {limits.lines_max} lines, not {count}")
+    skus = tuple(
+        text(f"{field}[{i}].sku", line.sku, limits.id_bytes_max)
+        for i, line in enumerate(request_lines)
+    )
+    quantities = tuple(
+        quantity(f"{field}[{i}].quantity", line.quantity, limits, zero_allowed=zero_allowed)
+        for i, line in enumerate(request_lines)
+    )
+    if count > 1 and len(set(skus)) != count:
+        seen: set[str] = set()
+        for i, sku in enumerate(skus):
+            if sku in seen:
+                raise Invalid(f"{field}[{i}].sku", f"duplicate sku {sku!r}: one line per sku")
+            seen.add(sku)
+    return skus, quantities
+
+
+def skus(field: str, values, limits: Limits, count_max: int, *, required: bool = True):
+    if required and not values:
+        raise Invalid(field, "must name at least one sku")
+    if len(values) > count_max:
+        raise Invalid(field, f"must name at most {count_max} skus, not {len(values)}")
+    return tuple(
+        text(f"{field}[{i}]", sku, limits.id_bytes_max) for i, sku in enumerate(values)
+    )
+
+
+def on_hand(field: str, value: int, limits: Limits) -> int:
+    if not 0 <= value <= limits.on_hand_max:
+        raise Invalid(field, f"must be between 0 and {limits.on_hand_max}, not {value}")
+    return value
+
+
+def delta(field: str, value: int, limits: Limits) -> int:
+    if value == 0 or abs(value) > limits.on_hand_max:
+        raise Invalid(
+            field, f"must be non-zero and at most {limits.on_hand_max} in size, not {value}"
+        )
+    return value

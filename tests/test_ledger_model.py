@@ -1,0 +1,286 @@
+"""The ledger against a plain-Python reference model (hypothesis stateful), on both table
+implementations. After every step the counters agree and the invariants hold; at the end,
+replaying the ledger's own log into a fresh ledger rebuilds exactly the same state."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from reservd import _pytable
+from reservd.clock import ManualClock
+from reservd.config import Config
+from reservd.ledger import Code, Ledger, Rejection, State
+
+SKUS = ["a", "b", "c", "d"]
+IDS = [f"r{i}" for i in range(8)]
+
+
+class RecordingLog:
+    def __init__(self) -> None:
+        self.last_seq = 0
+        self.records: list[tuple[int, int, bytes]] = []
+
+    def append(self, seq: int, type: int, payload: bytes) -> None:
+        assert seq == self.last_seq + 1
+        self.last_seq = seq
+        self.records.append((seq, type, payload))
+
+
+class Model:
+    """What the rules say, written as plainly as possible."""
+
+    def __init__(self) -> None:
+        self.stock: dict[str, list[int]] = {}  # sku -> [on_hand, reserved, committed]
+        self.reservations: dict[str, dict] = {}
+
+    def available(self, sku: str) -> int:
+        on_hand, reserved, committed = self.stock[sku]
+        return on_hand - reserved - committed
+
+    def reserve(self, rid, lines, partial, ttl, now):
+        request = (tuple(s for s, _ in lines), tuple(q for _, q in lines), ttl, partial)
+        if rid in self.reservations:
+            return "replayed" if self.reservations[rid]["request"] == request else Code.ALREADY_EXISTS
+        if any(sku not in self.stock for sku, _ in lines):
+            return Code.NOT_FOUND
+        if partial:
+            granted = [(s, min(q, max(self.available(s), 0))) for s, q in lines]
+            if sum(q for _, q in granted) == 0:
+                return "sold_out"
+        else:
+            if any(self.available(s) < q for s, q in lines):
+                return "sold_out"
+            granted = list(lines)
+        held = {s: q for s, q in granted if q}
+        for sku, quantity in held.items():
+            self.stock[sku][1] += quantity
+        self.reservations[rid] = dict(
+            request=request, held=held, committed=None, state=State.HELD,
+            deadline=now + ttl * 1000,
+        )
+        return "granted"
+
+    def _due(self, rid, now):
+        r = self.reservations[rid]
+        if r["state"] is State.HELD and r["deadline"] <= now:
+            self._expire(rid)
+
+    def _expire(self, rid):
+        r = self.reservations[rid]
+        for sku, quantity in r["held"].items():
+            self.stock[sku][1] -= quantity
+        r["state"] = State.EXPIRED
+
+    def commit(self, rid, lines, now):
+        if rid not in self.reservations:
+            return Code.NOT_FOUND
+        self._due(rid, now)
+        r = self.reservations[rid]
+        if lines is not None and any(s not in r["held"] for s in lines):
+            return Code.FAILED_PRECONDITION
+        wanted = {s: (lines or {}).get(s, q) for s, q in r["held"].items()}
+        if r["state"] is State.COMMITTED:
+            return "replayed" if wanted == r["committed"] else Code.FAILED_PRECONDITION
+        if r["state"] is not State.HELD or any(wanted[s] > r["held"][s] for s in wanted):
+            return Code.FAILED_PRECONDITION
+        for sku, quantity in r["held"].items():
+            self.stock[sku][1] -= quantity
+            self.stock[sku][2] += wanted[sku]
+        r["committed"], r["state"] = wanted, State.COMMITTED
+        return "ok"
+
+    def extend(self, rid, ttl, now):
+        if rid not in self.reservations:
+            return Code.NOT_FOUND
+        self._due(rid, now)
+        r = self.reservations[rid]
+        if r["state"] is not State.HELD:
+            return Code.FAILED_PRECONDITION
+        r["deadline"] = max(r["deadline"], now + ttl * 1000)
+        return "ok"
+
+    def release(self, rid):
+        if rid not in self.reservations:
+            return Code.NOT_FOUND
+        r = self.reservations[rid]
+        if r["state"] in (State.RELEASED, State.EXPIRED):
+            return "replayed"
+        if r["state"] is State.FULFILLED:
+            return Code.FAILED_PRECONDITION
+        if r["state"] is State.HELD:
+            for sku, quantity in r["held"].items():
+                self.stock[sku][1] -= quantity
+        else:
+            for sku, quantity in r["committed"].items():
+                self.stock[sku][2] -= quantity
+        r["state"] = State.RELEASED
+        return "ok"
+
+    def fulfil(self, rid, now):
+        if rid not in self.reservations:
+            return Code.NOT_FOUND
+        self._due(rid, now)
+        r = self.reservations[rid]
+        if r["state"] is State.FULFILLED:
+            return "replayed"
+        if r["state"] is not State.COMMITTED:
+            return Code.FAILED_PRECONDITION
+        for sku, quantity in r["committed"].items():
+            self.stock[sku][2] -= quantity
+            self.stock[sku][0] -= quantity
+        r["state"] = State.FULFILLED
+        return "ok"
+
+    def expire_due(self, now):
+        for rid, r in self.reservations.items():
+            if r["state"] is State.HELD and r["deadline"] <= now:
+                self._expire(rid)
+
+
+def _result(outcome) -> object:
+    if isinstance(outcome, Rejection):
+        return outcome.code
+    if hasattr(outcome, "granted") and isinstance(outcome.granted, bool):
+        if outcome.replayed:
+            return "replayed"
+        return "granted" if outcome.granted else "sold_out"
+    return "replayed" if outcome.replayed else "ok"
+
+
+def _machine(table_class):
+    class LedgerMachine(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.clock = ManualClock()
+            self.log = RecordingLog()
+            self.ledger = Ledger(table_class(shards=4, ring_capacity=64), self.log, self.clock, Config())
+            self.model = Model()
+            self.adjustments = 0
+
+        @rule(sku=st.sampled_from(SKUS), on_hand=st.integers(0, 20))
+        def set_stock(self, sku, on_hand):
+            self.adjustments += 1
+            outcome = self.ledger.set_stock(f"adj{self.adjustments}", sku, on_hand, None, "")
+            self.model.stock.setdefault(sku, [0, 0, 0])[0] = on_hand
+            expected_shortfall = max(0, -self.model.available(sku))
+            assert outcome.shortfall == expected_shortfall
+
+        @precondition(lambda self: self.model.stock)
+        @rule(data=st.data(), delta=st.integers(-6, 6).filter(bool))
+        def adjust_stock(self, data, delta):
+            sku = data.draw(st.sampled_from(sorted(self.model.stock)))
+            self.adjustments += 1
+            outcome = self.ledger.adjust_stock(f"adj{self.adjustments}", sku, delta, None, "")
+            if self.model.stock[sku][0] + delta < 0:
+                assert isinstance(outcome, Rejection) and outcome.code is Code.FAILED_PRECONDITION
+            else:
+                self.model.stock[sku][0] += delta
+                assert outcome.on_hand == self.model.stock[sku][0]
+
+        @rule(
+            rid=st.sampled_from(IDS),
+            lines=st.lists(
+                st.tuples(st.sampled_from(SKUS), st.integers(1, 5)),
+                min_size=1, max_size=3, unique_by=lambda line: line[0],
+            ),
+            partial=st.booleans(),
+            ttl=st.integers(1, 100),
+        )
+        def reserve(self, rid, lines, partial, ttl):
+            outcome = self.ledger.reserve(
+                rid, tuple(s for s, _ in lines), tuple(q for _, q in lines), "", ttl, partial
+            )
+            expected = self.model.reserve(rid, lines, partial, ttl, self.clock.now_ms())
+            assert _result(outcome) == expected, (outcome, expected)
+
+        @rule(rid=st.sampled_from(IDS), data=st.data())
+        def commit(self, rid, data):
+            lines = None
+            held = self.model.reservations.get(rid, {}).get("held") or {}
+            if held and data.draw(st.booleans()):
+                sku = data.draw(st.sampled_from(sorted(held)))
+                lines = {sku: data.draw(st.integers(0, held[sku] + 1))}
+            outcome = self.ledger.commit(rid, lines)
+            assert _result(outcome) == self.model.commit(rid, lines, self.clock.now_ms())
+
+        @rule(rid=st.sampled_from(IDS), ttl=st.integers(1, 100))
+        def extend(self, rid, ttl):
+            outcome = self.ledger.extend(rid, ttl)
+            assert _result(outcome) == self.model.extend(rid, ttl, self.clock.now_ms())
+
+        @rule(rid=st.sampled_from(IDS))
+        def release(self, rid):
+            assert _result(self.ledger.release(rid)) == self.model.release(rid)
+
+        @rule(rid=st.sampled_from(IDS))
+        def fulfil(self, rid):
+            outcome = self.ledger.fulfil(rid)
+            assert _result(outcome) == self.model.fulfil(rid, self.clock.now_ms())
+
+        @rule(milliseconds=st.integers(0, 60_000))
+        def expire(self, milliseconds):
+            self.clock.advance(milliseconds)
+            self.ledger.expire_due(1 << 30)
+            self.model.expire_due(self.clock.now_ms())
+
+        @invariant()
+        def counters_agree_and_hold(self):
+            table = self.ledger.table
+            for sku, (on_hand, reserved, committed) in self.model.stock.items():
+                handle = table.lookup(sku)
+                assert table.counters(handle) == (on_hand, reserved, committed), sku
+                assert reserved >= 0 and committed >= 0 and on_hand >= 0
+            assert len(table) == len(self.model.stock)
+            live = sum(
+                r["state"] in (State.HELD, State.COMMITTED)
+                for r in self.model.reservations.values()
+            )
+            assert self.ledger.live == live
+            for rid, r in self.model.reservations.items():
+                assert self.ledger.reservations[rid].state is r["state"], rid
+
+        def teardown(self):
+            replica = Ledger(
+                table_class(shards=2, ring_capacity=64), RecordingLog(), self.clock, Config()
+            )
+            for seq, record_type, payload in self.log.records:
+                replica.replay(seq, record_type, payload)
+            assert sorted(replica.table.items()) == sorted(self.ledger.table.items())
+            assert replica.reservations == {
+                rid: r._replace(handles=replica.reservations[rid].handles)
+                for rid, r in self.ledger.reservations.items()
+            }
+            assert replica.live == self.ledger.live
+            # A snapshot of it restores the same state too.
+            seq, encode = self.ledger.snapshot_state()
+            restored = Ledger(
+                table_class(shards=8, ring_capacity=64), RecordingLog(), self.clock, Config()
+            )
+            restored.restore(encode())
+            assert restored.seq == seq
+            assert sorted(restored.table.items()) == sorted(self.ledger.table.items())
+            assert restored.live == self.ledger.live
+
+    return LedgerMachine
+
+
+def _tables():
+    tables = [pytest.param(_pytable.Table, id="python")]
+    try:
+        from reservd import _ctable
+
+        tables.append(pytest.param(_ctable.Table, id="cython"))
+    except ImportError:
+        tables.append(pytest.param(None, id="cython", marks=pytest.mark.skip("no extension")))
+    return tables
+
+
+@pytest.mark.parametrize("table_class", _tables())
+def test_ledger_agrees_with_the_reference_model(table_class):
+    machine = _machine(table_class)
+    machine.TestCase.settings = settings(
+        max_examples=150, stateful_step_count=40, deadline=None
+    )
+    machine.TestCase().runTest()
