@@ -40,6 +40,11 @@ class Daemon:
         self.log = self._open_log()
         self.ledger = Ledger(self.table, self.log, self.clock, config)
         self.hub = WatchHub(self.table, self.ledger)
+        self.mirror = None
+        if config.redis_url:
+            from reservd.mirror import RedisMirror
+
+            self.mirror = RedisMirror(self.table, self.ledger, self.guard, config)
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -89,7 +94,9 @@ class Daemon:
         if self.ledger.expire_due(1 << 62):
             await self.log.commit()
         self.guard.add_listener(self._serving_changed)
-        durability = Durability(self.log)
+        if self.mirror is not None:
+            await self.mirror.start()
+        durability = Durability(self.log, self.mirror)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", config.message_bytes_max),
@@ -143,6 +150,8 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.mirror is not None:
+            await self.mirror.close()
         await self.log.close()
         log.info("stopped", extra={"seq": self.ledger.seq})
 

@@ -2,15 +2,19 @@
 answers. It holds no business rule: outcomes come from reservd.ledger."""
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from reservd import validation
 from reservd.config import Limits
 from reservd.guard import Guard
+from reservd.mirror import MirrorUnavailable
 from reservd.ledger import Code, Ledger, Rejection, Reservation, ReservationOutcome
 from reservd.v1 import reservd_pb2 as pb
 from reservd.v1 import reservd_pb2_grpc as pb_grpc
 from reservd.validation import Invalid
+from reservd.wal import WalFailed
 from reservd.watch import WatchHub
 
 _STATUS = {
@@ -22,17 +26,34 @@ _STATUS = {
 
 
 class Durability:
-    """Waits until a mutation may be acknowledged: its WAL record is durable."""
+    """Waits until a mutation may be acknowledged: its WAL record is durable and, for a grant
+    (anything that makes stock less available), the Redis mirror holds it too. Both waits run
+    side by side: the mirror write is pipelined with the fsync."""
 
-    def __init__(self, log_) -> None:
+    def __init__(self, log_, mirror=None) -> None:
         self.log = log_
+        self.mirror = mirror
 
-    async def wait(self, seq: int, context) -> None:
-        if seq <= self.log.durable_seq:
+    async def wait(self, seq: int, context, *, grant: bool = False) -> None:
+        log_, mirror = self.log, self.mirror
+        need_log = seq > log_.durable_seq
+        need_mirror = grant and mirror is not None and seq > mirror.mirrored_seq
+        if not (need_log or need_mirror):
             return
         try:
-            await self.log.commit()
-        except Exception as error:  # the WAL failed: nothing from here on is acknowledged
+            if need_log and need_mirror:
+                await asyncio.gather(log_.commit(), mirror.wait(seq))
+            elif need_log:
+                await log_.commit()
+            else:
+                await mirror.wait(seq)
+        except MirrorUnavailable as error:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"not acknowledged: the Redis mirror is unreachable ({error}); "
+                "retry with the same id once it is back",
+            )
+        except WalFailed as error:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 f"not durable: write-ahead log failed ({error}); reservd must be restarted",
@@ -107,7 +128,7 @@ class ReservationsService(pb_grpc.ReservationsServicer):
             self.metrics.reserve_rejected.inc()
             await _reject(context, outcome)
         if outcome.seq:
-            await self.durability.wait(outcome.seq, context)
+            await self.durability.wait(outcome.seq, context, grant=outcome.granted)
         if outcome.granted:
             self.metrics.reserve_granted.inc()
         else:
@@ -233,7 +254,9 @@ class AdminService(pb_grpc.AdminServicer):
         if isinstance(outcome, Rejection):
             await _reject(context, outcome)
         if outcome.seq:
-            await self.durability.wait(outcome.seq, context)
+            # A lower on_hand makes stock less available: the mirror must hold it first.
+            grant = outcome.on_hand < outcome.previous_on_hand
+            await self.durability.wait(outcome.seq, context, grant=grant)
         return pb.StockAdjustmentResponse(
             stock=pb.Stock(
                 sku=outcome.sku, on_hand=outcome.on_hand, reserved=outcome.reserved,
