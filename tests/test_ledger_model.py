@@ -18,6 +18,9 @@ IDS = [f"r{i}" for i in range(8)]
 
 
 class RecordingLog:
+    failed = None
+    backlogged = False
+
     def __init__(self) -> None:
         self.last_seq = 0
         self.records: list[tuple[int, int, bytes]] = []

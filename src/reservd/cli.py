@@ -15,7 +15,9 @@ from reservd.config import Config
 
 
 def _print(message) -> None:
-    print(json.dumps(MessageToDict(message, preserving_proto_field_name=True)), flush=True)
+    print(json.dumps(MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )), flush=True)
 
 
 def _line(text: str) -> tuple[str, int]:
@@ -26,24 +28,25 @@ def _line(text: str) -> tuple[str, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    defaults = Config()
     parser = argparse.ArgumentParser(prog="reservd", description=__doc__)
     parser.add_argument("--log-level", default="info")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the daemon")
-    serve.add_argument("--bind", default=Config.bind)
-    serve.add_argument("--data-dir", type=Path, default=Config.data_dir)
+    serve.add_argument("--bind", default=defaults.bind)
+    serve.add_argument("--data-dir", type=Path, default=defaults.data_dir)
     serve.add_argument(
         "--in-memory", action="store_true", help="no WAL: state dies with the process"
     )
     serve.add_argument("--metrics-port", type=int, default=None)
     serve.add_argument("--redis-url", default=None)
-    serve.add_argument("--redis-prefix", default=Config.redis_prefix)
-    serve.add_argument("--shards", type=int, default=Config.shards)
+    serve.add_argument("--redis-prefix", default=defaults.redis_prefix)
+    serve.add_argument("--shards", type=int, default=defaults.shards)
     serve.add_argument(
-        "--snapshot-records-interval", type=int, default=Config.snapshot_records_interval
+        "--snapshot-records-interval", type=int, default=defaults.snapshot_records_interval
     )
-    serve.add_argument("--segment-bytes-max", type=int, default=Config.segment_bytes_max)
+    serve.add_argument("--segment-bytes-max", type=int, default=defaults.segment_bytes_max)
 
     def client_command(name: str, help_: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_)
@@ -174,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "wal":
-        return _wal(args)
+        try:
+            return _wal(args)
+        except FileNotFoundError as error:
+            print(f"reservd: {error}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:
+            return 0
     from reservd.client import ReservdError
 
     try:

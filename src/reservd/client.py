@@ -127,6 +127,10 @@ class ReservdClient:
         request = pb.FulfilRequest(reservation_id=reservation_id)
         return await self._call(self.reservations.Fulfil, request)
 
+    async def get_reservation(self, reservation_id: str) -> pb.ReservationResponse:
+        request = pb.GetReservationRequest(reservation_id=reservation_id)
+        return await self._call(self.reservations.GetReservation, request)
+
     async def get_stock(self, skus: Iterable[str]) -> dict[str, pb.Stock]:
         response = await self._call(self.reservations.GetStock, pb.GetStockRequest(skus=skus))
         return {stock.sku: stock for stock in response.stock}

@@ -42,6 +42,9 @@ class Config:
     message_bytes_max: int = 1 << 20
     shutdown_grace_seconds: float = 10.0
     segment_bytes_max: int = 64 << 20
+    # One write + fdatasync carries at most this much; beyond pending, mutations are refused.
+    wal_batch_bytes_max: int = 4 << 20
+    wal_pending_bytes_max: int = 256 << 20
     # A snapshot is taken after this many WAL records since the last one.
     snapshot_records_interval: int = 1_000_000
     metrics_port: int | None = None
@@ -50,3 +53,8 @@ class Config:
     mirror_timeout_ms: int = 250
     mirror_lag_ms_max: int = 1_000
     mirror_batch_max: int = 5_000
+    # The mirror refreshes its watermark this often while idle (readers judge staleness by it),
+    # and retries an unreachable Redis with a backoff doubling from min to max.
+    mirror_heartbeat_ms: int = 100
+    mirror_retry_ms_min: int = 25
+    mirror_retry_ms_max: int = 250

@@ -44,6 +44,7 @@ class Code(enum.Enum):
     ALREADY_EXISTS = "ALREADY_EXISTS"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
 
 
 class Rejection(NamedTuple):
@@ -107,6 +108,8 @@ class Log(Protocol):
     """Where the ledger appends its commands (the WAL, or nothing in memory-only mode)."""
 
     last_seq: int
+    failed: BaseException | None  # set for good once a write or fsync failed
+    backlogged: bool  # the disk is too far behind to take more now
 
     def append(self, seq: int, type: int, payload: bytes) -> None: ...
 
@@ -147,6 +150,9 @@ class Ledger:
                     f"reservation {reservation_id!r} exists with a different payload",
                 )
             return self._replayed_reserve(existing)
+        refused = self._unwritable()
+        if refused is not None:
+            return refused
         if self.live >= self.config.reservations_max:
             return Rejection(
                 Code.RESOURCE_EXHAUSTED,
@@ -218,6 +224,9 @@ class Ledger:
                     f"cannot commit {quantity} of sku {sku!r}: reservation "
                     f"{reservation_id!r} holds {held}",
                 )
+        refused = self._unwritable()
+        if refused is not None:
+            return refused
         command = records.Commit(self.clock.now_ms(), reservation_id, committed)
         seq = self._log(RecordType.COMMIT, records.encode_commit(command))
         return ReservationOutcome(self._apply_commit(command, seq), seq, False)
@@ -229,6 +238,9 @@ class Ledger:
             return current
         if current.state is not State.HELD:
             return self._finished_rejection(current, "extend")
+        refused = self._unwritable()
+        if refused is not None:
+            return refused
         now_ms = self.clock.now_ms()
         expires_at_ms = max(current.expires_at_ms, now_ms + ttl_seconds * 1000)
         command = records.Extend(now_ms, reservation_id, expires_at_ms)
@@ -245,6 +257,9 @@ class Ledger:
             return ReservationOutcome(current, current.seq, True)
         if current.state is State.FULFILLED:
             return self._finished_rejection(current, "release")
+        refused = self._unwritable()
+        if refused is not None:
+            return refused
         command = records.Finish(self.clock.now_ms(), reservation_id)
         seq = self._log(RecordType.RELEASE, records.encode_finish(command))
         return ReservationOutcome(self._apply_release(command, seq), seq, False)
@@ -263,6 +278,9 @@ class Ledger:
             )
         if current.state is not State.COMMITTED:
             return self._finished_rejection(current, "fulfil")
+        refused = self._unwritable()
+        if refused is not None:
+            return refused
         command = records.Finish(self.clock.now_ms(), reservation_id)
         seq = self._log(RecordType.FULFIL, records.encode_finish(command))
         return ReservationOutcome(self._apply_fulfil(command, seq), seq, False)
@@ -270,6 +288,8 @@ class Ledger:
     def expire_due(self, limit: int) -> int:
         """Expire up to ``limit`` held reservations whose deadline has passed; returns the last
         sequence used (0 if none). O(log n) per expiry: a heap, never a scan."""
+        if self._unwritable() is not None:
+            return 0
         now_ms = self.clock.now_ms()
         deadlines = self._deadlines
         last_seq = 0
@@ -346,6 +366,9 @@ class Ledger:
                 Code.FAILED_PRECONDITION,
                 f"sku {sku!r}: delta {value} would make on_hand {on_hand + value} (< 0)",
             )
+        refused = self._unwritable()
+        if refused is not None:
+            return refused
         command = records.StockChange(
             self.clock.now_ms(), adjustment_id, sku, value, expected_on_hand, reason
         )
@@ -458,6 +481,17 @@ class Ledger:
 
     # -- Internals ------------------------------------------------------------------------------
 
+    def _unwritable(self) -> Rejection | None:
+        """Checked before anything is applied: a change the log cannot take must not happen."""
+        log_ = self.log
+        if log_.failed is not None:
+            return Rejection(Code.UNAVAILABLE, str(log_.failed))
+        if log_.backlogged:
+            return Rejection(
+                Code.UNAVAILABLE, "write-ahead log is backlogged: the disk is behind; retry"
+            )
+        return None
+
     def _log(self, kind: RecordType, payload: bytes) -> int:
         seq = self.seq + 1
         self.log.append(seq, kind, payload)
@@ -470,6 +504,9 @@ class Ledger:
             return Rejection(Code.NOT_FOUND, f"reservation {reservation_id!r} is unknown")
         if current.state is State.HELD and current.expires_at_ms <= self.clock.now_ms():
             # Due but not yet swept by the expiry loop: it is expired, and says so.
+            refused = self._unwritable()
+            if refused is not None:
+                return refused
             self._expire(current, self.clock.now_ms())
             return self._finished_rejection(self.reservations[reservation_id], action)
         return current

@@ -10,6 +10,7 @@ class MemoryLog:
     """Same surface as the WAL: append, commit, durable_seq and durable listeners."""
 
     failed: BaseException | None = None
+    backlogged = False
 
     def __init__(self) -> None:
         self.last_seq = 0

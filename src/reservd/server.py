@@ -55,8 +55,13 @@ class Daemon:
             return MemoryLog()
         from reservd.wal import WriteAheadLog
 
+        config = self.config
         return WriteAheadLog(
-            self.config.data_dir, segment_bytes_max=self.config.segment_bytes_max, logger=log
+            config.data_dir,
+            segment_bytes_max=config.segment_bytes_max,
+            batch_bytes_max=config.wal_batch_bytes_max,
+            pending_bytes_max=config.wal_pending_bytes_max,
+            logger=log,
         )
 
     def recover(self) -> None:
@@ -122,8 +127,15 @@ class Daemon:
             raise OSError(f"cannot bind {config.bind}")
         await server.start()
         self._server = server
-        for service in (RESERVATIONS, ADMIN, ""):
+        for service in (ADMIN, ""):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        # The guard may already be tripped (the Redis mirror was unreachable at start).
+        await self._health.set(
+            RESERVATIONS,
+            health_pb2.HealthCheckResponse.SERVING
+            if self.guard.grant_reason is None
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
         self.metrics.watch(self.ledger, self.log, self.guard)
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_port)
@@ -182,7 +194,7 @@ class Daemon:
         while True:
             failed = self.log.failed
             if failed is not None:
-                self.guard.trip("wal", f"write-ahead log failed: {failed}", blocks_writes=True)
+                self.guard.trip("wal", str(failed), blocks_writes=True)
                 return
             await asyncio.sleep(0.05)
 
@@ -190,14 +202,12 @@ class Daemon:
         loop = asyncio.get_running_loop()
         last_seq = self.ledger.seq
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.1)
             if self.ledger.seq - last_seq < self.config.snapshot_records_interval:
                 continue
             if self.log.failed is not None:
                 return
             seq, encode = self.ledger.snapshot_state()
-            # A snapshot must never hold state that a crash could still take back.
-            await self.log.commit()
             payload = await loop.run_in_executor(None, encode)
             path = await self.log.snapshot(seq, payload)
             last_seq = seq

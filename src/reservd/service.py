@@ -22,6 +22,7 @@ _STATUS = {
     Code.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -54,10 +55,7 @@ class Durability:
                 "retry with the same id once it is back",
             )
         except WalFailed as error:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"not durable: write-ahead log failed ({error}); reservd must be restarted",
-            )
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"not acknowledged: {error}")
 
 
 async def _reject(context, rejection: Rejection) -> None:
@@ -197,6 +195,20 @@ class ReservationsService(pb_grpc.ReservationsServicer):
             await _invalid(context, error)
         await _writable(self.guard, context)
         return await self._finish(self.ledger.fulfil(reservation_id), context)
+
+    async def GetReservation(
+        self, request: pb.GetReservationRequest, context
+    ) -> pb.ReservationResponse:
+        try:
+            reservation_id = self._reservation_id(request)
+        except Invalid as error:
+            await _invalid(context, error)
+        reservation = self.ledger.reservations.get(reservation_id)
+        if reservation is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"reservation {reservation_id!r} is unknown"
+            )
+        return _reservation_response(ReservationOutcome(reservation, reservation.seq, False))
 
     async def GetStock(self, request: pb.GetStockRequest, context) -> pb.GetStockResponse:
         try:
