@@ -31,9 +31,11 @@ ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 class Daemon:
     """One reservd instance: ``await start()`` returns the bound port; ``await stop()`` drains."""
 
-    def __init__(self, config: Config, clock=None) -> None:
+    def __init__(self, config: Config, clock=None, *, wal_files=None) -> None:
+        """``wal_files`` replaces the WAL's file layer (fault and power-loss tests only)."""
         self.config = config
         self.clock = clock or SystemClock()
+        self._wal_files = wal_files
         self.metrics = Metrics()
         self.guard = Guard()
         self.table = Table(shards=config.shards, ring_capacity=config.watch_ring_capacity)
@@ -62,6 +64,7 @@ class Daemon:
             batch_bytes_max=config.wal_batch_bytes_max,
             pending_bytes_max=config.wal_pending_bytes_max,
             logger=log,
+            **({"files": self._wal_files} if self._wal_files is not None else {}),
         )
 
     def recover(self) -> None:
