@@ -15,6 +15,7 @@ import enum
 import heapq
 import logging
 import pickle
+import struct
 from typing import NamedTuple, Protocol, Sequence
 
 from reservd import records
@@ -24,7 +25,9 @@ from reservd.table import RESERVE_INSUFFICIENT, RESERVE_UNKNOWN_SKU, CounterTabl
 
 log = logging.getLogger("reservd.ledger")
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
+_SNAPSHOT_CHUNK_ROWS = 4096
+_CHUNK = struct.Struct("<I")
 
 
 class State(enum.IntEnum):
@@ -422,62 +425,94 @@ class Ledger:
 
     def snapshot_state(self):
         """Capture the state after ``self.seq`` now (cheap copies, no encoding); returns
-        (seq, encode) where ``encode()`` builds the bytes and may run in a worker thread."""
+        (seq, encode) where ``encode()`` builds the bytes and may run in a worker thread.
+
+        The encoding is a sequence of pickled chunks of builtin types (never our classes), each
+        prefixed by its length: pickling a chunk at a time lets the event loop run in between.
+        """
         seq = self.seq
         stock = list(self.table.items())
         reservations = list(self.reservations.values())
         adjustments = list(self.adjustments.items())
 
         def encode() -> bytes:
-            state = {
-                "format": SNAPSHOT_FORMAT,
-                "seq": seq,
-                "stock": stock,
-                "reservations": [
+            out = bytearray()
+
+            def put(kind: str, rows: list) -> None:
+                data = pickle.dumps((kind, rows), protocol=5)
+                out.extend(_CHUNK.pack(len(data)))
+                out.extend(data)
+
+            put("header", [SNAPSHOT_FORMAT, seq])
+            for start in range(0, len(stock), _SNAPSHOT_CHUNK_ROWS):
+                put("stock", stock[start : start + _SNAPSHOT_CHUNK_ROWS])
+            for start in range(0, len(reservations), _SNAPSHOT_CHUNK_ROWS):
+                put("reservations", [
                     (r.reservation_id, r.channel, r.request, r.skus, r.quantities, r.committed,
                      int(r.state), r.expires_at_ms, r.seq, r.finished_at_ms)
-                    for r in reservations
-                ],
-                "adjustments": [
+                    for r in reservations[start : start + _SNAPSHOT_CHUNK_ROWS]
+                ])
+            for start in range(0, len(adjustments), _SNAPSHOT_CHUNK_ROWS):
+                put("adjustments", [
                     (adjustment_id, a.request[0].value, a.request[1:], tuple(a.outcome),
                      a.finished_at_ms)
-                    for adjustment_id, a in adjustments
-                ],
-            }
-            return pickle.dumps(state, protocol=5)
+                    for adjustment_id, a in adjustments[start : start + _SNAPSHOT_CHUNK_ROWS]
+                ])
+            return bytes(out)
 
         return seq, encode
 
     def restore(self, payload: bytes) -> None:
         """Load a snapshot into an empty ledger (before replaying the records after it)."""
         assert not self.reservations and len(self.table) == 0, "restore into a fresh ledger"
-        # Snapshots are our own checksummed files holding only builtin types.
-        state = pickle.loads(payload)
-        if state.get("format") != SNAPSHOT_FORMAT:
-            raise ValueError(f"snapshot format {state.get('format')} is not {SNAPSHOT_FORMAT}")
-        for sku, on_hand, reserved, committed in state["stock"]:
-            self.table.restore(sku, on_hand, reserved, committed)
+        view = memoryview(payload)
+        offset = 0
+        seq = None
+        while offset < len(view):
+            (length,) = _CHUNK.unpack_from(view, offset)
+            offset += _CHUNK.size
+            # Snapshots are our own checksummed files holding only builtin types.
+            kind, rows = pickle.loads(view[offset : offset + length])
+            offset += length
+            if kind == "header":
+                if rows[0] != SNAPSHOT_FORMAT:
+                    raise ValueError(f"snapshot format {rows[0]} is not {SNAPSHOT_FORMAT}")
+                seq = rows[1]
+            elif kind == "stock":
+                for sku, on_hand, reserved, committed in rows:
+                    self.table.restore(sku, on_hand, reserved, committed)
+            elif kind == "reservations":
+                self._restore_reservations(rows)
+            elif kind == "adjustments":
+                for adjustment_id, record_type, request_tail, outcome, finished_at_ms in rows:
+                    self.adjustments[adjustment_id] = _Adjustment(
+                        (RecordType(record_type), *request_tail), StockOutcome(*outcome),
+                        finished_at_ms,
+                    )
+                    self._finished.append((finished_at_ms, True, adjustment_id))
+            else:
+                raise ValueError(f"unknown snapshot chunk {kind!r}")
+        if seq is None:
+            raise ValueError("snapshot has no header")
+        heapq.heapify(self._deadlines)
+        self._finished = collections.deque(sorted(self._finished))
+        self.seq = seq
+
+    def _restore_reservations(self, rows: list) -> None:
+        lookup = self.table.lookup
         for (reservation_id, channel, request, skus, quantities, committed, state_value,
-             expires_at_ms, seq, finished_at_ms) in state["reservations"]:
-            reservation = Reservation(
-                reservation_id, channel, request, skus,
-                tuple(self.table.lookup(sku) for sku in skus), quantities, committed,
-                State(state_value), expires_at_ms, seq, finished_at_ms,
+             expires_at_ms, seq, finished_at_ms) in rows:
+            state = State(state_value)
+            self.reservations[reservation_id] = Reservation(
+                reservation_id, channel, request, skus, tuple(lookup(sku) for sku in skus),
+                quantities, committed, state, expires_at_ms, seq, finished_at_ms,
             )
-            self.reservations[reservation_id] = reservation
-            if reservation.state is State.HELD:
-                heapq.heappush(self._deadlines, (expires_at_ms, reservation_id))
-            if reservation.state in (State.HELD, State.COMMITTED):
+            if state is State.HELD:
+                self._deadlines.append((expires_at_ms, reservation_id))
+            if state in (State.HELD, State.COMMITTED):
                 self.live += 1
             else:
                 self._finished.append((finished_at_ms, False, reservation_id))
-        for adjustment_id, kind, request_tail, outcome, finished_at_ms in state["adjustments"]:
-            self.adjustments[adjustment_id] = _Adjustment(
-                (RecordType(kind), *request_tail), StockOutcome(*outcome), finished_at_ms
-            )
-            self._finished.append((finished_at_ms, True, adjustment_id))
-        self._finished = collections.deque(sorted(self._finished))
-        self.seq = state["seq"]
 
     # -- Internals ------------------------------------------------------------------------------
 
