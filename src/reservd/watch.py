@@ -48,7 +48,9 @@ class WatchHub:
     async def _next_change(self) -> None:
         if self._changed is None:
             self._changed = asyncio.get_running_loop().create_future()
-        await self._changed
+        # Shielded: the future is shared by every idle watcher, and a watcher that goes away
+        # (its handler task is cancelled) must not cancel it for all the others.
+        await asyncio.shield(self._changed)
 
     def _retained(self, from_sequence: int) -> bool:
         table = self.table
