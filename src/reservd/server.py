@@ -212,7 +212,14 @@ class Daemon:
                 return
             seq, encode = self.ledger.snapshot_state()
             payload = await loop.run_in_executor(None, encode)
-            path = await self.log.snapshot(seq, payload)
+            try:
+                path = await self.log.snapshot(seq, payload)
+            except OSError as error:
+                # The snapshot file failed (ENOSPC, EIO...), not the log: reservations go on,
+                # no segment was deleted, and the next interval tries a fresh file.
+                log.error("snapshot failed", extra={"seq": seq, "error": str(error)})
+                last_seq = seq
+                continue
             last_seq = seq
             log.info("snapshot", extra={"seq": seq, "path": str(path), "bytes": len(payload)})
 
