@@ -1,8 +1,9 @@
 """Side-by-side, fixed-work benchmark: reservd against what teams would build instead.
 
-Full run (on a quiet machine; about 10-20 minutes on 2 cores):
+Full run (on a quiet machine; about 10-20 minutes on 2 cores, three times that with
+--repeat 3, which damps the noise of a shared machine):
 
-    python bench/sidebyside.py
+    python bench/sidebyside.py --repeat 3
 
 Quick check that everything starts and answers:
 
@@ -10,7 +11,10 @@ Quick check that everything starts and answers:
 
 One asyncio client process on uvloop drives every system with the same work, without locust:
 per cell (system x workload x concurrency), --ops Reserve calls of one unit by --concurrency
-tasks, bounded by --cell-seconds, after a short unmeasured warm-up.
+tasks, bounded by --cell-seconds, after a short unmeasured warm-up. All systems run at once and
+take turns cell by cell, in a rotating order, so drifting background load hits them alike; with
+--repeat N each cell runs N times and the table shows the run with the median throughput and
+the spread of the N runs ((max - min) / median).
 
 Workloads (--workloads):
   hot     one SKU with 100 units, restocked with 25 units after every 50th Reserve (by index,
@@ -654,6 +658,29 @@ async def run_cell(system: System, workload: str, concurrency: int, args,
     return result
 
 
+def median_runs(runs: list[dict]) -> list[dict]:
+    """Per cell, the run with the median reservations per second (all runs stay in the JSON),
+    with the spread of the runs: (max - min) / median."""
+    cells: dict[tuple, list[dict]] = collections.defaultdict(list)
+    for run in runs:
+        cells[(run["system"], run["workload"], run["concurrency"])].append(run)
+    results = []
+    for cell_runs in cells.values():
+        ordered = sorted(cell_runs, key=lambda run: run["reservations_per_second"])
+        median = dict(ordered[(len(ordered) - 1) // 2])
+        rates = [run["reservations_per_second"] for run in ordered]
+        median["runs"] = len(ordered)
+        median["spread"] = (
+            round((rates[-1] - rates[0]) / median["reservations_per_second"], 3)
+            if median["reservations_per_second"] else None
+        )
+        median["oversold"] = max(run["oversold"] for run in ordered)
+        median["mismatch"] = max(run["mismatch"] for run in ordered)
+        median["errors"] = sum(run["errors"] for run in ordered)
+        results.append(median)
+    return results
+
+
 def _cell(value, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -665,7 +692,7 @@ def _cell(value, digits: int = 1) -> str:
 def print_tables(results: list[dict], skipped: dict[str, str], args) -> list[dict]:
     header = (f"{'conc':>5} {'system':<15} {'res/s':>9} {'granted':>8} {'p50 ms':>8} "
               f"{'p99 ms':>8} {'p999 ms':>8} {'oversold':>8} {'mismatch':>8} {'errors':>6} "
-              f"{'srv cpu':>8} {'cli cpu':>8} {'fsync/s':>8} {'rec/fsync':>9}")
+              f"{'srv cpu':>8} {'cli cpu':>8} {'fsync/s':>8} {'rec/fsync':>9} {'spread':>7}")
     for workload in args.workloads:
         rows = [row for row in results if row["workload"] == workload]
         if not rows:
@@ -680,7 +707,8 @@ def print_tables(results: list[dict], skipped: dict[str, str], args) -> list[dic
                 f"{row['oversold']:>8} {row['mismatch']:>8} {row['errors']:>6} "
                 f"{_cell(row['server_cpu_percent'], 0) + '%':>8} "
                 f"{_cell(row['client_cpu_percent'], 0) + '%':>8} "
-                f"{_cell(row['fsyncs_per_second'], 0):>8} {_cell(row['records_per_fsync']):>9}"
+                f"{_cell(row['fsyncs_per_second'], 0):>8} {_cell(row['records_per_fsync']):>9} "
+                f"{_cell(row['spread'] * 100 if row['runs'] > 1 and row['spread'] else None, 0):>7}"
                 + ("  (time cap)" if row["capped"] else "")
             )
     for name, reason in skipped.items():
@@ -774,9 +802,9 @@ async def main(args) -> int:
     }
     print(f"{meta['date']}: {meta['cores']} cores, Python {meta['python']}, "
           f"load average {meta['load_average'][0]:.1f}")
-    results: list[dict] = []
     skipped: dict[str, str] = {}
     extensions: dict[str, object] = {}
+    systems: list[System] = []
     for name in args.systems:
         system = make_system(name, max(args.concurrency))
         try:
@@ -786,36 +814,51 @@ async def main(args) -> int:
             print(f"skipped {name}: {error}", flush=True)
             await system.stop()
             continue
+        systems.append(system)
         if isinstance(system, GrpcSystem) and name in RESERVD_SYSTEMS:
             extensions[name] = system.extension
-        try:
-            for workload in args.workloads:
-                for concurrency in args.concurrency:
-                    result = await run_cell(
-                        system, workload, concurrency, args, f"{workload}-{concurrency}"
-                    )
-                    results.append(result)
-                    print(
-                        f"{name:<15} {workload:<7} {concurrency:>4}: "
-                        f"{result['reservations_per_second']:>8.0f} res/s, "
-                        f"p99 {result['p99_ms']:.2f} ms, oversold {result['oversold']}",
-                        flush=True,
-                    )
-        except Exception as error:  # a broken system must not hide the others' results
-            skipped[name] = f"failed mid-run: {error!r}"
-            print(f"{name} failed: {error!r}", flush=True)
-        finally:
+    # Every system is up at once and they take turns cell by cell (in a rotating order), so
+    # that a change in the machine's background load hits them all alike.
+    runs: list[dict] = []
+    try:
+        for workload in args.workloads:
+            for concurrency in args.concurrency:
+                for repeat in range(args.repeat):
+                    turn = repeat % max(1, len(systems))
+                    for system in systems[turn:] + systems[:turn]:
+                        if system.name in skipped:
+                            continue
+                        try:
+                            result = await run_cell(
+                                system, workload, concurrency, args,
+                                f"{workload}-{concurrency}-{repeat}",
+                            )
+                        except Exception as error:  # must not hide the others' results
+                            skipped[system.name] = f"failed mid-run: {error!r}"
+                            print(f"{system.name} failed: {error!r}", flush=True)
+                            continue
+                        result["repeat"] = repeat
+                        runs.append(result)
+                        print(
+                            f"{system.name:<15} {workload:<7} {concurrency:>4}: "
+                            f"{result['reservations_per_second']:>8.0f} res/s, "
+                            f"p99 {result['p99_ms']:.2f} ms, oversold {result['oversold']}",
+                            flush=True,
+                        )
+    finally:
+        for system in systems:
             await system.stop()
+    results = median_runs(runs)
     meta["reservd_extension"] = extensions
     ratios = print_tables(results, skipped, args)
     path = args.out / "sidebyside.json"
     plots = plot(results, args, args.out)
     path.write_text(json.dumps(
         {"meta": meta, "results": results, "ratios": ratios, "skipped": skipped,
-         "plots": plots}, indent=1,
+         "plots": plots, "runs": runs}, indent=1,
     ))
     print(f"\nwrote {path}" + "".join(f", {p}" for p in plots))
-    oversold = sum(row["oversold"] for row in results)
+    oversold = sum(row["oversold"] for row in runs)
     return 1 if oversold else 0
 
 
@@ -830,6 +873,8 @@ def parse(argv: list[str] | None = None):
     parser.add_argument("--warmup", type=int, default=None,
                         help="unmeasured reservations before each cell (default ops/10, <= 1000)")
     parser.add_argument("--cell-seconds", type=float, default=120, help="time cap of a cell")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each cell; the table shows the median run and the spread")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
     args = parser.parse_args(argv)
     if args.warmup is None:
