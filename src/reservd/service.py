@@ -119,6 +119,10 @@ class ReservationsService(pb_grpc.ReservationsServicer):
                 grpc.StatusCode.UNAVAILABLE,
                 f"reservations are closed: {self.guard.grant_reason}",
             )
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            # The caller has already given up: a grant now would be a phantom hold.
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before apply")
         outcome = self.ledger.reserve(
             reservation_id, skus, quantities, channel, ttl_seconds, request.allow_partial
         )
