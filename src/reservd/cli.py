@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import uuid
 from pathlib import Path
@@ -113,7 +114,22 @@ def _serve(args) -> int:
         snapshot_records_interval=args.snapshot_records_interval,
         segment_bytes_max=args.segment_bytes_max,
     )
-    return uvloop.run(serve(config))
+    from reservd.wal import WalCorruption
+
+    try:
+        return uvloop.run(serve(config))
+    except WalCorruption as error:
+        logging.getLogger("reservd").error(
+            "start-up refused: the data directory is damaged before its tail",
+            extra={"error": str(error), "path": str(error.path), "offset": error.offset,
+                   "hint": f"inspect with: reservd wal verify {config.data_dir}"},
+        )
+        return 1
+    except OSError as error:
+        logging.getLogger("reservd").error(
+            "start-up failed", extra={"error": str(error), "data_dir": str(config.data_dir)}
+        )
+        return 1
 
 
 async def _client(args) -> int:
