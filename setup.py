@@ -1,6 +1,6 @@
 """Build reservd: generate the gRPC stubs from proto/ and compile the Cython counter table in ext/.
 
-RESERVD_DEBUG=1 compiles the table with its debug invariant checks (see ext/table.pyx).
+RESERVD_DEBUG=1 compiles the table with its debug invariant checks (see ext/reservd/_ctable.pyx).
 """
 import os
 import pathlib
@@ -52,15 +52,15 @@ def extensions():
     debug = os.environ.get("RESERVD_DEBUG") == "1"
     ext = Extension(
         "reservd._ctable",
-        ["ext/table.pyx"],
-        include_dirs=["ext"],
+        ["ext/reservd/_ctable.pyx"],
+        define_macros=[("RESERVD_DEBUG", "1")] if debug else [],
         extra_compile_args=["-O2"],
         # Without a C compiler the install still works on the pure-Python table (reservd._pytable).
         optional=True,
     )
     return cythonize(
         [ext],
-        compile_time_env={"RESERVD_DEBUG": debug},
+        include_path=["ext"],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
     )
 

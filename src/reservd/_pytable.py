@@ -1,8 +1,8 @@
-"""Pure-Python twin of the C counter table (ext/table.pyx): the fallback without a C compiler.
+"""Pure-Python twin of the C counter table (ext/reservd/_ctable.pyx): the fallback without a C compiler.
 
 Same class name, behaviour and exceptions as ``reservd._ctable.Table`` (tests/test_table.py runs
 both side by side against a reference model); written for reading, not speed. The design notes
-(handles, the three phases of a bulk mutation, which errors are bugs) are in ext/table.pyx.
+(handles, the three phases of a bulk mutation, which errors are bugs) are in ext/reservd/_ctable.pyx.
 All counters are in units of stock items.
 """
 from __future__ import annotations
@@ -227,7 +227,7 @@ class Table:
     def reserve(
         self, skus: Sequence[str], quantities: Sequence[int], allow_partial: bool, seq: int
     ) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        """See Table.reserve in ext/table.pyx."""
+        """See Table.reserve in ext/reservd/_ctable.pyx."""
         seq = self._begin(seq)
         partial = bool(allow_partial)
         skus = _lines(skus, "skus")

@@ -1,4 +1,4 @@
-"""The SKU counter table: the Cython extension (ext/table.pyx) or its pure-Python twin.
+"""The SKU counter table: the Cython extension (ext/reservd/_ctable.pyx) or its pure-Python twin.
 
 Both implement :class:`CounterTable`. ``RESERVD_NO_EXT=1`` selects the twin (CI runs once that
 way); ``RESERVD_REQUIRE_EXT=1`` makes a missing extension an import error (the test command sets

@@ -43,7 +43,16 @@ from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t
 from libc.stdlib cimport calloc, free, realloc
 
-include "table.pxd"
+cdef extern from *:
+    """
+    #ifndef RESERVD_DEBUG
+    #define RESERVD_DEBUG 0
+    #endif
+    """
+    # A C macro, so the C compiler drops the debug scans from a normal build (setup.py defines
+    # it for RESERVD_DEBUG=1).
+    const bint RESERVD_DEBUG
+
 
 RESERVE_OK = 0
 RESERVE_INSUFFICIENT = 1
@@ -111,27 +120,26 @@ cdef int64_t* _scratch(Py_ssize_t n, Py_ssize_t columns) except NULL:
     return buffer
 
 
-IF RESERVD_DEBUG:
-    cdef int _debug_check(Table table) except -1:
-        """Whole-table scan: row invariants, dict/list/array agreement, ring seq order."""
-        cdef Py_ssize_t s, slot, total = 0
-        cdef const row_t* row
-        cdef int64_t position
-        for s in range(table.shards):
-            assert len(table._index[s]) == table._shard[s].count == len(table._names[s]), s
-            assert table._shard[s].count <= table._shard[s].capacity, s
-            total += table._shard[s].count
-            for slot in range(table._shard[s].count):
-                row = &table._shard[s].rows[slot]
-                assert _row_ok(row) and row.pending == 0, (table._names[s][slot], row[0])
-                assert table._index[s][table._names[s][slot]] == slot, (s, slot)
-        assert total == table._count, (total, table._count)
-        position = max(0, table._head - table._ring_capacity)
-        while position + 1 < table._head:
-            assert (table._ring[position & table._ring_mask].seq
-                    <= table._ring[(position + 1) & table._ring_mask].seq), position
-            position += 1
-        return 0
+cdef int _debug_check(Table table) except -1:
+    """Whole-table scan: row invariants, dict/list/array agreement, ring seq order."""
+    cdef Py_ssize_t s, slot, total = 0
+    cdef const row_t* row
+    cdef int64_t position
+    for s in range(table.shards):
+        assert len(table._index[s]) == table._shard[s].count == len(table._names[s]), s
+        assert table._shard[s].count <= table._shard[s].capacity, s
+        total += table._shard[s].count
+        for slot in range(table._shard[s].count):
+            row = &table._shard[s].rows[slot]
+            assert _row_ok(row) and row.pending == 0, (table._names[s][slot], row[0])
+            assert table._index[s][table._names[s][slot]] == slot, (s, slot)
+    assert total == table._count, (total, table._count)
+    position = max(0, table._head - table._ring_capacity)
+    while position + 1 < table._head:
+        assert (table._ring[position & table._ring_mask].seq
+                <= table._ring[(position + 1) & table._ring_mask].seq), position
+        position += 1
+    return 0
 
 
 @cython.final
@@ -142,21 +150,6 @@ cdef class Table:
     no single array or dict grows huge; ``ring_capacity`` (a power of two up to
     RING_CAPACITY_MAX) is how many change entries are retained, in entries.
     """
-
-    cdef:
-        readonly Py_ssize_t shards
-        int _shard_bits
-        int64_t _shard_mask
-        shard_t* _shard       # shards entries, calloc'd
-        list _index           # per shard: dict sku -> slot
-        list _names           # per shard: list slot -> sku
-        Py_ssize_t _count
-
-        entry_t* _ring        # ring capacity entries; position p lives at p & _ring_mask
-        int64_t _ring_capacity
-        int64_t _ring_mask
-        int64_t _head         # position of the next entry; only ever grows
-        int64_t _seq_last     # seq of the newest entry (INT64_MIN before the first)
 
     def __cinit__(self, shards=64, ring_capacity=65536):
         cdef int64_t shard_count = _int64(shards, "shards")
@@ -372,7 +365,7 @@ cdef class Table:
                 self._append(seq_value, hs[i], row)
         finally:
             PyMem_Free(buffer)
-        IF RESERVD_DEBUG:
+        if RESERVD_DEBUG:
             _debug_check(self)
         return 0
 
@@ -401,7 +394,7 @@ cdef class Table:
         handle = (<int64_t>shard.count) << self._shard_bits | s
         shard.count += 1
         self._count += 1
-        IF RESERVD_DEBUG:
+        if RESERVD_DEBUG:
             _debug_check(self)
         return handle
 
@@ -532,7 +525,7 @@ cdef class Table:
                     self._check_row(hs[i])
                     self._append(seq_value, hs[i], row)
                 status = RESERVE_OK
-            IF RESERVD_DEBUG:
+            if RESERVD_DEBUG:
                 _debug_check(self)
             return (status, _int_tuple(hs, n), _int_tuple(granted, n),
                     self._available_tuple(hs, n))
@@ -572,7 +565,7 @@ cdef class Table:
         self._check_row(h)
         if value != previous:
             self._append(seq_value, h, row)
-        IF RESERVD_DEBUG:
+        if RESERVD_DEBUG:
             _debug_check(self)
         return previous
 
@@ -596,7 +589,7 @@ cdef class Table:
         self._check_row(h)
         if change != 0:
             self._append(seq_value, h, row)
-        IF RESERVD_DEBUG:
+        if RESERVD_DEBUG:
             _debug_check(self)
         return row.on_hand
 
@@ -624,7 +617,7 @@ cdef class Table:
         row.reserved = reserved_value
         row.committed = committed_value
         self._check_row(handle)
-        IF RESERVD_DEBUG:
+        if RESERVD_DEBUG:
             _debug_check(self)
         return handle
 
