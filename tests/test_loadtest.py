@@ -2,13 +2,16 @@
 end to end (a fresh daemon with its WAL, locust headless, the invariant checks)."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("locust")
+# Never `import locust` here: it monkey-patches the whole pytest process with gevent, and every
+# grpc.aio test after it hangs. Locust runs in its own process (loadtest/run.py).
+assert importlib.util.find_spec("locust"), "locust is missing: ./dev test installs it"
 
 ROOT = Path(__file__).resolve().parent.parent
 
