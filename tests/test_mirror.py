@@ -1,0 +1,597 @@
+"""The Redis mirror against a real redis-server: fail closed on partition, heal, never
+acknowledge a grant the mirror does not hold.
+
+Each fault scenario runs 16 clients reserving and releasing on four SKUs (WAL on) while Redis
+is paused, black-holed, killed and restarted empty, or killed and restarted with its data. The
+daemon always reaches Redis through a :class:`Proxy` (transparent except when the test cuts
+it), and a MONITOR connection straight to Redis records every stock hash Redis really wrote,
+with Redis's own clock: a grant is held by the mirror at its acknowledgement if Redis had
+written that SKU at the grant's sequence or later before the client received the answer.
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import dataclasses
+import random
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from conftest import ROOT, aio, cart, running, test_config
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redisserver import Monitor, Proxy, RedisServer, require_redis_server
+
+from reservd import mirror as mirror_module
+from reservd.config import Config
+from reservd.v1 import reservd_pb2 as pb
+from reservd.v1 import reservd_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.redis
+
+DEFAULTS = Config()
+PREFIX = DEFAULTS.redis_prefix
+RESERVATIONS = "reservd.v1.Reservations"
+SKUS = ("alpha", "beta", "gamma", "delta")
+SUPPLY = 20  # per SKU: 16 clients holding up to 3 units each contend for it
+CLIENTS = 16
+STEADY_SECONDS = 0.5
+PARTITION_SECONDS = 0.8
+# The bounds the daemon promises with the default config: a write that does not answer within
+# mirror_timeout_ms fails closed (an idle mirror notices within a heartbeat); a Redis that is
+# back is retried within mirror_retry_ms_max and resynchronised. Plus slack for a loaded CI box.
+FAIL_CLOSED_SECONDS_MAX = (DEFAULTS.mirror_timeout_ms + DEFAULTS.mirror_heartbeat_ms) / 1000 + 0.4
+REOPEN_SECONDS_MAX = (DEFAULTS.mirror_retry_ms_max + DEFAULTS.mirror_timeout_ms) / 1000 + 0.5
+
+_measured: dict[str, tuple[float, float]] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _redis_server_installed():
+    try:
+        require_redis_server()
+    except RuntimeError as error:
+        pytest.fail(str(error), pytrace=False)
+    yield
+    if _measured:
+        print("\nmirror fault -> fail-closed and heal -> reopen (seconds):")
+        for name, (closed, reopened) in _measured.items():
+            print(f"  {name:<24} fail-closed {closed:.3f}  reopen {reopened:.3f}")
+        print(
+            f"  longest: fail-closed {max(c for c, _ in _measured.values()):.3f} "
+            f"(bound {FAIL_CLOSED_SECONDS_MAX:.2f}), reopen "
+            f"{max(r for _, r in _measured.values()):.3f} (bound {REOPEN_SECONDS_MAX:.2f})"
+        )
+
+
+@pytest.fixture
+def redis_server(tmp_path, request):
+    """Without persistence unless parametrized ``indirect`` with True."""
+    server = RedisServer(tmp_path / "redis", persistent=getattr(request, "param", False))
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def proxy(redis_server):
+    front = Proxy(redis_server.port)
+    front.start()
+    yield front
+    front.close()
+
+
+@pytest.fixture
+def monitor(redis_server):
+    audit = Monitor(redis_server.port, PREFIX + "stock:")
+    audit.start()
+    yield audit
+    audit.close()
+
+
+# -- load ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Attempt:
+    started: float  # monotonic seconds
+    ended: float
+    outcome: str  # granted, sold_out, unavailable
+    details: str = ""
+
+
+@dataclasses.dataclass
+class Grant:
+    reservation_id: str
+    sku: str
+    quantity: int
+    seq: int
+    acked_unix: float  # the client's clock when the answer arrived
+    released_seq: int = 0
+
+
+class Load:
+    """CLIENTS tasks, each: reserve 1-3 units of a random SKU, hold briefly, release."""
+
+    def __init__(self, target: str) -> None:
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.ReservationsStub(self.channel)
+        self.attempts: list[Attempt] = []
+        self.grants: list[Grant] = []
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._client(i)) for i in range(CLIENTS)]
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await asyncio.gather(*self._tasks)
+        await self.channel.close()
+
+    async def _client(self, number: int) -> None:
+        rng = random.Random(number)
+        stub = self.stub
+        count = 0
+        while not self._stopping.is_set():
+            count += 1
+            reservation_id = f"client{number}-{count}"
+            sku, quantity = rng.choice(SKUS), rng.randint(1, 3)
+            started = time.monotonic()
+            try:
+                response = await stub.Reserve(
+                    cart(reservation_id, (sku, quantity), ttl_seconds=600), timeout=10
+                )
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+                self.attempts.append(
+                    Attempt(started, time.monotonic(), "unavailable", error.details())
+                )
+                # Not acknowledged, but perhaps held: give it back (WAL only, allowed now).
+                try:
+                    await stub.Release(pb.ReleaseRequest(reservation_id=reservation_id))
+                except grpc.aio.AioRpcError as release_error:
+                    assert release_error.code() == grpc.StatusCode.NOT_FOUND, release_error
+                await asyncio.sleep(0.005)
+                continue
+            acked_unix = time.time()
+            if not response.granted:
+                self.attempts.append(Attempt(started, time.monotonic(), "sold_out"))
+                await asyncio.sleep(0.002)
+                continue
+            self.attempts.append(Attempt(started, time.monotonic(), "granted"))
+            grant = Grant(reservation_id, sku, quantity, response.sequence, acked_unix)
+            self.grants.append(grant)
+            await asyncio.sleep(rng.uniform(0, 0.01))
+            released = await stub.Release(pb.ReleaseRequest(reservation_id=reservation_id))
+            grant.released_seq = released.sequence
+
+    def oversold(self) -> int:
+        """Most units of one SKU held at once by acknowledged grants, beyond the supply, in the
+        order the daemon applied grants and releases (their sequences)."""
+        events = [(g.seq, g.sku, g.quantity) for g in self.grants]
+        events += [(g.released_seq, g.sku, -g.quantity) for g in self.grants if g.released_seq]
+        held = dict.fromkeys(SKUS, 0)
+        worst = 0
+        for _, sku, change in sorted(events):
+            held[sku] += change
+            worst = max(worst, held[sku] - SUPPLY)
+        return worst
+
+
+# -- checks ----------------------------------------------------------------------------------
+
+
+async def _watch_health(channel: grpc.aio.Channel, events: list[tuple[float, int]]) -> None:
+    """Record each change of the Reservations service's health, polled every 5 ms (Watch
+    coalesces changes, which is right for its use but not for timing them)."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service=RESERVATIONS)
+    while True:
+        status = (await stub.Check(request)).status
+        if not events or events[-1][1] != status:
+            events.append((time.monotonic(), status))
+        await asyncio.sleep(0.005)
+
+
+async def _first(events: list, status, after: float, seconds: float) -> float:
+    deadline = time.monotonic() + seconds
+    while True:
+        for at, value in events:
+            if at >= after and value == status:
+                return at
+        assert time.monotonic() < deadline, f"no {status} within {seconds} s: {events}"
+        await asyncio.sleep(0.005)
+
+
+async def _caught_up(daemon, client: aioredis.Redis, seconds: float = 5.0) -> None:
+    """Until the daemon is open and Redis's watermark is at the daemon's sequence."""
+    deadline = time.monotonic() + seconds
+    while True:
+        watermark_seq = int(await client.hget(PREFIX + "watermark", "seq") or -1)
+        seq = daemon.ledger.seq
+        if daemon.mirror.mirrored_seq == watermark_seq == seq and not daemon.guard.grant_reason:
+            return
+        assert time.monotonic() < deadline, (
+            daemon.mirror.mirrored_seq, watermark_seq, seq, daemon.guard.grant_reason
+        )
+        await asyncio.sleep(0.01)
+
+
+async def assert_mirror_equals_table(daemon, client: aioredis.Redis) -> None:
+    """Key for key: every SKU's hash holds the table's counters in the watermark's epoch, and
+    there is no other stock key."""
+    await _caught_up(daemon, client)
+    table = {sku: (on_hand, reserved, committed)
+             for sku, on_hand, reserved, committed in daemon.table.items()}
+    watermark = await client.hgetall(PREFIX + "watermark")
+    assert int(watermark[b"seq"]) == daemon.ledger.seq == daemon.mirror.mirrored_seq
+    assert int(watermark[b"epoch"]) == daemon.mirror.epoch
+    keys = sorted([k.decode() async for k in client.scan_iter(match=PREFIX + "stock:*")])
+    assert keys == sorted(PREFIX + "stock:" + sku for sku in table)
+    for sku, (on_hand, reserved, committed) in table.items():
+        stored = await client.hgetall(PREFIX + "stock:" + sku)
+        assert {k.decode(): int(v) for k, v in stored.items() if k != b"seq"} == {
+            "on_hand": on_hand, "reserved": reserved, "committed": committed,
+            "available": on_hand - reserved - committed, "epoch": daemon.mirror.epoch,
+        }, sku
+
+
+def assert_grants_were_held(grants: list[Grant], writes) -> None:
+    """For every acknowledged grant, Redis had written its SKU at the grant's sequence or later
+    before the client got the answer; and no stock hash ever went back to an older version."""
+    history: dict[str, tuple[list[int], list[float]]] = {}
+    for at, key, fields in writes:
+        seqs, times = history.setdefault(key, ([], []))
+        seq = int(fields["seq"])
+        assert not seqs or seq >= seqs[-1], f"{key} went back from seq {seqs[-1]} to {seq}"
+        assert int(fields["available"]) >= 0, (key, fields)
+        seqs.append(seq)
+        times.append(at)
+    for grant in grants:
+        seqs, times = history.get(PREFIX + "stock:" + grant.sku, ([], []))
+        index = bisect.bisect_left(seqs, grant.seq)
+        assert index < len(seqs), f"{grant} was acknowledged and Redis never held it"
+        assert times[index] <= grant.acked_unix, (
+            f"{grant} was acknowledged {times[index] - grant.acked_unix:.6f} s before Redis "
+            "held it"
+        )
+
+
+async def scenario(name, tmp_path, server, proxy, monitor, fault, heal) -> None:
+    """Load; fault; Reserve fails closed within the bound; heal; it reopens within the bound;
+    the mirror equals the table; every grant was held at its ack; nothing oversold."""
+    config = test_config(tmp_path / "data", redis_url=proxy.url)
+    direct = aioredis.Redis(port=server.port)
+    async with running(config) as node:
+        daemon = node.daemon
+        guard_events: list[tuple[float, bool, str | None]] = []
+        daemon.guard.add_listener(
+            lambda serving: guard_events.append(
+                (time.monotonic(), serving, daemon.guard.grant_reason)
+            )
+        )
+        health: list[tuple[float, int]] = []
+        health_task = asyncio.create_task(_watch_health(node.channel, health))
+        for sku in SKUS:
+            await node.set_stock(sku, SUPPLY)
+        load = Load(node.target)
+        load.start()
+        await asyncio.sleep(STEADY_SECONDS)
+        granted_before = len(load.grants)
+        assert granted_before, "nothing was granted before the fault"
+
+        faulted = time.monotonic()
+        await fault()
+        try:
+            closed = await _first(
+                health, health_pb2.HealthCheckResponse.NOT_SERVING, faulted,
+                FAIL_CLOSED_SECONDS_MAX + 1,
+            )
+        except AssertionError as error:
+            raise AssertionError(
+                f"{error}; guard: {[(round(at - faulted, 3), s, w) for at, s, w in guard_events]}"
+                f"; mirror tasks: {daemon.mirror._tasks}; stats {daemon.mirror.stats}"
+            ) from None
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await node.reservations.Reserve(cart(f"probe-{name}", (SKUS[0], 1)))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "mirror" in refused.value.details()
+        await asyncio.sleep(PARTITION_SECONDS)
+
+        healed = time.monotonic()  # before: the daemon may reopen before heal() returns
+        await heal()
+        reopened = await _first(
+            health, health_pb2.HealthCheckResponse.SERVING, healed, REOPEN_SECONDS_MAX + 1
+        )
+        await asyncio.sleep(STEADY_SECONDS)
+        await load.stop()
+        assert len(load.grants) > granted_before, "nothing was granted after healing"
+
+        # Closed means closed: a Reserve that started after the guard tripped and ended before
+        # it reopened was refused, saying why.
+        relative = [(round(at - faulted, 3), serving, why) for at, serving, why in guard_events]
+        assert [serving for at, serving, _ in guard_events if at < faulted] == [], relative
+        tripped_at = next(at for at, serving, _ in guard_events if not serving)
+        reopened_at = next(at for at, serving, _ in guard_events if serving and at > tripped_at)
+        inside = [a for a in load.attempts if tripped_at < a.started and a.ended < reopened_at]
+        assert inside, "no Reserve ran while failed closed"
+        for attempt in inside:
+            assert attempt.outcome == "unavailable" and "mirror" in attempt.details, attempt
+
+        await assert_mirror_equals_table(daemon, direct)
+        marker = f"end-of-{name}"
+        await direct.echo(marker)
+        await asyncio.to_thread(monitor.wait_marker, marker)
+        assert_grants_were_held(load.grants, monitor.writes)
+        assert load.oversold() == 0
+        for sku, on_hand, reserved, committed in daemon.table.items():
+            assert reserved + committed <= on_hand, sku
+        health_task.cancel()
+        await asyncio.gather(health_task, return_exceptions=True)
+    await direct.aclose()
+
+    fail_closed_seconds, reopen_seconds = closed - faulted, reopened - healed
+    _measured[name] = (fail_closed_seconds, reopen_seconds)
+    print(
+        f"{name}: fail-closed after {fail_closed_seconds:.3f} s, reopened "
+        f"{reopen_seconds:.3f} s after healing; {len(load.grants)} grants, "
+        f"{sum(a.outcome == 'unavailable' for a in load.attempts)} refused, "
+        f"{daemon.mirror.stats}"
+    )
+    timeline = (relative, [(round(at - faulted, 3), status) for at, status in health])
+    assert fail_closed_seconds <= FAIL_CLOSED_SECONDS_MAX, timeline
+    assert reopen_seconds <= REOPEN_SECONDS_MAX, timeline
+
+
+# -- fault scenarios -------------------------------------------------------------------------
+
+
+@aio
+async def test_sigstop_then_sigcont(tmp_path, redis_server, proxy, monitor):
+    async def fault():
+        redis_server.stop()
+
+    async def heal():
+        redis_server.cont()
+
+    await scenario("sigstop", tmp_path, redis_server, proxy, monitor, fault, heal)
+
+
+@aio
+async def test_black_hole_then_restore(tmp_path, redis_server, proxy, monitor):
+    await scenario(
+        "black-hole", tmp_path, redis_server, proxy, monitor,
+        lambda: asyncio.to_thread(proxy.black_hole), lambda: asyncio.to_thread(proxy.restore),
+    )
+
+
+def _restart(server: RedisServer, proxy: Proxy, monitor: Monitor, keep_data: bool):
+    async def heal():
+        # Hold the daemon's reconnects at the proxy until MONITOR is attached to the new
+        # process, so the audit sees every write it makes.
+        attached = monitor.attached
+        await asyncio.to_thread(proxy.black_hole)
+        await asyncio.to_thread(server.restart, keep_data)
+        await asyncio.to_thread(monitor.wait_attached, attached + 1)
+        await asyncio.to_thread(proxy.restore)
+
+    return heal
+
+
+@aio
+async def test_kill_then_restart_empty(tmp_path, redis_server, proxy, monitor):
+    async def fault():
+        redis_server.kill()
+
+    await scenario(
+        "kill, restart empty", tmp_path, redis_server, proxy, monitor, fault,
+        _restart(redis_server, proxy, monitor, keep_data=False),
+    )
+
+
+@pytest.mark.parametrize("redis_server", [True], indirect=True, ids=["aof"])
+@aio
+async def test_restart_with_its_data(tmp_path, redis_server, proxy, monitor):
+    async def fault():
+        await asyncio.to_thread(redis_server.terminate)
+
+    await scenario(
+        "restart with its data", tmp_path, redis_server, proxy, monitor, fault,
+        _restart(redis_server, proxy, monitor, keep_data=True),
+    )
+
+
+# -- the parts -------------------------------------------------------------------------------
+
+
+@aio
+async def test_the_script_never_applies_an_older_version(redis_server):
+    client = aioredis.Redis(port=redis_server.port)
+    sha = await client.script_load(mirror_module.BATCH_SCRIPT)
+
+    async def call(mode, epoch, seq, expected_seq, rows, time_ms=1_000):
+        keys, args = mirror_module.batch_command(
+            "t:", mode, epoch, seq, time_ms, expected_seq, 1_350, rows
+        )
+        return await client.evalsha(sha, len(keys), *keys, *args)
+
+    async def stock():
+        return {k.decode(): int(v) for k, v in (await client.hgetall("t:stock:s")).items()}
+
+    await call("mark", 1, 0, 0, [])
+    assert await call("apply", 1, 5, 0, [(5, "s", 10, 4, 0)]) == 1
+    # A write that timed out on reservd's side and lands late: nothing changes.
+    assert await call("apply", 1, 3, 0, [(3, "s", 10, 1, 0)]) == 0
+    assert await stock() == {
+        "on_hand": 10, "reserved": 4, "committed": 0, "available": 6, "seq": 5, "epoch": 1
+    }
+    watermark = await client.hgetall("t:watermark")
+    assert (int(watermark[b"seq"]), int(watermark[b"time_ms"])) == (5, 1_000)
+    # An older write in a newer epoch (a full rewrite after Redis lost data) does apply...
+    await call("rewrite", 2, 4, 0, [(4, "s", 10, 2, 0)])
+    assert (await stock())["reserved"] == 2
+    # ... and a write of the old epoch no longer does, whatever its sequence.
+    with pytest.raises(Exception, match="RESERVD_NEWER"):
+        await call("rewrite", 1, 9, 0, [(9, "s", 10, 9, 0)])
+    assert (await stock())["reserved"] == 2
+    # A batch is refused whole when Redis does not hold what reservd knows it wrote.
+    await client.delete("t:watermark")
+    with pytest.raises(Exception, match="RESERVD_LOST"):
+        await call("apply", 2, 6, 4, [(6, "s", 10, 3, 0)])
+    assert (await stock())["reserved"] == 2
+    await client.aclose()
+
+
+def test_without_redis_url_nothing_changes(tmp_path):
+    """The embedded default stays WAL-only: no mirror, redis-py is not even imported."""
+    code = f"""
+import asyncio, sys
+from pathlib import Path
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from conftest import cart, running, test_config
+
+async def main():
+    async with running(test_config(Path({str(tmp_path / "data")!r}))) as node:
+        assert node.daemon.mirror is None
+        await node.set_stock("a", 3)
+        response = await node.reservations.Reserve(cart("r", ("a", 1)))
+        assert response.granted and node.daemon.guard.grant_reason is None
+    assert "redis" not in sys.modules, "a daemon without redis_url imported redis-py"
+
+asyncio.run(main())
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@aio
+async def test_waiters_share_one_batch_and_a_cancelled_one_leaves_it_to_the_others(
+    tmp_path, redis_server
+):
+    async with running(test_config(tmp_path / "data", redis_url=redis_server.url)) as node:
+        await node.set_stock("a", 5)
+        daemon = node.daemon
+        outcome = daemon.ledger.reserve("direct", ("a",), (1,), "", 60, False)
+        batch = daemon.mirror.wait(outcome.seq)
+        assert daemon.mirror.wait(outcome.seq) is batch
+
+        async def wait():
+            await daemon.mirror.wait(outcome.seq)
+
+        waiters = [asyncio.create_task(wait()) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert not batch.done()
+        waiters[0].cancel()  # its client went away
+        await waiters[1]
+        await asyncio.sleep(0)
+        assert waiters[0].cancelled()
+        assert daemon.mirror.mirrored_seq >= outcome.seq
+
+
+@aio
+async def test_starts_failed_closed_while_redis_is_down_then_opens(tmp_path):
+    server = RedisServer(tmp_path / "redis")  # not started yet
+    try:
+        config = test_config(tmp_path / "data", redis_url=server.url)
+        async with running(config) as node:
+            health = health_pb2_grpc.HealthStub(node.channel)
+            request = health_pb2.HealthCheckRequest(service=RESERVATIONS)
+            status = (await health.Check(request)).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            await node.set_stock("a", 5)  # not a grant: the WAL alone acknowledges it
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await node.reservations.Reserve(cart("early", ("a", 1)))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "mirror is unreachable" in refused.value.details()
+            await asyncio.to_thread(server.start)
+            started = time.monotonic()
+            while (await health.Check(request)).status != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() - started < REOPEN_SECONDS_MAX
+                await asyncio.sleep(0.01)
+            assert (await node.reservations.Reserve(cart("later", ("a", 1)))).granted
+            direct = aioredis.Redis(port=server.port)
+            await assert_mirror_equals_table(node.daemon, direct)
+            await direct.aclose()
+    finally:
+        server.close()
+
+
+@aio
+async def test_redis_losing_its_data_under_a_live_connection_is_rewritten(
+    tmp_path, redis_server, caplog
+):
+    async with running(test_config(tmp_path / "data", redis_url=redis_server.url)) as node:
+        for sku in SKUS:
+            await node.set_stock(sku, SUPPLY)
+        assert (await node.reservations.Reserve(cart("before", (SKUS[0], 2)))).granted
+        direct = aioredis.Redis(port=redis_server.port)
+        await direct.flushall()
+        # The next heartbeat finds the watermark gone, fails closed and rewrites everything.
+        deadline = time.monotonic() + 2
+        while node.daemon.mirror.stats.rewrites < 2:
+            assert time.monotonic() < deadline, node.daemon.mirror.stats
+            await asyncio.sleep(0.01)
+        assert any("lost data" in str(getattr(r, "why", "")) for r in caplog.records)
+        await assert_mirror_equals_table(node.daemon, direct)
+        assert (await node.reservations.Reserve(cart("after", (SKUS[0], 2)))).granted
+        await assert_mirror_equals_table(node.daemon, direct)
+        await direct.aclose()
+
+
+@aio
+async def test_redis_back_with_older_data_replays_what_it_lost(tmp_path, redis_server, caplog):
+    """Redis restarts from an older snapshot (same epoch, a lower watermark): reservd notices
+    and replays the changes after that watermark from its ring, without a full rewrite."""
+    async with running(test_config(tmp_path / "data", redis_url=redis_server.url)) as node:
+        for sku in SKUS:
+            await node.set_stock(sku, SUPPLY)
+        direct = aioredis.Redis(port=redis_server.port)
+        await direct.save()
+        snapshot = (redis_server.directory / "dump.rdb").read_bytes()
+        older_seq = int(await direct.hget(PREFIX + "watermark", "seq"))
+        for number, sku in enumerate(SKUS):
+            assert (await node.reservations.Reserve(cart(f"lost-{number}", (sku, 3)))).granted
+        assert node.daemon.mirror.mirrored_seq > older_seq
+        await direct.aclose()
+        await asyncio.to_thread(redis_server.kill)
+        (redis_server.directory / "dump.rdb").write_bytes(snapshot)
+        await asyncio.to_thread(redis_server.restart, True)
+        direct = aioredis.Redis(port=redis_server.port)
+        await assert_mirror_equals_table(node.daemon, direct)
+        assert node.daemon.mirror.stats.rewrites == 1  # the one at start
+        assert any(r.getMessage() == "Redis lost mirrored changes: replaying them"
+                   for r in caplog.records)
+        await direct.aclose()
+
+
+@aio
+async def test_lag_alone_fails_closed(tmp_path, redis_server):
+    """Redis that answers too late (within a generous timeout) but lags beyond
+    mirror_lag_ms_max: grants waiting for it are refused, reservations close, then reopen."""
+    config = test_config(
+        tmp_path / "data", redis_url=redis_server.url, mirror_timeout_ms=5_000,
+        mirror_lag_ms_max=200,
+    )
+    async with running(config) as node:
+        await node.set_stock("a", 5)
+        redis_server.stop()
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await node.reservations.Reserve(cart("slow", ("a", 1)))
+        waited = time.monotonic() - started
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "lagging" in refused.value.details()
+        assert 0.15 < waited < 0.5, waited
+        assert "lagging" in node.daemon.guard.grant_reason
+        redis_server.cont()
+        direct = aioredis.Redis(port=redis_server.port)
+        await _caught_up(node.daemon, direct)
+        await direct.aclose()
+        assert (await node.reservations.Reserve(cart("fast", ("a", 1)))).granted
