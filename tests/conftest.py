@@ -60,9 +60,9 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config | None = None, clock=None):
+async def running(config: Config | None = None, clock=None, wal_files=None):
     """A Daemon serving on 127.0.0.1:<ephemeral>, with stubs; stopped on exit."""
-    daemon = Daemon(config or test_config(), clock=clock)
+    daemon = Daemon(config or test_config(), clock=clock, wal_files=wal_files)
     port = await daemon.start()
     target = f"127.0.0.1:{port}"
     channel = grpc.aio.insecure_channel(target)

@@ -44,6 +44,7 @@ import time
 from typing import Iterable
 
 from reservd.config import Config
+from reservd.futures import SharedFuture
 from reservd.guard import Guard
 from reservd.table import Change, CounterTable
 
@@ -154,15 +155,6 @@ class _Rebuild(Exception):
     """The mirror's place in the change ring was overwritten: only a full rewrite can help."""
 
 
-class _Batch(asyncio.Future):
-    """The future every waiter of one mirror batch shares. A waiter whose RPC is cancelled must
-    not cancel the others' wait, so ``cancel()`` is refused: the cancelled task is interrupted
-    once the batch settles, within mirror_timeout_ms."""
-
-    def cancel(self, msg=None) -> bool:
-        return False
-
-
 def _settle(future: asyncio.Future | None, error: BaseException | None = None) -> None:
     if future is None or future.done():
         return
@@ -244,9 +236,9 @@ class RedisMirror:
         self._connection = None  # ... which the hot path uses directly
         self._batch_sha = ""
         self._epoch_sha = ""
-        self._inflight: _Batch | None = None  # waiters of the batch being written
+        self._inflight: SharedFuture | None = None  # waiters of the batch being written
         self._inflight_seq = 0  # ... which covers every sequence up to this one
-        self._next: _Batch | None = None  # waiters of the batch after it
+        self._next: SharedFuture | None = None  # waiters of the batch after it
         self._wake: asyncio.Future | None = None
         self._written_at = 0.0  # monotonic seconds of the latest successful write
         self._lag_samples: collections.deque[tuple[float, int]] = collections.deque()
@@ -271,11 +263,11 @@ class RedisMirror:
         if seq <= self._inflight_seq:
             batch = self._inflight
             if batch is None:
-                batch = self._inflight = _Batch(loop=loop)
+                batch = self._inflight = SharedFuture(loop=loop)
             return batch
         batch = self._next
         if batch is None:
-            batch = self._next = _Batch(loop=loop)
+            batch = self._next = SharedFuture(loop=loop)
             # Start now if the log starts a batch with this change now. Otherwise the log's
             # next batch starts when the one in flight is durable, and so does ours
             # (_on_durable): the grant is not held up, and Redis gets fewer, larger writes.

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
+from reservd.futures import SharedFuture
 from reservd.walfile import OS_FILES, FileLayer
 
 __all__ = [
@@ -723,11 +724,11 @@ class WriteAheadLog:
             return future
         if self.last_seq > self._taken_seq:
             if self._open_future is None:
-                self._open_future = asyncio.get_running_loop().create_future()
+                self._open_future = SharedFuture(loop=asyncio.get_running_loop())
             return self._open_future
         if self.last_seq > self.durable_seq:
             if self._inflight_future is None:
-                self._inflight_future = asyncio.get_running_loop().create_future()
+                self._inflight_future = SharedFuture(loop=asyncio.get_running_loop())
             return self._inflight_future
         future = asyncio.get_running_loop().create_future()
         future.set_result(None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
+from reservd.futures import SharedFuture
 from reservd.table import CounterTable
 
 # (sku, on_hand, reserved, committed, sequence, snapshot)
@@ -47,10 +48,8 @@ class WatchHub:
 
     async def _next_change(self) -> None:
         if self._changed is None:
-            self._changed = asyncio.get_running_loop().create_future()
-        # Shielded: the future is shared by every idle watcher, and a watcher that goes away
-        # (its handler task is cancelled) must not cancel it for all the others.
-        await asyncio.shield(self._changed)
+            self._changed = SharedFuture(loop=asyncio.get_running_loop())
+        await self._changed
 
     def _retained(self, from_sequence: int) -> bool:
         table = self.table
