@@ -349,6 +349,7 @@ def test_fdatasync_eio_in_a_running_daemon_fails_closed_and_loses_nothing(tmp_pa
                 "fsyncs": (fsyncs, _metric(metrics_port, "reservd_wal_fsyncs")),
                 "durable": (durable, _metric(metrics_port, "reservd_durable_sequence")),
                 "fail_closed": _metric(metrics_port, "reservd_fail_closed"),
+                "closed_since": _metric(metrics_port, "reservd_fail_closed_since_seconds"),
             }
 
     daemon.start()
@@ -374,6 +375,7 @@ def test_fdatasync_eio_in_a_running_daemon_fails_closed_and_loses_nothing(tmp_pa
     assert "writes are closed" in after["release"].details()
     # Never retried: the fault is gone, yet no fdatasync succeeded and nothing became durable.
     assert after["health"] == NOT_SERVING and after["fail_closed"] == 1
+    assert 0 < time.time() - after["closed_since"] < 120, "the metric says since when"
     assert after["fsyncs"][0] == after["fsyncs"][1], after["fsyncs"]
     assert after["durable"][0] == after["durable"][1], after["durable"]
     failures = [line for line in daemon.lines

@@ -42,6 +42,11 @@ class Guard:
             )
             self._update()
 
+    @property
+    def closed_since(self) -> float | None:
+        """Unix time of the oldest trip still in force (None while open)."""
+        return min((since for _, since, _ in self._trips.values()), default=None)
+
     def since(self, source: str) -> float | None:
         trip = self._trips.get(source)
         return trip[1] if trip else None

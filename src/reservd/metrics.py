@@ -25,14 +25,14 @@ class Metrics:
         self._sources: list = []
         self.registry.register(self)
 
-    def watch(self, ledger, log_, guard) -> None:
+    def watch(self, ledger, log_, guard, mirror=None) -> None:
         """Report these objects' state at each scrape."""
-        self._sources = [ledger, log_, guard]
+        self._sources = [ledger, log_, guard, mirror]
 
     def collect(self):
         if not self._sources:
             return
-        ledger, log_, guard = self._sources
+        ledger, log_, guard, mirror = self._sources
         yield GaugeMetricFamily("reservd_sequence", "Last applied sequence", value=ledger.seq)
         yield GaugeMetricFamily(
             "reservd_durable_sequence", "Last durable sequence", value=log_.durable_seq
@@ -47,6 +47,27 @@ class Metrics:
             "reservd_fail_closed", "1 while reservations are refused",
             value=0 if guard.grant_reason is None else 1,
         )
+        yield GaugeMetricFamily(
+            "reservd_fail_closed_since_seconds",
+            "Unix time since when reservations are refused (0 while open)",
+            value=guard.closed_since or 0,
+        )
+        if mirror is not None:
+            stats = mirror.stats
+            yield GaugeMetricFamily(
+                "reservd_mirror_sequence", "Last sequence Redis holds", value=mirror.mirrored_seq
+            )
+            yield CounterMetricFamily(
+                "reservd_mirror_batches", "Mirror writes (one Lua call each)", value=stats.batches
+            )
+            yield CounterMetricFamily(
+                "reservd_mirror_failures", "Mirror writes that failed", value=stats.failures
+            )
+            if stats.reopen_seconds_last is not None:
+                yield GaugeMetricFamily(
+                    "reservd_mirror_reopen_seconds_last",
+                    "Closed to reopened, the latest time", value=stats.reopen_seconds_last,
+                )
         stats = getattr(log_, "stats", None)
         if stats is not None:
             yield CounterMetricFamily(
