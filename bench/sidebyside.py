@@ -66,7 +66,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -75,6 +74,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from reservd.metrics import scrape  # noqa: E402
 from reservd.v1 import reservd_pb2 as pb  # noqa: E402
 from reservd.v1 import reservd_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -357,15 +357,7 @@ class GrpcSystem(System):
     def wal_counters(self) -> dict[str, float] | None:
         if self.name not in ("reservd-wal", "reservd-mirror"):
             return None
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line.startswith("reservd_wal_") and "{" not in line:
-                name, value = line.rsplit(" ", 1)
-                values[name.removesuffix("_total")] = float(value)
-        return values
+        return scrape(self.metrics_port, prefix="reservd_wal_")
 
     async def stop(self) -> None:
         if hasattr(self, "channel"):

@@ -41,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -52,6 +51,7 @@ LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 from daemonproc import DaemonProcess  # noqa: E402
+from reservd.metrics import scrape  # noqa: E402
 from reservd.v1 import reservd_pb2 as pb  # noqa: E402
 from reservd.v1 import reservd_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -77,18 +77,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def scrape(port: int) -> dict[str, float]:
-    """Prometheus text -> {name: value} for unlabelled samples."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("reservd_") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            values[name.removesuffix("_total")] = float(value)
-    return values
 
 
 class Verdict:

@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -38,6 +37,7 @@ from test_crash import History, _check, _worker
 from test_wal import frames, segments
 from walfaults import FaultyFiles, PowerLossFiles, at_call
 
+from reservd.metrics import scrape
 from reservd.server import RESERVATIONS, Daemon
 from reservd.v1 import reservd_pb2 as pb
 from reservd.v1 import reservd_pb2_grpc as pb_grpc
@@ -98,12 +98,10 @@ def _free_port() -> int:
 
 
 def _metric(port: int, name: str) -> float:
-    """One value from the daemon's Prometheus endpoint (no proxy: loopback only)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    text = opener.open(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    match = re.search(rf"^{name}(?:_total)? (\S+)$", text, re.M)
-    assert match, f"{name} not in the metrics"
-    return float(match[1])
+    """One value from the daemon's Prometheus endpoint."""
+    values = scrape(port)
+    assert name in values, f"{name} not in the metrics"
+    return values[name]
 
 
 def _flip_byte(path: Path, offset: int) -> None:

@@ -5,6 +5,8 @@ Gauges that mirror state (sequence, WAL batching, fail-closed) are read at scrap
 """
 from __future__ import annotations
 
+import urllib.request
+
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -79,3 +81,17 @@ class Metrics:
 
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         start_http_server(port, addr=address, registry=self.registry)
+
+
+def scrape(port: int, host: str = "127.0.0.1", prefix: str = "reservd_") -> dict[str, float]:
+    """Read a running daemon's unlabelled samples: {name without _total: value} (load tests and
+    benchmarks). Goes straight to the address, never through a proxy."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{host}:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(prefix) and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name.removesuffix("_total")] = float(value)
+    return values
