@@ -35,6 +35,9 @@ class MemoryLog:
     def add_durable_listener(self, callback: Callable[[int], None]) -> None:
         self._listeners.append(callback)
 
+    def add_failure_listener(self, callback) -> None:
+        """Memory never fails: nothing to report."""
+
     def _notify(self) -> None:
         self._notify_scheduled = False
         for callback in self._listeners:

@@ -98,6 +98,10 @@ class Daemon:
         self.recover()
         await self.log.start()
         self.log.add_durable_listener(self.hub.on_durable)
+        # A failed write or fsync closes every write at once (it is never retried).
+        self.log.add_failure_listener(
+            lambda failure: self.guard.trip("wal", str(failure), blocks_writes=True)
+        )
         # Holds whose TTL passed while the daemon was down are released before serving.
         if self.ledger.expire_due(1 << 62):
             await self.log.commit()
@@ -144,7 +148,6 @@ class Daemon:
             self.metrics.serve(config.metrics_port)
         self._tasks = [
             asyncio.create_task(self._expire_loop(), name="expiry"),
-            asyncio.create_task(self._watch_log(), name="log-health"),
         ]
         if not isinstance(self.log, MemoryLog):
             self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="snapshot"))
@@ -191,15 +194,6 @@ class Daemon:
                     await self.log.commit()
                 except Exception:
                     log.exception("expiry batch not durable")
-
-    async def _watch_log(self) -> None:
-        """Trip the guard as soon as the log fails (a failed batch is never retried)."""
-        while True:
-            failed = self.log.failed
-            if failed is not None:
-                self.guard.trip("wal", str(failed), blocks_writes=True)
-                return
-            await asyncio.sleep(0.05)
 
     async def _snapshot_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -8,7 +8,7 @@ from reservd import validation
 from reservd.config import Limits
 from reservd.guard import Guard
 from reservd.mirror import MirrorUnavailable
-from reservd.ledger import Code, Ledger, Rejection, Reservation, ReservationOutcome
+from reservd.ledger import Code, Ledger, Rejection, Reservation, ReservationOutcome, State
 from reservd.v1 import reservd_pb2 as pb
 from reservd.v1 import reservd_pb2_grpc as pb_grpc
 from reservd.validation import Invalid
@@ -81,7 +81,7 @@ def _reservation_response(outcome: ReservationOutcome) -> pb.ReservationResponse
         reservation_id=reservation.reservation_id,
         state=int(reservation.state),
         lines=[pb.Line(sku=sku, quantity=q) for sku, q in zip(reservation.skus, quantities)],
-        expires_at_ms=reservation.expires_at_ms if reservation.state == 1 else 0,
+        expires_at_ms=reservation.expires_at_ms if reservation.state is State.HELD else 0,
         sequence=outcome.seq,
         replayed=outcome.replayed,
     )
@@ -143,7 +143,7 @@ class ReservationsService(pb_grpc.ReservationsServicer):
                     outcome.skus, outcome.requested, outcome.quantities, outcome.available
                 )
             ],
-            expires_at_ms=outcome.expires_at_ms if outcome.state == 1 else 0,
+            expires_at_ms=outcome.expires_at_ms if outcome.state is State.HELD else 0,
             state=outcome.state or 0,
             sequence=outcome.seq,
             replayed=outcome.replayed,

@@ -575,6 +575,7 @@ class WriteAheadLog:
         self._flush_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._snapshot_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._listeners: list[Callable[[int], None]] = []
+        self._failure_listeners: list[Callable[[WalFailed], None]] = []
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -693,6 +694,10 @@ class WriteAheadLog:
     def add_durable_listener(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(durable_seq)`` on the loop after each batch becomes durable."""
         self._listeners.append(callback)
+
+    def add_failure_listener(self, callback: Callable[[WalFailed], None]) -> None:
+        """Call ``callback(failure)`` on the loop once, when the log fails for good."""
+        self._failure_listeners.append(callback)
 
     # -- the hot path -------------------------------------------------------------------------
 
@@ -888,6 +893,11 @@ class WriteAheadLog:
             if future is not None and not future.done():
                 future.set_exception(failure)
         self._inflight_future = self._open_future = None
+        for callback in self._failure_listeners:
+            try:
+                callback(failure)
+            except Exception:
+                self.log.exception("failure listener %r failed", callback)
 
     # -- snapshots ----------------------------------------------------------------------------
 
