@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from reservd import handlers
 from reservd.clock import SystemClock
 from reservd.config import Config
 from reservd.guard import Guard
@@ -19,7 +20,6 @@ from reservd.metrics import Metrics
 from reservd.service import AdminService, Durability, ReservationsService
 from reservd.table import EXTENSION, Table
 from reservd.v1 import reservd_pb2 as pb
-from reservd.v1 import reservd_pb2_grpc as pb_grpc
 from reservd.watch import WatchHub
 
 log = logging.getLogger("reservd.server")
@@ -116,14 +116,16 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_ReservationsServicer_to_server(
+        handlers.register(
+            server, "Reservations",
             ReservationsService(
                 self.ledger, durability, self.guard, self.hub, config.limits, self.metrics
             ),
-            server,
+            self._on_bug,
         )
-        pb_grpc.add_AdminServicer_to_server(
-            AdminService(self.ledger, durability, self.guard, config.limits), server
+        handlers.register(
+            server, "Admin", AdminService(self.ledger, durability, self.guard, config.limits),
+            self._on_bug,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -172,6 +174,15 @@ class Daemon:
             await self.mirror.close()
         await self.log.close()
         log.info("stopped", extra={"seq": self.ledger.seq})
+
+    def _on_bug(self, error: BaseException, where: str) -> None:
+        """An RPC hit an exception it did not expect: a broken invariant. Fail closed now."""
+        self.guard.trip("bug", f"{where}: {type(error).__name__}: {error}", blocks_writes=True)
+        log.critical(
+            "invariant broken",
+            extra={"where": where, "invariant": f"{type(error).__name__}: {error}",
+                   "seq": self.ledger.seq},
+        )
 
     def _serving_changed(self, serving: bool) -> None:
         status = (

@@ -176,9 +176,9 @@ class ReservationsService(pb_grpc.ReservationsServicer):
     async def Extend(self, request: pb.ExtendRequest, context) -> pb.ReservationResponse:
         try:
             reservation_id = self._reservation_id(request)
-            if request.ttl_seconds == 0:
-                raise Invalid("ttl_seconds", "must be given (seconds from now)")
-            ttl_seconds = validation.ttl_seconds("ttl_seconds", request.ttl_seconds, self.limits)
+            ttl_seconds = validation.ttl_seconds(
+                "ttl_seconds", request.ttl_seconds, self.limits, default_allowed=False
+            )
         except Invalid as error:
             await _invalid(context, error)
         await _writable(self.guard, context)
@@ -220,9 +220,11 @@ class ReservationsService(pb_grpc.ReservationsServicer):
         except Invalid as error:
             await _invalid(context, error)
         stock = []
-        for sku, counters in zip(skus, self.ledger.table.stock(skus)):
+        for i, (sku, counters) in enumerate(zip(skus, self.ledger.table.stock(skus))):
             if counters is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"sku {sku!r} is unknown")
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"skus[{i}]: sku {sku!r} is unknown"
+                )
             on_hand, reserved, committed = counters
             stock.append(
                 pb.Stock(
@@ -239,6 +241,12 @@ class ReservationsService(pb_grpc.ReservationsServicer):
             )
         except Invalid as error:
             await _invalid(context, error)
+        for i, counters in enumerate(self.ledger.table.stock(skus)):
+            if counters is None:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"skus[{i}]: sku {skus[i]!r} is unknown: SetStock creates it",
+                )
         async for batch in self.hub.updates(frozenset(skus) or None, request.from_sequence):
             for sku, on_hand, reserved, committed, seq, snapshot in batch:
                 yield pb.StockUpdate(

@@ -2,6 +2,8 @@
 INVALID_ARGUMENT and nothing changes."""
 from __future__ import annotations
 
+import unicodedata
+
 from reservd.config import Limits
 
 
@@ -15,7 +17,13 @@ class Invalid(ValueError):
 
 
 def text(field: str, value: str, bytes_max: int, *, required: bool = True) -> str:
-    """An identifier: non-empty (if required), at most ``bytes_max`` UTF-8 bytes, printable."""
+    """An identifier: non-empty (if required), at most ``bytes_max`` UTF-8 bytes, printable,
+    no white space at either end, in Unicode NFC.
+
+    Look-alikes are refused rather than normalised: "sku-1 " and "sku-1", or "é" composed and
+    decomposed, would otherwise be two SKUs that every person reads as one. Refusing tells the
+    caller at once; normalising would silently answer for a key the caller did not send.
+    """
     if not value:
         if required:
             raise Invalid(field, "must not be empty")
@@ -25,6 +33,12 @@ def text(field: str, value: str, bytes_max: int, *, required: bool = True) -> st
         raise Invalid(field, f"must be at most {bytes_max} bytes (UTF-8)")
     if not value.isprintable():
         raise Invalid(field, "must contain only printable characters")
+    if value[0].isspace() or value[-1].isspace():
+        raise Invalid(field, f"must not begin or end with white space: {value!r}")
+    if not value.isascii() and not unicodedata.is_normalized("NFC", value):
+        raise Invalid(
+            field, f"must be in Unicode normal form NFC: {value!r} is not (normalise it first)"
+        )
     return value
 
 
@@ -35,14 +49,17 @@ def quantity(field: str, value: int, limits: Limits, *, zero_allowed: bool = Fal
     return value
 
 
-def ttl_seconds(field: str, value: int, limits: Limits) -> int:
-    if value == 0:
+def ttl_seconds(field: str, value: int, limits: Limits, *, default_allowed: bool = True) -> int:
+    """A hold's time to live in seconds; 0 is the default TTL where ``default_allowed`` (Reserve),
+    and refused where a TTL must be given (Extend)."""
+    if value == 0 and default_allowed:
         return limits.ttl_seconds_default
     if not limits.ttl_seconds_min <= value <= limits.ttl_seconds_max:
+        zero = f"0 (default {limits.ttl_seconds_default}) or " if default_allowed else ""
         raise Invalid(
             field,
-            f"must be 0 (default {limits.ttl_seconds_default}) or between "
-            f"{limits.ttl_seconds_min} and {limits.ttl_seconds_max} seconds, not {value}",
+            f"must be {zero}between {limits.ttl_seconds_min} and {limits.ttl_seconds_max} "
+            f"seconds, not {value}",
         )
     return value
 

@@ -1,0 +1,164 @@
+"""Registers the gRPC servicers so that no request can be answered UNKNOWN.
+
+Two things grpc would otherwise turn into ``UNKNOWN: Unexpected ...`` plus a traceback per call:
+
+- a body that does not parse (malformed protobuf, a string field that is not UTF-8): the method
+  answers INVALID_ARGUMENT naming the field (:mod:`reservd.wire`), logs one line, changes nothing;
+- an exception the method did not expect: that is a bug (a broken invariant in the ledger or the
+  table), so ``on_bug`` is called — the daemon fails closed and exits — and the call is answered
+  INTERNAL. Serving never goes on past a bug.
+
+Handlers are built from the service descriptor, so a new RPC is covered without a line here.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from reservd import wire
+from reservd.v1 import reservd_pb2 as pb
+
+log = logging.getLogger("reservd.requests")
+
+OnBug = Callable[[BaseException, str], None]
+
+# Undecodable bodies are logged at most this often (one line each); the rest only counted.
+_UNDECODABLE_LOG_SECONDS_MIN = 1.0
+
+
+class Undecodable:
+    """Stands in for a request whose body did not parse; carries the one-line reason."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _UndecodableLog:
+    def __init__(self) -> None:
+        self.count = 0
+        self._last = 0.0
+        self._quiet = 0
+
+    def note(self, method: str, reason: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last < _UNDECODABLE_LOG_SECONDS_MIN:
+            self._quiet += 1
+            return
+        log.warning(
+            "undecodable request",
+            extra={"method": method, "why": reason, "not_logged_since_last": self._quiet},
+        )
+        self._last = now
+        self._quiet = 0
+
+
+undecodable = _UndecodableLog()
+
+
+def _deserializer(message_class) -> Callable[[bytes], object]:
+    parse = message_class.FromString
+    descriptor = message_class.DESCRIPTOR
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except DecodeError:
+            return Undecodable(wire.describe(descriptor, data))
+
+    return deserialize
+
+
+async def _refuse(context, method: str, request: Undecodable) -> None:
+    undecodable.note(method, request.reason)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+
+
+async def _bug(context, method: str, error: Exception, on_bug: OnBug) -> None:
+    on_bug(error, method)
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"reservd hit a bug and is stopping ({type(error).__name__}); nothing of this call "
+        "was acknowledged: retry with the same ids once it is back",
+    )
+
+
+async def _checked(requests, context, method: str):
+    """A client stream's requests, refusing the call at the first undecodable one."""
+    async for request in requests:
+        if type(request) is Undecodable:
+            await _refuse(context, method, request)
+        yield request
+
+
+def _unary_response(method: str, behaviour, on_bug: OnBug, client_streaming: bool):
+    async def handle(request, context):
+        if client_streaming:
+            request = _checked(request, context, method)
+        elif type(request) is Undecodable:
+            await _refuse(context, method, request)
+        try:
+            return await behaviour(request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as error:
+            await _bug(context, method, error, on_bug)
+
+    return handle
+
+
+def _stream_response(method: str, behaviour, on_bug: OnBug, client_streaming: bool):
+    async def handle(request, context):
+        if client_streaming:
+            request = _checked(request, context, method)
+        elif type(request) is Undecodable:
+            await _refuse(context, method, request)
+        try:
+            async for response in behaviour(request, context):
+                yield response
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as error:
+            await _bug(context, method, error, on_bug)
+
+    return handle
+
+
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def register(server: grpc.aio.Server, service_name: str, servicer, on_bug: OnBug) -> str:
+    """Add ``servicer`` for the reservd.v1 service ``service_name`` (e.g. "Reservations") to
+    ``server``; returns the service's full name. The servicer implements every method."""
+    service = pb.DESCRIPTOR.services_by_name[service_name]
+    handlers = {}
+    for method in service.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        kind = (method.client_streaming, method.server_streaming)
+        wrap = _stream_response if method.server_streaming else _unary_response
+        handlers[method.name] = _FACTORIES[kind](
+            wrap(
+                f"/{service.full_name}/{method.name}", getattr(servicer, method.name), on_bug,
+                method.client_streaming,
+            ),
+            request_deserializer=_deserializer(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+    return service.full_name
