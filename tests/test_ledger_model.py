@@ -47,7 +47,10 @@ class Model:
     def reserve(self, rid, lines, partial, ttl, now):
         request = (tuple(s for s, _ in lines), tuple(q for _, q in lines), ttl, partial)
         if rid in self.reservations:
-            return "replayed" if self.reservations[rid]["request"] == request else Code.ALREADY_EXISTS
+            if self.reservations[rid]["request"] != request:
+                return Code.ALREADY_EXISTS
+            self._due(rid, now)
+            return "replayed"
         if any(sku not in self.stock for sku, _ in lines):
             return Code.NOT_FOUND
         if partial:
@@ -103,7 +106,9 @@ class Model:
         r = self.reservations[rid]
         if r["state"] is not State.HELD:
             return Code.FAILED_PRECONDITION
-        r["deadline"] = max(r["deadline"], now + ttl * 1000)
+        if now + ttl * 1000 <= r["deadline"]:
+            return "replayed"  # not later: changes nothing
+        r["deadline"] = now + ttl * 1000
         return "ok"
 
     def release(self, rid):
@@ -212,6 +217,17 @@ def _machine(table_class):
             )
             expected = self.model.reserve(rid, lines, partial, ttl, self.clock.now_ms())
             assert _result(outcome) == expected, (outcome, expected)
+            if expected == "replayed":
+                # Honest: a released or expired reservation is no longer granted.
+                r = self.model.reservations[rid]
+                assert outcome.state is r["state"]
+                assert outcome.granted == (r["state"] not in (State.RELEASED, State.EXPIRED))
+                if outcome.granted:
+                    assert dict(zip(outcome.skus, outcome.quantities)) == {
+                        s: r["held"].get(s, 0) for s, _ in lines
+                    }, (outcome, r)
+                else:
+                    assert not any(outcome.quantities)
 
         @rule(rid=st.sampled_from(IDS), data=st.data())
         def commit(self, rid, data):
@@ -225,8 +241,12 @@ def _machine(table_class):
 
         @rule(rid=st.sampled_from(IDS), ttl=st.integers(1, 100))
         def extend(self, rid, ttl):
+            records = len(self.log.records)
             outcome = self.ledger.extend(rid, ttl)
-            assert _result(outcome) == self.model.extend(rid, ttl, self.clock.now_ms())
+            expected = self.model.extend(rid, ttl, self.clock.now_ms())
+            assert _result(outcome) == expected
+            if expected == "replayed":
+                assert len(self.log.records) == records and outcome.seq == outcome.reservation.seq
 
         @rule(rid=st.sampled_from(IDS))
         def release(self, rid):
@@ -363,6 +383,59 @@ def test_adjust_stock_keeps_on_hand_within_its_bound():
     assert refused.code is Code.FAILED_PRECONDITION and refused.message.startswith("delta: ")
     assert ledger.seq == 1 and ledger.table.counters(ledger.table.lookup("d"))[0] == ON_HAND_MAX
     assert ledger.adjust_stock("some", "d", -ON_HAND_MAX, None, "").on_hand == 0
+
+
+def _stocked_ledger(log: RecordingLog | None = None, clock: ManualClock | None = None) -> Ledger:
+    from reservd.table import Table
+
+    ledger = Ledger(Table(), log or RecordingLog(), clock or ManualClock(), CONFIG)
+    ledger.set_stock("count-a", "a", 10, None, "")
+    ledger.set_stock("count-b", "b", 10, None, "")
+    return ledger
+
+
+@pytest.mark.parametrize("end", ["release", "expire", "commit", "fulfil"])
+def test_a_replayed_reserve_answers_what_the_reservation_is_now(end):
+    clock = ManualClock()
+    ledger = _stocked_ledger(clock=clock)
+    first = ledger.reserve("r", ("a", "b"), (2, 3), "web", 60, False)
+    assert first.granted and first.quantities == (2, 3)
+    if end == "release":
+        ledger.release("r")
+    elif end == "expire":
+        clock.advance(60_000)  # due, not yet swept: the retry itself finds it expired
+    else:
+        ledger.commit("r", None)
+        if end == "fulfil":
+            ledger.fulfil("r")
+    retry = ledger.reserve("r", ("a", "b"), (2, 3), "web", 60, False)
+    assert retry.replayed and retry.seq == ledger.reservations["r"].seq
+    assert retry.state is ledger.reservations["r"].state
+    if end in ("release", "expire"):
+        assert not retry.granted and retry.quantities == (0, 0)
+        assert retry.state is (State.RELEASED if end == "release" else State.EXPIRED)
+    else:
+        assert retry.granted and retry.quantities == (2, 3)
+
+
+def test_an_unknown_sku_names_its_line():
+    ledger = _stocked_ledger()
+    refused = ledger.reserve("r", ("a", "nope"), (1, 1), "", 60, False)
+    assert refused.code is Code.NOT_FOUND and refused.message.startswith("lines[1].sku: ")
+
+
+def test_an_extend_that_changes_nothing_logs_nothing():
+    log, clock = RecordingLog(), ManualClock()
+    ledger = _stocked_ledger(log, clock)
+    held = ledger.reserve("r", ("a",), (1,), "", 600, False)
+    records = len(log.records)
+    same = ledger.extend("r", 300)  # now + 300 s is earlier than the current expiry
+    assert same.replayed and same.seq == held.seq and len(log.records) == records
+    assert same.reservation.expires_at_ms == held.expires_at_ms
+    clock.advance(400_000)
+    later = ledger.extend("r", 300)
+    assert not later.replayed and later.seq == ledger.seq and len(log.records) == records + 1
+    assert later.reservation.expires_at_ms == clock.now_ms() + 300_000
 
 
 def test_a_snapshot_of_many_chunks_restores_the_same_state():

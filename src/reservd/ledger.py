@@ -163,6 +163,13 @@ class Ledger:
                     Code.ALREADY_EXISTS,
                     f"reservation {reservation_id!r} exists with a different payload",
                 )
+            if existing.state is State.HELD and existing.expires_at_ms <= self.clock.now_ms():
+                # Due but not yet swept: the honest answer is that it expired.
+                refused = self._unwritable()
+                if refused is not None:
+                    return refused
+                self._expire(existing, self.clock.now_ms())
+                existing = self.reservations[reservation_id]
             return self._replayed_reserve(existing)
         refused = self._unwritable()
         if refused is not None:
@@ -177,8 +184,10 @@ class Ledger:
             skus, quantities, allow_partial, seq
         )
         if status == RESERVE_UNKNOWN_SKU:
-            unknown = skus[handles.index(-1)]
-            return Rejection(Code.NOT_FOUND, f"sku {unknown!r} is unknown")
+            line = handles.index(-1)
+            return Rejection(
+                Code.NOT_FOUND, f"lines[{line}].sku: sku {skus[line]!r} is unknown"
+            )
         if status == RESERVE_INSUFFICIENT:
             return ReserveOutcome(
                 False, skus, quantities, granted, available, 0, None, 0, False
@@ -255,7 +264,10 @@ class Ledger:
         if refused is not None:
             return refused
         now_ms = self.clock.now_ms()
-        expires_at_ms = max(current.expires_at_ms, now_ms + ttl_seconds * 1000)
+        expires_at_ms = now_ms + ttl_seconds * 1000
+        if expires_at_ms <= current.expires_at_ms:
+            # Not later: nothing changes, so nothing is logged or mirrored.
+            return ReservationOutcome(current, current.seq, True)
         command = records.Extend(now_ms, reservation_id, expires_at_ms)
         updated, seq = self._execute(RecordType.EXTEND, command)
         return ReservationOutcome(updated, seq, False)
@@ -597,16 +609,26 @@ class Ledger:
         return seq
 
     def _replayed_reserve(self, existing: Reservation) -> ReserveOutcome:
+        """The original outcome of a Reserve retried with the same payload, as it stands now: a
+        held, committed or fulfilled reservation is still granted; a released or expired one is
+        not (granted False, quantities 0), so a retry never mistakes a lost hold for a live one."""
         skus, requested = existing.request[0], existing.request[1]
+        if existing.state in (State.RELEASED, State.EXPIRED):
+            return ReserveOutcome(
+                False, skus, requested, (0,) * len(skus), self._available(skus), 0,
+                existing.state, existing.seq, True,
+            )
         held = dict(zip(existing.skus, existing.quantities))
         granted = tuple(held.get(sku, 0) for sku in skus)
-        available = tuple(
+        return ReserveOutcome(
+            True, skus, requested, granted, self._available(skus), existing.expires_at_ms,
+            existing.state, existing.seq, True,
+        )
+
+    def _available(self, skus: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(
             counters[0] - counters[1] - counters[2] if counters else 0
             for counters in self.table.stock(skus)
-        )
-        return ReserveOutcome(
-            True, skus, requested, granted, available, existing.expires_at_ms, existing.state,
-            existing.seq, True,
         )
 
     def _apply_reserve(
