@@ -370,10 +370,22 @@ def test_fulfil(table):
     table.fulfil([a], [3], 3)
     assert table.counters(a) == (7, 0, 1)
     assert entries(table, table.ring_head - 1) == [(3, "A", 7, 0, 1)]
-    table.set_on_hand(a, 0, 4)  # everything lost in a recount
-    with pytest.raises(AssertionError, match="on_hand=0"):
-        table.fulfil([a], [1], 5)  # would take on_hand below zero
-    assert table.counters(a) == (0, 0, 1)
+    table.set_on_hand(a, 0, 4)  # everything lost in a recount: a shortfall of 1
+    table.fulfil([a], [1], 5)  # the parcel left anyway: committed drops, on_hand stays at 0
+    assert table.counters(a) == (0, 0, 0)
+    assert entries(table, table.ring_head - 1) == [(5, "A", 0, 0, 0)]
+
+
+def test_fulfil_under_a_shortfall_takes_on_hand_down_to_zero_only(table):
+    a = stocked(table, "A", 10)
+    table.reserve(["A"], [6], False, 1)
+    table.commit([a], [6], [6], 2)
+    table.set_on_hand(a, 4, 3)  # 2 short
+    table.fulfil([a], [6], 4)
+    assert table.counters(a) == (0, 0, 0)
+    with pytest.raises(AssertionError, match="committed=0"):
+        table.fulfil([a], [1], 5)  # nothing committed is left
+    assert table.counters(a) == (0, 0, 0)
 
 
 def test_bulk_length_mismatch_and_empty(table):
@@ -573,9 +585,9 @@ class Model:
             row[2] += moved
         elif op == "uncommit":
             row[2] -= amount
-        else:  # fulfil
+        else:  # fulfil: the parcel left the shelf; on_hand stops at zero under a shortfall
             row[2] -= amount
-            row[0] -= amount
+            row[0] -= min(amount, row[0])
 
     def bulk(self, op, lines, seq):
         """Apply release/commit/uncommit/fulfil lines (sku, amount, moved); False if any line

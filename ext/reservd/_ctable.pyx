@@ -326,15 +326,15 @@ cdef class Table:
                         raise AssertionError(
                             f"committed[{i}] = {moved[i]} is not within [0, held = {amount[i]}]"
                         )
-            # 2. check: each op takes amount[i] from reserved or committed (fulfil: also on_hand).
+            # 2. check: each op takes amount[i] from reserved or committed.
             for i in range(n):
                 row = self._row(hs[i])
                 if op == _RELEASE or op == _COMMIT:
                     taken_from = row.reserved
-                elif op == _UNCOMMIT:
-                    taken_from = row.committed
                 else:
-                    taken_from = row.committed if row.committed < row.on_hand else row.on_hand
+                    # uncommit and fulfil take from committed only: fulfil takes on_hand down
+                    # by at most what is there (a recount may have left less than committed).
+                    taken_from = row.committed
                 if taken_from - row.pending < amount[i]:
                     taken_before = row.pending
                     self._clear_pending(hs, n)
@@ -360,7 +360,7 @@ cdef class Table:
                     row.committed -= amount[i]
                 else:
                     row.committed -= amount[i]
-                    row.on_hand -= amount[i]
+                    row.on_hand -= amount[i] if amount[i] < row.on_hand else row.on_hand
                 self._check_row(hs[i])
                 self._append(seq_value, hs[i], row)
         finally:
@@ -545,7 +545,9 @@ cdef class Table:
         self._bulk(_UNCOMMIT, handles, quantities, None, seq)
 
     def fulfil(self, handles, quantities, seq):
-        """Ship: committed -= quantities[i] and on_hand -= quantities[i], as mutation ``seq``."""
+        """Ship: committed -= quantities[i] and on_hand -= min(quantities[i], on_hand), as
+        mutation ``seq``: the parcel left the shelf even when a recount left less on_hand than
+        was committed (a shortfall), and on_hand never goes below zero."""
         self._bulk(_FULFIL, handles, quantities, None, seq)
 
     def set_on_hand(self, handle, on_hand, seq):

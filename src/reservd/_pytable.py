@@ -147,7 +147,7 @@ class Table:
                         f"committed[{i}] = {moved} is not within [0, held = {amount}]"
                     )
             lines.append((handle, amount, moved))
-        # 2. check: each op takes amount from reserved or committed (fulfil: also on_hand).
+        # 2. check: each op takes amount from reserved or committed.
         pending: dict[int, int] = {}
         for handle, amount, _ in lines:
             on_hand, reserved, committed_now = self._row(handle)
@@ -155,7 +155,7 @@ class Table:
                 "release": reserved,
                 "commit": reserved,
                 "uncommit": committed_now,
-                "fulfil": min(committed_now, on_hand),
+                "fulfil": committed_now,
             }[op]
             taken = pending.get(handle, 0)
             if taken_from - taken < amount:
@@ -179,7 +179,7 @@ class Table:
                 row[2] -= amount
             else:
                 row[2] -= amount
-                row[0] -= amount
+                row[0] -= min(amount, row[0])  # a shortfall: less on_hand than committed
             self._check_row(handle)
             self._append(seq, handle)
 

@@ -1,9 +1,11 @@
 """The ledger: every business rule of reservd, in one place.
 
-A call decides and applies synchronously (no await between the check and the change), then
-appends one command to the log; the caller waits for that command's durability before it
-answers. Replay feeds logged commands back through the same ``_apply_*`` code, so recovery
-rebuilds exactly the state that was acknowledged.
+A mutation runs in one order, synchronously (no await in between): check every precondition
+-> apply in the counter table as sequence ``self.seq + 1`` (the table asserts its invariants) ->
+append the command to the log -> advance ``self.seq``. A command is therefore logged only once it
+has been applied, and replay feeds logged commands back through the same ``_apply_*`` code, so
+replaying a logged command cannot fail and recovery rebuilds exactly what was acknowledged. The
+caller waits for the command's durability before it answers.
 
 Business outcomes are values (:class:`Rejection`, ``granted=False``), not exceptions; a broken
 invariant raises AssertionError and stops the daemon, and recovery takes over.
@@ -28,6 +30,15 @@ log = logging.getLogger("reservd.ledger")
 SNAPSHOT_FORMAT = 2
 _SNAPSHOT_CHUNK_ROWS = 4096
 _CHUNK = struct.Struct("<I")
+_ENCODERS = {
+    RecordType.COMMIT: records.encode_commit,
+    RecordType.EXTEND: records.encode_extend,
+    RecordType.RELEASE: records.encode_finish,
+    RecordType.FULFIL: records.encode_finish,
+    RecordType.EXPIRE: records.encode_finish,
+    RecordType.SET_STOCK: records.encode_stock,
+    RecordType.ADJUST_STOCK: records.encode_stock,
+}
 
 
 class State(enum.IntEnum):
@@ -152,6 +163,13 @@ class Ledger:
                     Code.ALREADY_EXISTS,
                     f"reservation {reservation_id!r} exists with a different payload",
                 )
+            if existing.state is State.HELD and existing.expires_at_ms <= self.clock.now_ms():
+                # Due but not yet swept: the honest answer is that it expired.
+                refused = self._unwritable()
+                if refused is not None:
+                    return refused
+                self._expire(existing, self.clock.now_ms())
+                existing = self.reservations[reservation_id]
             return self._replayed_reserve(existing)
         refused = self._unwritable()
         if refused is not None:
@@ -166,8 +184,10 @@ class Ledger:
             skus, quantities, allow_partial, seq
         )
         if status == RESERVE_UNKNOWN_SKU:
-            unknown = skus[handles.index(-1)]
-            return Rejection(Code.NOT_FOUND, f"sku {unknown!r} is unknown")
+            line = handles.index(-1)
+            return Rejection(
+                Code.NOT_FOUND, f"lines[{line}].sku: sku {skus[line]!r} is unknown"
+            )
         if status == RESERVE_INSUFFICIENT:
             return ReserveOutcome(
                 False, skus, quantities, granted, available, 0, None, 0, False
@@ -177,8 +197,6 @@ class Ledger:
             now_ms, reservation_id, channel, ttl_seconds, allow_partial,
             now_ms + ttl_seconds * 1000, skus, quantities, granted,
         )
-        self.seq = seq
-        self.log.append(seq, RecordType.RESERVE, records.encode_reserve(command))
         if all(granted):
             self._apply_reserve(command, skus, handles, granted, seq)
         else:
@@ -187,6 +205,7 @@ class Ledger:
                 command, tuple(skus[i] for i in kept), tuple(handles[i] for i in kept),
                 tuple(granted[i] for i in kept), seq,
             )
+        self._append(seq, RecordType.RESERVE, records.encode_reserve(command))
         return ReserveOutcome(
             True, skus, quantities, granted, available, command.expires_at_ms, State.HELD,
             seq, False,
@@ -231,8 +250,8 @@ class Ledger:
         if refused is not None:
             return refused
         command = records.Commit(self.clock.now_ms(), reservation_id, committed)
-        seq = self._log(RecordType.COMMIT, records.encode_commit(command))
-        return ReservationOutcome(self._apply_commit(command, seq), seq, False)
+        updated, seq = self._execute(RecordType.COMMIT, command)
+        return ReservationOutcome(updated, seq, False)
 
     def extend(self, reservation_id: str, ttl_seconds: int) -> ReservationOutcome | Rejection:
         """Push a held reservation's expiry to at least now + ttl_seconds."""
@@ -245,10 +264,13 @@ class Ledger:
         if refused is not None:
             return refused
         now_ms = self.clock.now_ms()
-        expires_at_ms = max(current.expires_at_ms, now_ms + ttl_seconds * 1000)
+        expires_at_ms = now_ms + ttl_seconds * 1000
+        if expires_at_ms <= current.expires_at_ms:
+            # Not later: nothing changes, so nothing is logged or mirrored.
+            return ReservationOutcome(current, current.seq, True)
         command = records.Extend(now_ms, reservation_id, expires_at_ms)
-        seq = self._log(RecordType.EXTEND, records.encode_extend(command))
-        return ReservationOutcome(self._apply_extend(command, seq), seq, False)
+        updated, seq = self._execute(RecordType.EXTEND, command)
+        return ReservationOutcome(updated, seq, False)
 
     def release(self, reservation_id: str) -> ReservationOutcome | Rejection:
         """Cancel a held or committed reservation; its units return to available. Idempotent:
@@ -264,8 +286,8 @@ class Ledger:
         if refused is not None:
             return refused
         command = records.Finish(self.clock.now_ms(), reservation_id)
-        seq = self._log(RecordType.RELEASE, records.encode_finish(command))
-        return ReservationOutcome(self._apply_release(command, seq), seq, False)
+        updated, seq = self._execute(RecordType.RELEASE, command)
+        return ReservationOutcome(updated, seq, False)
 
     def fulfil(self, reservation_id: str) -> ReservationOutcome | Rejection:
         """The committed units shipped: they leave on_hand. Idempotent."""
@@ -285,8 +307,8 @@ class Ledger:
         if refused is not None:
             return refused
         command = records.Finish(self.clock.now_ms(), reservation_id)
-        seq = self._log(RecordType.FULFIL, records.encode_finish(command))
-        return ReservationOutcome(self._apply_fulfil(command, seq), seq, False)
+        updated, seq = self._execute(RecordType.FULFIL, command)
+        return ReservationOutcome(updated, seq, False)
 
     def expire_due(self, limit: int) -> int:
         """Expire up to ``limit`` held reservations whose deadline has passed; returns the last
@@ -367,7 +389,19 @@ class Ledger:
         if kind is RecordType.ADJUST_STOCK and on_hand + value < 0:
             return Rejection(
                 Code.FAILED_PRECONDITION,
-                f"sku {sku!r}: delta {value} would make on_hand {on_hand + value} (< 0)",
+                f"delta: {value} would make on_hand of sku {sku!r} {on_hand + value} (< 0)",
+            )
+        on_hand_max = self.config.limits.on_hand_max
+        if kind is RecordType.ADJUST_STOCK and on_hand + value > on_hand_max:
+            return Rejection(
+                Code.FAILED_PRECONDITION,
+                f"delta: {value} would make on_hand of sku {sku!r} {on_hand + value} "
+                f"(> on_hand_max {on_hand_max})",
+            )
+        if kind is RecordType.SET_STOCK and not 0 <= value <= on_hand_max:
+            return Rejection(
+                Code.FAILED_PRECONDITION,
+                f"on_hand: {value} is not within [0, on_hand_max {on_hand_max}]",
             )
         refused = self._unwritable()
         if refused is not None:
@@ -375,8 +409,7 @@ class Ledger:
         command = records.StockChange(
             self.clock.now_ms(), adjustment_id, sku, value, expected_on_hand, reason
         )
-        seq = self._log(kind, records.encode_stock(command))
-        outcome = self._apply_stock(kind, command, seq)
+        outcome, _ = self._execute(kind, command)
         if outcome.shortfall:
             log.warning(
                 "stock shortfall",
@@ -406,22 +439,10 @@ class Ledger:
                     f"replay of reserve {command.reservation_id!r} at seq {seq} was refused "
                     f"(status {status}): the log does not match the table"
                 )
-            self.seq = seq
             self._apply_reserve(command, skus, handles, granted, seq)
-            return
-        self.seq = seq
-        if kind is RecordType.COMMIT:
-            self._apply_commit(command, seq)
-        elif kind is RecordType.EXTEND:
-            self._apply_extend(command, seq)
-        elif kind is RecordType.RELEASE:
-            self._apply_release(command, seq)
-        elif kind is RecordType.FULFIL:
-            self._apply_fulfil(command, seq)
-        elif kind is RecordType.EXPIRE:
-            self._apply_expire(command, seq)
         else:
-            self._apply_stock(kind, command, seq)
+            self._apply(kind, command, seq)
+        self.seq = seq
 
     def snapshot_state(self):
         """Capture the state after ``self.seq`` now (cheap copies, no encoding); returns
@@ -527,11 +548,36 @@ class Ledger:
             )
         return None
 
-    def _log(self, kind: RecordType, payload: bytes) -> int:
+    def _execute(self, kind: RecordType, command) -> tuple:
+        """Apply ``command`` as the next sequence, then log it; returns (result, seq).
+
+        Every precondition has been checked by the caller; if applying still fails (a bug: the
+        table or an apply asserts), it raises before anything is logged, so the log never holds
+        a command that replay could not apply.
+        """
         seq = self.seq + 1
+        result = self._apply(kind, command, seq)
+        self._append(seq, kind, _ENCODERS[kind](command))
+        return result, seq
+
+    def _append(self, seq: int, kind: RecordType, payload: bytes) -> None:
         self.log.append(seq, kind, payload)
         self.seq = seq
-        return seq
+
+    def _apply(self, kind: RecordType, command, seq: int):
+        """The one apply path of every command but Reserve, live and in replay."""
+        if kind is RecordType.COMMIT:
+            return self._apply_commit(command, seq)
+        if kind is RecordType.EXTEND:
+            return self._apply_extend(command, seq)
+        if kind is RecordType.RELEASE:
+            return self._apply_release(command, seq)
+        if kind is RecordType.FULFIL:
+            return self._apply_fulfil(command, seq)
+        if kind is RecordType.EXPIRE:
+            return self._apply_expire(command, seq)
+        assert kind in (RecordType.SET_STOCK, RecordType.ADJUST_STOCK), kind
+        return self._apply_stock(kind, command, seq)
 
     def _find(self, reservation_id: str, action: str) -> Reservation | Rejection:
         current = self.reservations.get(reservation_id)
@@ -559,22 +605,30 @@ class Ledger:
         )
 
     def _expire(self, current: Reservation, now_ms: int) -> int:
-        command = records.Finish(now_ms, current.reservation_id)
-        seq = self._log(RecordType.EXPIRE, records.encode_finish(command))
-        self._apply_expire(command, seq)
+        _, seq = self._execute(RecordType.EXPIRE, records.Finish(now_ms, current.reservation_id))
         return seq
 
     def _replayed_reserve(self, existing: Reservation) -> ReserveOutcome:
+        """The original outcome of a Reserve retried with the same payload, as it stands now: a
+        held, committed or fulfilled reservation is still granted; a released or expired one is
+        not (granted False, quantities 0), so a retry never mistakes a lost hold for a live one."""
         skus, requested = existing.request[0], existing.request[1]
+        if existing.state in (State.RELEASED, State.EXPIRED):
+            return ReserveOutcome(
+                False, skus, requested, (0,) * len(skus), self._available(skus), 0,
+                existing.state, existing.seq, True,
+            )
         held = dict(zip(existing.skus, existing.quantities))
         granted = tuple(held.get(sku, 0) for sku in skus)
-        available = tuple(
+        return ReserveOutcome(
+            True, skus, requested, granted, self._available(skus), existing.expires_at_ms,
+            existing.state, existing.seq, True,
+        )
+
+    def _available(self, skus: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(
             counters[0] - counters[1] - counters[2] if counters else 0
             for counters in self.table.stock(skus)
-        )
-        return ReserveOutcome(
-            True, skus, requested, granted, available, existing.expires_at_ms, existing.state,
-            existing.seq, True,
         )
 
     def _apply_reserve(
