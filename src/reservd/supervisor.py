@@ -1,0 +1,108 @@
+"""Supervision: every background task is watched, and a bug stops the daemon loudly.
+
+A bug (a failed assertion, an exception nobody expected, a background task that dies or ends
+while the daemon runs) means the in-memory state can no longer be trusted. Carrying on could
+grant stock that is not there, so the daemon fails closed at once and exits: ``fail`` trips the
+guard for grants and writes, logs one structured ``fatal`` line, and wakes ``serve()``, which
+stops and returns EXIT_FATAL. Recovery from the log on the next start takes over: every command
+in it was fully decided before it was logged, so replaying it is safe.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from typing import Any, Coroutine
+
+from reservd.guard import Guard
+
+log = logging.getLogger("reservd.supervisor")
+
+# EX_SOFTWARE in sysexits.h: an internal software error.
+EXIT_FATAL = 70
+SOURCE = "fatal"
+
+
+def _raised_at(error: BaseException) -> str | None:
+    """``file:line in function`` of the innermost frame that raised ``error``."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return None
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno} in {frame.name}"
+
+
+class Supervisor:
+    """Owns the daemon's background tasks and its one fatal failure.
+
+    ``failure`` is the first error given to ``fail`` (None while healthy); ``failed`` is set
+    with it, for ``serve()`` to wait on.
+    """
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+        self.failure: BaseException | None = None
+        self.failed = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
+
+    def spawn(
+        self, coro: Coroutine[Any, Any, Any], name: str, *, finishes: bool = False
+    ) -> asyncio.Task:
+        """Run ``coro`` as a task on the running loop and keep a reference to it until it ends.
+
+        A task that raises calls ``fail``. So does one that returns while the daemon runs,
+        unless ``finishes`` says returning is its normal end (a one-off update, say).
+        Cancellation is never a failure: ``stop`` cancels.
+        """
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(lambda done: self._ended(done, finishes))
+        return task
+
+    def fail(self, error: BaseException, where: str, **fields: Any) -> None:
+        """A bug: close grants and writes now, log one ``fatal`` line, make ``serve()`` exit
+        with EXIT_FATAL. ``fields`` (sku, seq, ...) go into the line. Only the first failure
+        is logged; later ones are consequences of it."""
+        if self.failure is not None:
+            return
+        self.failure = error
+        invariant = f"{type(error).__name__}: {error}"
+        self.guard.trip(SOURCE, f"internal error, reservd is stopping ({invariant})",
+                        blocks_writes=True)
+        log.critical(
+            "fatal",
+            extra={"invariant": invariant, "where": where, "raised_at": _raised_at(error),
+                   **fields},
+        )
+        self.failed.set()
+
+    async def stop(self) -> None:
+        """Cancel every task still running and wait for them. A task that failed before it
+        could be cancelled has already called ``fail``: nothing is swallowed here."""
+        self._stopping = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        # asyncio.wait never raises for a task's exception (its done callback reported it),
+        # unlike gather, which would hide all but the first.
+        if tasks:
+            await asyncio.wait(tasks)
+
+    @property
+    def tasks(self) -> int:
+        """Tasks running now."""
+        return len(self._tasks)
+
+    def _ended(self, task: asyncio.Task, finishes: bool) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            self.fail(error, where=f"task {task.get_name()}")
+        elif not finishes and not self._stopping:
+            self.fail(
+                RuntimeError(f"background task {task.get_name()!r} ended while reservd runs"),
+                where=f"task {task.get_name()}",
+            )
