@@ -180,6 +180,17 @@ class Daemon:
         await self.log.close()
         log.info("stopped", extra={"seq": self.ledger.seq})
 
+    async def abort(self) -> None:
+        """After a fatal failure: stop at once, as a crash would. What the log has not made
+        durable is dropped: it was never acknowledged, and the bug may have produced it. The
+        mirror is not written either. Recovery on the next start takes over."""
+        self.hub.close()
+        if self._server is not None:
+            await self._server.stop(0)
+        await self.supervisor.stop()
+        await self.log.abandon()
+        log.info("stopped after a fatal error", extra={"durable_seq": self.log.durable_seq})
+
     def _on_bug(self, error: BaseException, where: str) -> None:
         """An RPC hit an exception it did not expect: a broken invariant. Fail closed now and
         stop (reservd.supervisor)."""
@@ -253,9 +264,7 @@ async def serve(config: Config) -> int:
     signalled.cancel()
     failed.cancel()
     if daemon.supervisor.failure is not None:
-        # Grants and writes are already closed; what the log holds was decided before it was
-        # logged, so flushing it is safe, and in-flight calls get their answer or UNAVAILABLE.
-        await daemon.stop(grace_seconds=0)
+        await daemon.abort()
         return EXIT_FATAL
     log.info("draining")
     await daemon.stop()

@@ -81,12 +81,13 @@ class Supervisor:
         """Cancel every task still running and wait for them. A task that failed before it
         could be cancelled has already called ``fail``: nothing is swallowed here."""
         self._stopping = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        # asyncio.wait never raises for a task's exception (its done callback reported it),
-        # unlike gather, which would hide all but the first.
-        if tasks:
+        # A failure while stopping may spawn one more task (a health update): cancel it too.
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            # asyncio.wait never raises for a task's exception (its done callback reported
+            # it), unlike gather, which would hide all but the first.
             await asyncio.wait(tasks)
 
     @property

@@ -1020,6 +1020,17 @@ class WriteAheadLog:
 
     # -- shutdown -----------------------------------------------------------------------------
 
+    async def abandon(self) -> None:
+        """Close without writing what is pending: after a fatal error, the bug may have produced
+        it, and none of it was acknowledged. A batch already being written completes."""
+        self._pending = bytearray()
+        future, self._open_future = self._open_future, None
+        if future is not None and not future.done():
+            future.set_exception(
+                WalFailed("abandon", None, RuntimeError("reservd stopped after a fatal error"))
+            )
+        await self.close()
+
     async def close(self) -> None:
         """Flush what is pending, stop the flusher, close files. Safe after a failure."""
         if self._pending and self._task is None and self._fd is not None and self.failed is None:
