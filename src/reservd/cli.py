@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -169,6 +170,9 @@ def _refused(message: str, error: BaseException, **fields) -> int:
 
 
 def _serve(args) -> int:
+    # gRPC core writes its own log lines, not JSON, and a failed bind would come out twice:
+    # reservd says what matters. GRPC_VERBOSITY=error (or debug) brings them back.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     import uvloop
 
     from reservd.recovery import ReplayError

@@ -103,7 +103,27 @@ class Daemon:
         )
 
     async def start(self) -> int:
+        """Bind, recover, serve; returns the port. Raises OSError when the address cannot be
+        bound, and what ``recover`` raises."""
         config = self.config
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.message_bytes_max),
+                ("grpc.max_send_message_length", config.message_bytes_max),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        # Bound before recovery (which may take a while, and creates the data directory), so
+        # a taken port is refused at once; nothing listens until server.start().
+        try:
+            self.port = server.add_insecure_port(config.bind)
+        except RuntimeError:  # grpcio's way of saying the bind failed
+            self.port = 0
+        if not self.port:
+            raise OSError(
+                errno.EADDRINUSE,
+                f"cannot listen on {config.bind}: the address is in use or not valid here",
+            )
         self.recover()
         await self.log.start()
         self.log.add_durable_listener(self.hub.on_durable)
@@ -115,13 +135,6 @@ class Daemon:
         if self.mirror is not None:
             await self.mirror.start()
         durability = Durability(self.log, self.mirror)
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", config.message_bytes_max),
-                ("grpc.max_send_message_length", config.message_bytes_max),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
         handlers.register(
             server, "Reservations",
             ReservationsService(
@@ -137,12 +150,6 @@ class Daemon:
         reflection.enable_server_reflection(
             (RESERVATIONS, ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        try:
-            self.port = server.add_insecure_port(config.bind)
-        except RuntimeError as error:  # grpcio raises it when the address is taken
-            raise OSError(errno.EADDRINUSE, f"cannot listen on {config.bind}: {error}") from None
-        if not self.port:
-            raise OSError(errno.EADDRINUSE, f"cannot listen on {config.bind}")
         await server.start()
         self._server = server
         for service in (ADMIN, ""):
