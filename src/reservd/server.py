@@ -45,7 +45,9 @@ class Daemon:
         self.guard = Guard()
         # Background tasks and the one fatal failure; the service layer calls
         # ``supervisor.fail`` for an exception no handler expected.
-        self.supervisor = Supervisor(self.guard)
+        self.supervisor = Supervisor(
+            self.guard, stop_seconds_max=config.task_stop_seconds_max
+        )
         self.table = Table(shards=config.shards, ring_capacity=config.watch_ring_capacity)
         self.log = self._open_log()
         self.ledger = Ledger(self.table, self.log, self.clock, config)
@@ -181,9 +183,11 @@ class Daemon:
         self.hub.close()
         if self._server is not None:
             await self._server.stop(grace)
-        await self.supervisor.stop()
+        self.supervisor.stopping()
+        # The mirror ends its own tasks (and writes what is left) before the rest is cancelled.
         if self.mirror is not None:
             await self.mirror.close()
+        await self.supervisor.stop()
         await self.log.close()
         log.info("stopped", extra={"seq": self.ledger.seq})
 

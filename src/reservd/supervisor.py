@@ -39,8 +39,10 @@ class Supervisor:
     with it, for ``serve()`` to wait on.
     """
 
-    def __init__(self, guard: Guard) -> None:
+    def __init__(self, guard: Guard, *, stop_seconds_max: float = 5.0) -> None:
+        """``stop_seconds_max``: how long ``stop`` waits for cancelled tasks to end."""
         self.guard = guard
+        self.stop_seconds_max = stop_seconds_max
         self.failure: BaseException | None = None
         self.failed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -77,10 +79,16 @@ class Supervisor:
         )
         self.failed.set()
 
-    async def stop(self) -> None:
-        """Cancel every task still running and wait for them. A task that failed before it
-        could be cancelled has already called ``fail``: nothing is swallowed here."""
+    def stopping(self) -> None:
+        """The daemon is stopping: from now on a task that returns is not a failure (its owner
+        may be ending it), one that raises still is."""
         self._stopping = True
+
+    async def stop(self) -> None:
+        """Cancel every task still running and wait for them (at most ``stop_seconds_max``;
+        a task that ignores its cancellation is a bug). A task that raised has called ``fail``
+        through its done callback: nothing is swallowed here."""
+        self.stopping()
         # A failure while stopping may spawn one more task (a health update): cancel it too.
         while self._tasks:
             tasks = list(self._tasks)
@@ -88,7 +96,15 @@ class Supervisor:
                 task.cancel()
             # asyncio.wait never raises for a task's exception (its done callback reported
             # it), unlike gather, which would hide all but the first.
-            await asyncio.wait(tasks)
+            _, pending = await asyncio.wait(tasks, timeout=self.stop_seconds_max)
+            if pending:
+                names = sorted(task.get_name() for task in pending)
+                self.fail(
+                    RuntimeError(f"tasks {names} did not end within {self.stop_seconds_max} s "
+                                 "of their cancellation"),
+                    where="stop",
+                )
+                self._tasks.difference_update(pending)
 
     @property
     def tasks(self) -> int:
