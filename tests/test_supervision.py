@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -98,6 +101,9 @@ async def test_a_task_that_raises_or_returns_closes_grants_and_writes(caplog):
     async with running() as server:
         supervisor = server.daemon.supervisor
         await server.set_stock("a", 5)
+        # In memory-only mode the expiry task runs (no snapshot task).
+        tasks = server.daemon.metrics.registry.get_sample_value("reservd_background_tasks")
+        assert tasks == supervisor.tasks >= 1
 
         async def finished_early() -> None:
             return None
@@ -142,3 +148,18 @@ async def test_stop_reports_a_task_that_fails_while_cancelled():
         await started.wait()
     assert isinstance(supervisor.failure, RuntimeError)
     assert supervisor.tasks == 0
+
+
+def test_a_bug_during_start_up_is_one_fatal_line_and_exit_70(tmp_path):
+    # expire_due's first call releases the holds that expired while the daemon was down.
+    started = subprocess.run(
+        [sys.executable, *LAUNCHER, "serve", "--bind", "127.0.0.1:0",
+         "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "RESERVD_TEST_FAULT": "ledger.expire_due:1"},
+    )
+    assert started.returncode == EXIT_FATAL
+    lines = [json.loads(line) for line in started.stderr.splitlines()]
+    fatal = [line for line in lines if line["msg"] == "fatal"]
+    assert len(fatal) == 1 and fatal[0]["where"] == "serve", lines
+    assert "Traceback" not in started.stderr

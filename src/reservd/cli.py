@@ -217,6 +217,11 @@ def _serve(args) -> int:
     except OSError as error:
         return _refused("start-up failed", error, bind=config.bind,
                         data_dir=str(config.data_dir))
+    except Exception as error:  # a bug during start-up or shutdown: one line, no traceback
+        from reservd.supervisor import EXIT_FATAL, log_fatal
+
+        log_fatal(error, "serve")
+        return EXIT_FATAL
 
 
 async def _client(args) -> int:

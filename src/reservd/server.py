@@ -163,7 +163,7 @@ class Daemon:
             if self.guard.grant_reason is None
             else health_pb2.HealthCheckResponse.NOT_SERVING,
         )
-        self.metrics.watch(self.ledger, self.log, self.guard, self.mirror)
+        self.metrics.watch(self.ledger, self.log, self.guard, self.mirror, self.supervisor)
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_port)
         self.supervisor.spawn(self._expire_loop(), "expiry")

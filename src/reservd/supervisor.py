@@ -32,6 +32,16 @@ def _raised_at(error: BaseException) -> str | None:
     return f"{frame.filename}:{frame.lineno} in {frame.name}"
 
 
+def log_fatal(error: BaseException, where: str, **fields: Any) -> str:
+    """Log the one structured ``fatal`` line for ``error``; returns its ``invariant`` text."""
+    invariant = f"{type(error).__name__}: {error}"
+    log.critical(
+        "fatal",
+        extra={"invariant": invariant, "where": where, "raised_at": _raised_at(error), **fields},
+    )
+    return invariant
+
+
 class Supervisor:
     """Owns the daemon's background tasks and its one fatal failure.
 
@@ -69,14 +79,9 @@ class Supervisor:
         if self.failure is not None:
             return
         self.failure = error
-        invariant = f"{type(error).__name__}: {error}"
+        invariant = log_fatal(error, where, **fields)
         self.guard.trip(SOURCE, f"internal error, reservd is stopping ({invariant})",
                         blocks_writes=True)
-        log.critical(
-            "fatal",
-            extra={"invariant": invariant, "where": where, "raised_at": _raised_at(error),
-                   **fields},
-        )
         self.failed.set()
 
     def stopping(self) -> None:
