@@ -14,8 +14,13 @@ from pathlib import Path
 class DaemonProcess:
     """A `reservd serve` child on an ephemeral loopback port; its JSON log lines are kept."""
 
-    def __init__(self, *args: str, env: dict | None = None, wrapper: list[str] | None = None):
+    def __init__(
+        self, *args: str, env: dict | None = None, wrapper: list[str] | None = None,
+        launcher: list[str] | None = None,
+    ):
+        """``launcher``: what python runs instead of ``-m reservd`` (a test script)."""
         self.args = args
+        self.launcher = launcher or ["-m", "reservd"]
         self.env = {**os.environ, **(env or {})}
         self.wrapper = wrapper or []
         self.lines: list[dict] = []
@@ -23,7 +28,7 @@ class DaemonProcess:
         self.port: int | None = None
 
     def start(self, timeout_seconds: float = 30) -> "DaemonProcess":
-        command = [*self.wrapper, sys.executable, "-m", "reservd", "serve",
+        command = [*self.wrapper, sys.executable, *self.launcher, "serve",
                    "--bind", "127.0.0.1:0", *self.args]
         self.lines = []
         self.port = None

@@ -24,6 +24,7 @@ from reservd.wal import (
     FRAME_HEAD,
     FRAME_HEAD_BYTES,
     SNAPSHOT_HEAD_BYTES,
+    DataDirectoryInUse,
     FileLayer,
     Record,
     WalCorruption,
@@ -260,7 +261,7 @@ def test_a_backlog_is_split_into_bounded_batches(tmp_path):
 
 def test_a_second_log_on_the_same_directory_is_refused(tmp_path):
     wal, _, _ = recover_all(tmp_path)
-    with pytest.raises(RuntimeError, match="in use"):
+    with pytest.raises(DataDirectoryInUse, match="in use"):
         WriteAheadLog(tmp_path).recover()
     run(wal.close())
     recovered(tmp_path)

@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -28,82 +29,166 @@ def _line(text: str) -> tuple[str, int]:
     return sku, int(quantity)
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says what the default means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     defaults = Config()
-    parser = argparse.ArgumentParser(prog="reservd", description=__doc__)
-    parser.add_argument("--log-level", default="info")
+    parser = argparse.ArgumentParser(
+        prog="reservd", description=__doc__, formatter_class=_Formatter
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error"),
+        help="the least severe log lines written (JSON, one a line, on stderr)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the daemon")
-    serve.add_argument("--bind", default=defaults.bind)
-    serve.add_argument("--data-dir", type=Path, default=defaults.data_dir)
+    def command(name: str, help_: str, subparsers=commands) -> argparse.ArgumentParser:
+        return subparsers.add_parser(
+            name, help=help_, description=help_, formatter_class=_Formatter
+        )
+
+    serve = command("serve", "run the daemon")
+    serve.add_argument("--bind", default=defaults.bind, help="HOST:PORT to listen on (port 0: any)")
+    serve.add_argument(
+        "--data-dir", type=Path, default=defaults.data_dir,
+        help="directory of the write-ahead log and snapshots (created if missing)",
+    )
     serve.add_argument(
         "--in-memory", action="store_true", help="no WAL: state dies with the process"
     )
-    serve.add_argument("--metrics-port", type=int, default=None)
-    serve.add_argument("--redis-url", default=None)
-    serve.add_argument("--redis-prefix", default=defaults.redis_prefix)
-    serve.add_argument("--shards", type=int, default=defaults.shards)
     serve.add_argument(
-        "--snapshot-records-interval", type=int, default=defaults.snapshot_records_interval
+        "--metrics-port", type=int, default=None,
+        help="serve Prometheus metrics on this port (default: no metrics endpoint)",
     )
-    serve.add_argument("--segment-bytes-max", type=int, default=defaults.segment_bytes_max)
+    serve.add_argument(
+        "--redis-url", default=None,
+        help="mirror stock to this Redis (redis://host:port/db); grants wait for it "
+        "(default: no mirror)",
+    )
+    serve.add_argument(
+        "--redis-prefix", default=defaults.redis_prefix, help="prefix of every mirror key"
+    )
+    serve.add_argument(
+        "--shards", type=int, default=defaults.shards,
+        help="counter table shards (a power of two)",
+    )
+    serve.add_argument(
+        "--snapshot-records-interval", type=int, default=defaults.snapshot_records_interval,
+        help="write a snapshot after this many log records",
+    )
+    serve.add_argument(
+        "--segment-bytes-max", type=int, default=defaults.segment_bytes_max,
+        help="start a new log segment beyond this size (bytes)",
+    )
 
     def client_command(name: str, help_: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_)
-        sub.add_argument("--target", default="127.0.0.1:50051")
-        sub.add_argument("--deadline", type=float, default=5.0, help="seconds")
+        sub = command(name, help_)
+        sub.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of reservd")
+        sub.add_argument(
+            "--deadline", type=float, default=5.0,
+            help="seconds the call may take, retries included",
+        )
         return sub
 
+    def stock_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--reason", default="cli", help="why, kept in the log")
+        sub.add_argument(
+            "--adjustment-id", default=None,
+            help="makes a retry safe: the same id is applied once (default: a random UUID)",
+        )
+        sub.add_argument(
+            "--expected-on-hand", type=int, default=None,
+            help="refuse (FAILED_PRECONDITION) unless on_hand is this now (default: no check)",
+        )
+
     sub = client_command("set", "recount: set a SKU's on_hand (creates it)")
-    sub.add_argument("sku")
-    sub.add_argument("on_hand", type=int)
-    sub.add_argument("--reason", default="cli")
-    sub.add_argument("--adjustment-id", default=None)
-    sub.add_argument("--expected-on-hand", type=int, default=None)
+    sub.add_argument("sku", help="the SKU")
+    sub.add_argument("on_hand", type=int, help="units physically in stock now")
+    stock_options(sub)
     sub = client_command("adjust", "receipt (+) or damage/shrinkage (-)")
-    sub.add_argument("sku")
-    sub.add_argument("delta", type=int)
-    sub.add_argument("--reason", default="cli")
-    sub.add_argument("--adjustment-id", default=None)
-    sub.add_argument("--expected-on-hand", type=int, default=None)
+    sub.add_argument("sku", help="the SKU")
+    sub.add_argument("delta", type=int, help="units to add (negative: remove)")
+    stock_options(sub)
     sub = client_command("reserve", "reserve a cart: ID SKU:QTY [SKU:QTY ...]")
-    sub.add_argument("reservation_id")
-    sub.add_argument("lines", nargs="+", type=_line)
+    sub.add_argument("reservation_id", help="the cart's id (a retry reuses it)")
+    sub.add_argument("lines", nargs="+", type=_line, help="SKU:QUANTITY, one per SKU")
     sub.add_argument("--ttl", type=int, default=0, help="seconds (0: server default)")
-    sub.add_argument("--channel", default="")
-    sub.add_argument("--partial", action="store_true")
+    sub.add_argument("--channel", default="", help="sales channel, kept with the reservation")
+    sub.add_argument(
+        "--partial", action="store_true",
+        help="grant what is available of each line instead of all or nothing",
+    )
     sub = client_command("commit", "commit a reservation (optionally fewer units)")
-    sub.add_argument("reservation_id")
-    sub.add_argument("lines", nargs="*", type=_line)
+    sub.add_argument("reservation_id", help="the reservation")
+    sub.add_argument(
+        "lines", nargs="*", type=_line, help="SKU:QUANTITY to commit (default: every unit held)"
+    )
     sub = client_command("extend", "extend a held reservation")
-    sub.add_argument("reservation_id")
-    sub.add_argument("ttl", type=int)
+    sub.add_argument("reservation_id", help="the reservation")
+    sub.add_argument("ttl", type=int, help="seconds from now it is held at least")
     for name, help_ in (("release", "release a reservation"), ("fulfil", "mark shipped")):
-        client_command(name, help_).add_argument("reservation_id")
+        client_command(name, help_).add_argument("reservation_id", help="the reservation")
     sub = client_command("get", "stock of SKUs")
-    sub.add_argument("skus", nargs="+")
-    sub = client_command("watch", "stream stock updates")
-    sub.add_argument("skus", nargs="*")
-    sub.add_argument("--from-sequence", type=int, default=0)
+    sub.add_argument("skus", nargs="+", help="SKUs to read")
+    sub = command("watch", "stream stock updates (ctrl-C stops it: exit status 130)")
+    sub.add_argument("skus", nargs="*", help="SKUs to watch (default: every SKU)")
+    sub.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of reservd")
+    sub.add_argument(
+        "--deadline", type=float, default=0.0,
+        help="stop watching after this many seconds (0: never); with --count, not seeing "
+        "COUNT updates by then is an error (exit status 2)",
+    )
+    sub.add_argument(
+        "--from-sequence", type=int, default=0,
+        help="resume after this sequence (0: the current state first)",
+    )
     sub.add_argument("--count", type=int, default=0, help="stop after N updates (0: never)")
 
-    wal = commands.add_parser("wal", help="inspect a data directory without starting")
+    wal = command("wal", "inspect a data directory without starting")
     wal_commands = wal.add_subparsers(dest="wal_command", required=True)
-    wal_commands.add_parser("verify", help="check every file; exit 1 on damage").add_argument(
-        "directory", type=Path
-    )
-    wal_commands.add_parser("dump", help="print every record").add_argument(
-        "directory", type=Path
+    command(
+        "verify", "check every file and replay the log through the ledger; exit 1 on damage",
+        wal_commands,
+    ).add_argument("directory", type=Path, help="the daemon's --data-dir")
+    command("dump", "print every record", wal_commands).add_argument(
+        "directory", type=Path, help="the daemon's --data-dir"
     )
     return parser
 
 
+def _refused(message: str, error: BaseException, **fields) -> int:
+    """Start-up refused by an operator-fixable cause: one structured line, exit status 1."""
+    logging.getLogger("reservd").error(message, extra={"error": str(error), **fields})
+    return 1
+
+
 def _serve(args) -> int:
+    # gRPC core writes its own log lines, not JSON, and a failed bind would come out twice:
+    # reservd says what matters. GRPC_VERBOSITY=error (or debug) brings them back.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     import uvloop
 
+    from reservd.recovery import ReplayError
     from reservd.server import serve
+    from reservd.wal import DataDirectoryInUse, WalCorruption
 
+    if args.redis_url is not None:
+        from redis.connection import parse_url
+
+        try:
+            parse_url(args.redis_url)
+        except ValueError as error:
+            return _refused(
+                "start-up refused: --redis-url is malformed", error, redis_url=args.redis_url,
+                hint="expected redis://HOST:PORT/DB (or rediss:// or unix://)",
+            )
     config = Config(
         bind=args.bind,
         data_dir=None if args.in_memory else args.data_dir,
@@ -114,22 +199,29 @@ def _serve(args) -> int:
         snapshot_records_interval=args.snapshot_records_interval,
         segment_bytes_max=args.segment_bytes_max,
     )
-    from reservd.wal import WalCorruption
-
     try:
         return uvloop.run(serve(config))
     except WalCorruption as error:
-        logging.getLogger("reservd").error(
-            "start-up refused: the data directory is damaged before its tail",
-            extra={"error": str(error), "path": str(error.path), "offset": error.offset,
-                   "hint": f"inspect with: reservd wal verify {config.data_dir}"},
+        return _refused(
+            "start-up refused: the data directory is damaged before its tail", error,
+            path=str(error.path), offset=error.offset,
+            hint=f"inspect with: reservd wal verify {config.data_dir}",
         )
-        return 1
+    except ReplayError as error:
+        return _refused(
+            "start-up refused: a logged command cannot be replayed", error, **error.fields()
+        )
+    except DataDirectoryInUse as error:
+        return _refused("start-up refused: the data directory is in use", error,
+                        data_dir=str(config.data_dir))
     except OSError as error:
-        logging.getLogger("reservd").error(
-            "start-up failed", extra={"error": str(error), "data_dir": str(config.data_dir)}
-        )
-        return 1
+        return _refused("start-up failed", error, bind=config.bind,
+                        data_dir=str(config.data_dir))
+    except Exception as error:  # a bug during start-up or shutdown: one line, no traceback
+        from reservd.supervisor import EXIT_FATAL, log_fatal
+
+        log_fatal(error, "serve")
+        return EXIT_FATAL
 
 
 async def _client(args) -> int:
@@ -167,22 +259,38 @@ async def _client(args) -> int:
             for stock in (await client.get_stock(args.skus)).values():
                 _print(stock)
         elif command == "watch":
-            seen = 0
-            async for update in client.watch(args.skus, args.from_sequence):
-                _print(update)
-                seen += 1
-                if args.count and seen >= args.count:
-                    break
+            return await _watch(client, args)
+    return 0
+
+
+async def _watch(client, args) -> int:
+    import grpc
+
+    from reservd.client import ReservdError
+
+    seen = 0
+    try:
+        async for update in client.watch(
+            args.skus, args.from_sequence, deadline_seconds=args.deadline or None
+        ):
+            _print(update)
+            seen += 1
+            if args.count and seen >= args.count:
+                break
+    except ReservdError as error:
+        # Reaching --deadline is how a time-boxed watch ends, unless COUNT updates were due.
+        if error.code is not grpc.StatusCode.DEADLINE_EXCEEDED or args.count:
+            raise
     return 0
 
 
 def _wal(args) -> int:
-    from reservd import wal
+    from reservd import recovery, wal
 
     if args.wal_command == "dump":
         wal.dump(args.directory, sys.stdout)
         return 0
-    report = wal.verify(args.directory)
+    report = recovery.verify(args.directory)
     print(report)
     return 0 if report.ok else 1
 
@@ -193,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "wal":
+        from reservd.wal import NotADataDirectory
+
         try:
             return _wal(args)
-        except FileNotFoundError as error:
+        except NotADataDirectory as error:
             print(f"reservd: {error}", file=sys.stderr)
             return 2
         except BrokenPipeError:
@@ -207,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     except ReservdError as error:
         print(f"reservd: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

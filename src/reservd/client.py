@@ -156,11 +156,14 @@ class ReservdClient:
         return await self._call(self.admin.AdjustStock, request)
 
     async def watch(
-        self, skus: Iterable[str] = (), from_sequence: int = 0
+        self, skus: Iterable[str] = (), from_sequence: int = 0,
+        deadline_seconds: float | None = None,
     ) -> AsyncIterator[pb.StockUpdate]:
-        """Stream stock updates (no deadline: a watch is long-lived)."""
+        """Stream stock updates; a watch is long-lived, so it has no deadline unless given one
+        (seconds: the stream then ends with DEADLINE_EXCEEDED)."""
         call = self.reservations.WatchStock(
-            pb.WatchStockRequest(skus=list(skus), from_sequence=from_sequence)
+            pb.WatchStockRequest(skus=list(skus), from_sequence=from_sequence),
+            timeout=deadline_seconds,
         )
         try:
             async for update in call:

@@ -41,6 +41,8 @@ class Config:
     expiry_batch_max: int = 10_000
     message_bytes_max: int = 1 << 20
     shutdown_grace_seconds: float = 10.0
+    # At stop, background tasks get this long to end after their cancellation (else: a bug).
+    task_stop_seconds_max: float = 5.0
     segment_bytes_max: int = 64 << 20
     # One write + fdatasync carries at most this much; beyond pending, mutations are refused.
     wal_batch_bytes_max: int = 4 << 20

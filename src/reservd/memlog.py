@@ -48,3 +48,6 @@ class MemoryLog:
 
     async def close(self) -> None:
         return None
+
+    async def abandon(self) -> None:
+        return None

@@ -27,14 +27,14 @@ class Metrics:
         self._sources: list = []
         self.registry.register(self)
 
-    def watch(self, ledger, log_, guard, mirror=None) -> None:
+    def watch(self, ledger, log_, guard, mirror=None, supervisor=None) -> None:
         """Report these objects' state at each scrape."""
-        self._sources = [ledger, log_, guard, mirror]
+        self._sources = [ledger, log_, guard, mirror, supervisor]
 
     def collect(self):
         if not self._sources:
             return
-        ledger, log_, guard, mirror = self._sources
+        ledger, log_, guard, mirror, supervisor = self._sources
         yield GaugeMetricFamily("reservd_sequence", "Last applied sequence", value=ledger.seq)
         yield GaugeMetricFamily(
             "reservd_durable_sequence", "Last durable sequence", value=log_.durable_seq
@@ -54,6 +54,11 @@ class Metrics:
             "Unix time since when reservations are refused (0 while open)",
             value=guard.closed_since or 0,
         )
+        if supervisor is not None:
+            yield GaugeMetricFamily(
+                "reservd_background_tasks", "Supervised background tasks running",
+                value=supervisor.tasks,
+            )
         if mirror is not None:
             stats = mirror.stats
             yield GaugeMetricFamily(

@@ -212,7 +212,11 @@ class RedisMirror:
     a failure. A second task watches the lag.
     """
 
-    def __init__(self, table: CounterTable, ledger, guard: Guard, config: Config) -> None:
+    def __init__(
+        self, table: CounterTable, ledger, guard: Guard, config: Config, *, supervisor=None
+    ) -> None:
+        """``supervisor`` (reservd.supervisor.Supervisor) runs the mirror's tasks, so one that
+        dies stops the daemon; without it they are plain tasks (tests of the mirror alone)."""
         assert config.redis_url, "RedisMirror needs config.redis_url"
         self.table = table
         self.ledger = ledger
@@ -243,6 +247,7 @@ class RedisMirror:
         self._written_at = 0.0  # monotonic seconds of the latest successful write
         self._lag_samples: collections.deque[tuple[float, int]] = collections.deque()
         self._tasks: list[asyncio.Task] = []
+        self._supervisor = supervisor
         self._closing = False
 
     # -- the hot path -------------------------------------------------------------------------
@@ -291,10 +296,10 @@ class RedisMirror:
         except Exception as error:  # fail closed on anything; the task retries
             self._fail(error)
             await self._drop_client()
-        self._tasks = [
-            asyncio.create_task(self._run(), name="mirror"),
-            asyncio.create_task(self._watch_lag(), name="mirror-lag"),
-        ]
+        spawn = self._supervisor.spawn if self._supervisor is not None else (
+            lambda coro, name: asyncio.create_task(coro, name=name)
+        )
+        self._tasks = [spawn(self._run(), "mirror"), spawn(self._watch_lag(), "mirror-lag")]
 
     async def close(self) -> None:
         """Stop; mirror what is left if Redis answers (bounded by mirror_timeout_ms)."""

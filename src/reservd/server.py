@@ -1,7 +1,9 @@
-"""Orchestration: recover state, wire the parts together, serve, drain on SIGTERM."""
+"""Orchestration: recover state, wire the parts together, serve, drain on SIGTERM, stop
+loudly on a bug (reservd.supervisor)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import time
@@ -17,9 +19,12 @@ from reservd.guard import Guard
 from reservd.ledger import Ledger
 from reservd.memlog import MemoryLog
 from reservd.metrics import Metrics
+from reservd.recovery import replay
 from reservd.service import AdminService, Durability, ReservationsService
+from reservd.supervisor import EXIT_FATAL, Supervisor
 from reservd.table import EXTENSION, Table
 from reservd.v1 import reservd_pb2 as pb
+from reservd.wal import WalFailed
 from reservd.watch import WatchHub
 
 log = logging.getLogger("reservd.server")
@@ -38,6 +43,11 @@ class Daemon:
         self._wal_files = wal_files
         self.metrics = Metrics()
         self.guard = Guard()
+        # Background tasks and the one fatal failure; the service layer calls
+        # ``supervisor.fail`` for an exception no handler expected.
+        self.supervisor = Supervisor(
+            self.guard, stop_seconds_max=config.task_stop_seconds_max
+        )
         self.table = Table(shards=config.shards, ring_capacity=config.watch_ring_capacity)
         self.log = self._open_log()
         self.ledger = Ledger(self.table, self.log, self.clock, config)
@@ -46,10 +56,11 @@ class Daemon:
         if config.redis_url:
             from reservd.mirror import RedisMirror
 
-            self.mirror = RedisMirror(self.table, self.ledger, self.guard, config)
+            self.mirror = RedisMirror(
+                self.table, self.ledger, self.guard, config, supervisor=self.supervisor
+            )
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
-        self._tasks: list[asyncio.Task] = []
         self._health = health.aio.HealthServicer()
 
     def _open_log(self):
@@ -68,18 +79,18 @@ class Daemon:
         )
 
     def recover(self) -> None:
-        """Rebuild the table and reservations from the newest snapshot and the log after it."""
+        """Rebuild the table and reservations from the newest snapshot and the log after it.
+
+        Raises WalCorruption (the framing is damaged), reservd.recovery.ReplayError (a command
+        the ledger cannot apply) or DataDirectoryInUse; each names what the operator can do.
+        """
         if isinstance(self.log, MemoryLog):
             return
         started = time.monotonic()
         snapshot, records = self.log.recover()
+        replayed = replay(self.ledger, snapshot, records, self.log.directory)
         if snapshot is not None:
-            self.ledger.restore(snapshot.payload)
             self.hub.floor_seq = snapshot.seq
-        replayed = 0
-        for record in records:
-            self.ledger.replay(record.seq, record.type, record.payload)
-            replayed += 1
         assert self.ledger.seq == self.log.last_seq, (self.ledger.seq, self.log.last_seq)
         self.log.open()
         self.hub.durable_seq = self.ledger.seq
@@ -94,21 +105,9 @@ class Daemon:
         )
 
     async def start(self) -> int:
+        """Bind, recover, serve; returns the port. Raises OSError when the address cannot be
+        bound, and what ``recover`` raises."""
         config = self.config
-        self.recover()
-        await self.log.start()
-        self.log.add_durable_listener(self.hub.on_durable)
-        # A failed write or fsync closes every write at once (it is never retried).
-        self.log.add_failure_listener(
-            lambda failure: self.guard.trip("wal", str(failure), blocks_writes=True)
-        )
-        # Holds whose TTL passed while the daemon was down are released before serving.
-        if self.ledger.expire_due(1 << 62):
-            await self.log.commit()
-        self.guard.add_listener(self._serving_changed)
-        if self.mirror is not None:
-            await self.mirror.start()
-        durability = Durability(self.log, self.mirror)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", config.message_bytes_max),
@@ -116,6 +115,28 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ]
         )
+        # Bound before recovery (which may take a while, and creates the data directory), so
+        # a taken port is refused at once; nothing listens until server.start().
+        try:
+            self.port = server.add_insecure_port(config.bind)
+        except RuntimeError:  # grpcio's way of saying the bind failed
+            self.port = 0
+        if not self.port:
+            raise OSError(
+                errno.EADDRINUSE,
+                f"cannot listen on {config.bind}: the address is in use or not valid here",
+            )
+        self.recover()
+        await self.log.start()
+        self.log.add_durable_listener(self.hub.on_durable)
+        self.log.add_failure_listener(self._log_failed)
+        # Holds whose TTL passed while the daemon was down are released before serving.
+        if self.ledger.expire_due(1 << 62):
+            await self.log.commit()
+        self.guard.add_listener(self._serving_changed)
+        if self.mirror is not None:
+            await self.mirror.start()
+        durability = Durability(self.log, self.mirror)
         handlers.register(
             server, "Reservations",
             ReservationsService(
@@ -131,9 +152,6 @@ class Daemon:
         reflection.enable_server_reflection(
             (RESERVATIONS, ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(config.bind)
-        if not self.port:
-            raise OSError(f"cannot bind {config.bind}")
         await server.start()
         self._server = server
         for service in (ADMIN, ""):
@@ -145,14 +163,12 @@ class Daemon:
             if self.guard.grant_reason is None
             else health_pb2.HealthCheckResponse.NOT_SERVING,
         )
-        self.metrics.watch(self.ledger, self.log, self.guard, self.mirror)
+        self.metrics.watch(self.ledger, self.log, self.guard, self.mirror, self.supervisor)
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_port)
-        self._tasks = [
-            asyncio.create_task(self._expire_loop(), name="expiry"),
-        ]
+        self.supervisor.spawn(self._expire_loop(), "expiry")
         if not isinstance(self.log, MemoryLog):
-            self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="snapshot"))
+            self.supervisor.spawn(self._snapshot_loop(), "snapshot")
         log.info(
             "serving",
             extra={"bind": config.bind, "port": self.port, "extension": EXTENSION,
@@ -167,22 +183,29 @@ class Daemon:
         self.hub.close()
         if self._server is not None:
             await self._server.stop(grace)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.supervisor.stopping()
+        # The mirror ends its own tasks (and writes what is left) before the rest is cancelled.
         if self.mirror is not None:
             await self.mirror.close()
+        await self.supervisor.stop()
         await self.log.close()
         log.info("stopped", extra={"seq": self.ledger.seq})
 
+    async def abort(self) -> None:
+        """After a fatal failure: stop at once, as a crash would. What the log has not made
+        durable is dropped: it was never acknowledged, and the bug may have produced it. The
+        mirror is not written either. Recovery on the next start takes over."""
+        self.hub.close()
+        if self._server is not None:
+            await self._server.stop(0)
+        await self.supervisor.stop()
+        await self.log.abandon()
+        log.info("stopped after a fatal error", extra={"durable_seq": self.log.durable_seq})
+
     def _on_bug(self, error: BaseException, where: str) -> None:
-        """An RPC hit an exception it did not expect: a broken invariant. Fail closed now."""
-        self.guard.trip("bug", f"{where}: {type(error).__name__}: {error}", blocks_writes=True)
-        log.critical(
-            "invariant broken",
-            extra={"where": where, "invariant": f"{type(error).__name__}: {error}",
-                   "seq": self.ledger.seq},
-        )
+        """An RPC hit an exception it did not expect: a broken invariant. Fail closed now and
+        stop (reservd.supervisor)."""
+        self.supervisor.fail(error, where, seq=self.ledger.seq)
 
     def _serving_changed(self, serving: bool) -> None:
         status = (
@@ -190,7 +213,14 @@ class Daemon:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        asyncio.get_running_loop().create_task(self._health.set(RESERVATIONS, status))
+        self.supervisor.spawn(self._health.set(RESERVATIONS, status), "health", finishes=True)
+
+    def _log_failed(self, failure: WalFailed) -> None:
+        # A failed write or fsync closes every write at once (it is never retried); a crash
+        # of the flusher itself is a bug.
+        self.guard.trip("wal", str(failure), blocks_writes=True)
+        if not isinstance(failure.error, OSError):
+            self.supervisor.fail(failure.error, where="wal flusher")
 
     async def _expire_loop(self) -> None:
         tick = self.config.expiry_tick_ms / 1000
@@ -203,8 +233,8 @@ class Daemon:
                 self.metrics.expired.inc(expired_before - self.ledger.live)
                 try:
                     await self.log.commit()
-                except Exception:
-                    log.exception("expiry batch not durable")
+                except WalFailed:
+                    pass  # the failure listener has closed writes; the loop waits above
 
     async def _snapshot_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -214,11 +244,13 @@ class Daemon:
             if self.ledger.seq - last_seq < self.config.snapshot_records_interval:
                 continue
             if self.log.failed is not None:
-                return
+                continue  # writes are closed for good; nothing new to snapshot
             seq, encode = self.ledger.snapshot_state()
             payload = await loop.run_in_executor(None, encode)
             try:
                 path = await self.log.snapshot(seq, payload)
+            except WalFailed:
+                continue  # the log failed meanwhile (the guard has closed writes)
             except OSError as error:
                 # The snapshot file failed (ENOSPC, EIO...), not the log: reservations go on,
                 # no segment was deleted, and the next interval tries a fresh file.
@@ -230,14 +262,21 @@ class Daemon:
 
 
 async def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT; returns the exit status."""
+    """Run until SIGTERM or SIGINT (returns 0) or a bug (returns EXIT_FATAL)."""
     daemon = Daemon(config)
     await daemon.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    await stopping.wait()
+    signalled = asyncio.ensure_future(stopping.wait())
+    failed = asyncio.ensure_future(daemon.supervisor.failed.wait())
+    await asyncio.wait((signalled, failed), return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    failed.cancel()
+    if daemon.supervisor.failure is not None:
+        await daemon.abort()
+        return EXIT_FATAL
     log.info("draining")
     await daemon.stop()
-    return 0
+    return EXIT_FATAL if daemon.supervisor.failure is not None else 0

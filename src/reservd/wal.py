@@ -53,7 +53,7 @@ import re
 import struct
 import threading
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
@@ -61,7 +61,9 @@ from reservd.futures import SharedFuture
 from reservd.walfile import OS_FILES, FileLayer
 
 __all__ = [
+    "DataDirectoryInUse",
     "FileLayer",
+    "NotADataDirectory",
     "OS_FILES",
     "Record",
     "Snapshot",
@@ -71,6 +73,7 @@ __all__ = [
     "WalStats",
     "WriteAheadLog",
     "dump",
+    "read",
     "verify",
 ]
 
@@ -123,6 +126,25 @@ class WalCorruption(Exception):
         super().__init__(f"{self.path}: offset {offset}: {reason}")
 
 
+class NotADataDirectory(Exception):
+    """The path given to verify or dump is missing, a file, or a directory with no log in it."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: not a data directory ({why})")
+
+
+class DataDirectoryInUse(Exception):
+    """Another process (a running daemon) holds the directory's lock."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        super().__init__(
+            f"{directory} is in use by another reservd (it holds {directory / LOCK_NAME}): "
+            "stop that daemon first, or give this one another --data-dir"
+        )
+
+
 class WalFailed(Exception):
     """The disk failed under the log (EIO, ENOSPC...): it is closed for writing for good.
 
@@ -154,6 +176,9 @@ class Record:
     seq: int
     type: int
     payload: bytes
+    # Where the frame starts, for error messages (not part of the record's value).
+    path: Path | None = field(default=None, compare=False)
+    offset: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,7 +420,7 @@ def _iter_records(segments: list[_Segment], files: FileLayer, after_seq: int) ->
             if seq > after_seq:
                 length = _LENGTH.unpack_from(data, offset + 4)[0]
                 start = offset + FRAME_HEAD_BYTES
-                yield Record(seq, type_, data[start : start + length])
+                yield Record(seq, type_, data[start : start + length], segment.path, offset)
             seq += 1
             offset += frame_bytes
 
@@ -441,15 +466,41 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+def _data_directory(directory: Path, files: FileLayer) -> None:
+    """Raise NotADataDirectory unless ``directory`` holds a lock, a segment or a snapshot."""
+    try:
+        names = files.listdir(directory)
+    except FileNotFoundError:
+        raise NotADataDirectory(directory, "it does not exist") from None
+    except NotADirectoryError:
+        raise NotADataDirectory(directory, "it is a file; give the directory holding it") from None
+    if not any(
+        name == LOCK_NAME or _SEGMENT_NAME.fullmatch(name) or _SNAPSHOT_NAME.fullmatch(name)
+        for name in names
+    ):
+        raise NotADataDirectory(directory, "no wal-*.log, snap-*.snap or LOCK file in it")
+
+
 def verify(directory: str | os.PathLike[str], files: FileLayer = OS_FILES) -> VerifyReport:
-    """Check a WAL directory as recovery would, without modifying anything."""
+    """Check a WAL directory as recovery would, without modifying anything. Raises
+    NotADataDirectory for a path that is not one."""
+    return read(directory, files)[0]
+
+
+def read(
+    directory: str | os.PathLike[str], files: FileLayer = OS_FILES
+) -> tuple[VerifyReport, Snapshot | None, Iterator[Record]]:
+    """Check a WAL directory as recovery would, without modifying anything: the report, then
+    (when it is ok) the newest snapshot and the records after it, as recovery would hand them
+    out (a torn tail is left out, not trimmed). Raises NotADataDirectory."""
     directory = Path(directory)
+    _data_directory(directory, files)
     try:
         found = _inspect(directory, files)
     except WalCorruption as error:
-        return VerifyReport(directory, None, (), 0, 0, None, (), error)
+        return VerifyReport(directory, None, (), 0, 0, None, (), error), None, iter(())
     tail = found.torn_tail
-    return VerifyReport(
+    report = VerifyReport(
         directory=directory,
         snapshot_seq=found.snapshot.seq if found.snapshot else None,
         segments=tuple(segment.path.name for segment in found.segments),
@@ -459,6 +510,9 @@ def verify(directory: str | os.PathLike[str], files: FileLayer = OS_FILES) -> Ve
         stale_segments=tuple(path.name for path in found.stale_segments),
         error=None,
     )
+    snapshot = found.snapshot
+    after_seq = snapshot.seq if snapshot is not None else 0
+    return report, snapshot, _iter_records(found.segments, files, after_seq)
 
 
 def dump(
@@ -467,8 +521,10 @@ def dump(
 ) -> int:
     """Print every record of every segment, one tab-separated line each: seq, type, length,
     crc, segment, offset, payload hex prefix. Snapshots and bad frames are ``#`` comment lines;
-    after a bad frame the dump resumes at the next valid frame. Returns the records printed."""
+    after a bad frame the dump resumes at the next valid frame. Returns the records printed.
+    Raises NotADataDirectory."""
     directory = Path(directory)
+    _data_directory(directory, files)
     names = sorted(files.listdir(directory))
     for name in names:
         if _SNAPSHOT_NAME.fullmatch(name):
@@ -602,9 +658,7 @@ class WriteAheadLog:
             try:
                 self._lock_fd = files.lock(self.directory / LOCK_NAME)
             except BlockingIOError as error:
-                raise RuntimeError(
-                    f"{self.directory} is in use by another write-ahead log"
-                ) from error
+                raise DataDirectoryInUse(self.directory) from error
         try:
             return self._recover_locked()
         except BaseException:
@@ -965,6 +1019,17 @@ class WriteAheadLog:
         return final
 
     # -- shutdown -----------------------------------------------------------------------------
+
+    async def abandon(self) -> None:
+        """Close without writing what is pending: after a fatal error, the bug may have produced
+        it, and none of it was acknowledged. A batch already being written completes."""
+        self._pending = bytearray()
+        future, self._open_future = self._open_future, None
+        if future is not None and not future.done():
+            future.set_exception(
+                WalFailed("abandon", None, RuntimeError("reservd stopped after a fatal error"))
+            )
+        await self.close()
 
     async def close(self) -> None:
         """Flush what is pending, stop the flusher, close files. Safe after a failure."""
