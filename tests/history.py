@@ -394,6 +394,7 @@ class Report:
     replayed: int = 0
     indefinite: int = 0  # errored or timed out without a definite answer
     indefinite_present: int = 0  # ... of which the log holds the whole command
+    indefinite_present_reserves: int = 0  # ... of those, grants
     expiries: int = 0  # expiries read from the log
     last_seq: int = 0
     violations: list[str] = dataclasses.field(default_factory=list)
@@ -540,6 +541,7 @@ def check(ops: list[Op], wal: dict[int, tuple[RecordType, Any]] | None = None,
                 return
             candidates.remove(match)
             report.indefinite_present += 1
+            report.indefinite_present_reserves += kind == "reserve"
             op = match
         elif wal is not None:
             if record is None:
