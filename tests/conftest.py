@@ -105,10 +105,19 @@ def limits() -> Limits:
     return Limits()
 
 
+def pytest_report_header(config):
+    from reservd.table import EXTENSION
+
+    return f"reservd table: {'Cython extension' if EXTENSION else 'pure-Python twin'}"
+
+
 @pytest.fixture(autouse=True)
 def _extension_loaded():
-    """The suite must test the Cython table, not silently its twin."""
-    if os.environ.get("RESERVD_REQUIRE_EXT") == "1":
-        from reservd.table import EXTENSION
+    """The suite tests the table it was asked to: the Cython one under RESERVD_REQUIRE_EXT=1
+    (never silently its twin), the twin under RESERVD_NO_EXT=1."""
+    from reservd.table import EXTENSION
 
+    if os.environ.get("RESERVD_REQUIRE_EXT") == "1":
         assert EXTENSION, "RESERVD_REQUIRE_EXT=1 but reservd._ctable did not load"
+    if os.environ.get("RESERVD_NO_EXT") == "1":
+        assert not EXTENSION, "RESERVD_NO_EXT=1 but the Cython table is in use"

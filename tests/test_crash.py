@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -128,6 +129,7 @@ def test_kill_9_under_load_loses_no_acknowledged_operation(tmp_path):
         "--segment-bytes-max", "65536",
     )
     snapshots = 0
+    crashes_ns: list[int] = []
 
     async def cycle(number: int) -> None:
         async with grpc.aio.insecure_channel(daemon.target) as channel:
@@ -157,6 +159,8 @@ def test_kill_9_under_load_loses_no_acknowledged_operation(tmp_path):
             else:
                 await asyncio.wait_for(done.wait(), 120)
             daemon.signal(signal.SIGKILL)
+            await asyncio.to_thread(daemon.wait)
+            crashes_ns.append(time.monotonic_ns())
             await asyncio.gather(*workers)
 
     try:
@@ -164,7 +168,6 @@ def test_kill_9_under_load_loses_no_acknowledged_operation(tmp_path):
             tap.start(number)
             daemon.start()
             asyncio.run(cycle(number))
-            daemon.wait()
             tap.stop()
             snapshots += len(daemon.logged("snapshot"))
         tap.start(CYCLES)
@@ -181,7 +184,7 @@ def test_kill_9_under_load_loses_no_acknowledged_operation(tmp_path):
     finally:
         daemon.kill()
         tap.stop()
-    report = check(recorder.ops, wal=read_wal(*tap.lives), final=final)
+    report = check(recorder.ops, wal=read_wal(*tap.lives), final=final, crashes_ns=crashes_ns)
     granted = dict.fromkeys(SUPPLIED, 0)
     for state_lines in final.reservations.values():
         if state_lines is not None and state_lines[0] in (HELD, COMMITTED, FULFILLED):
