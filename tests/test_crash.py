@@ -16,7 +16,8 @@ import grpc
 
 from conftest import eventually
 from daemonproc import DaemonProcess
-from history import COMMITTED, FULFILLED, HELD, Recorder, check, read_final_state, read_wal
+from history import Recorder, check, read_final_state, read_wal
+from history_model import COMMITTED, FULFILLED, HELD
 
 from reservd.v1 import reservd_pb2 as pb
 from reservd.v1 import reservd_pb2_grpc as pb_grpc

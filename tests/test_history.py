@@ -9,10 +9,12 @@ import random
 import grpc
 import pytest
 from conftest import aio, cart, eventually, running, test_config
-from history import Recorder, check, read_final_state, read_wal
+from history import FinalState, Op, Recorder, check, read_final_state, read_wal
 
+from reservd import records
 from reservd.clock import ManualClock
 from reservd.ledger import State
+from reservd.records import RecordType
 from reservd.table import RESERVE_INSUFFICIENT
 from reservd.v1 import reservd_pb2 as pb
 from reservd.v1 import reservd_pb2_grpc as pb_grpc
@@ -228,3 +230,113 @@ async def test_the_checker_catches_a_server_that_reports_a_wrong_available():
     assert not report.ok
     wrong = [v for v in report.violations if "answered lines" in v]
     assert len(wrong) == lies, report
+
+
+# -- the checker against small hand-written histories: each broken one must be reported ------
+
+_T0_MS = 1_000
+
+
+def _op(kind, request, response=None, at=(0, 1), code=None) -> Op:
+    return Op(0, kind, request, at[0], at[1], response, code)
+
+
+def _base():
+    """A clean history: stock 10, a holds 3 then commits them, b (8) is sold out."""
+    ops = [
+        _op("set_stock", pb.SetStockRequest(sku="s", on_hand=10, adjustment_id="adj"),
+            pb.StockAdjustmentResponse(stock=pb.Stock(sku="s", on_hand=10, available=10),
+                                       sequence=1), (0, 1)),
+        _op("reserve", cart("a", ("s", 3), ttl_seconds=60),
+            pb.ReserveResponse(granted=True, lines=[pb.LineOutcome(
+                sku="s", requested=3, granted=3, available=7)], state=1,
+                expires_at_ms=_T0_MS + 60_000, sequence=2), (2, 3)),
+        _op("reserve", cart("b", ("s", 8)),
+            pb.ReserveResponse(lines=[pb.LineOutcome(sku="s", requested=8, available=7)]), (4, 5)),
+        _op("commit", pb.CommitRequest(reservation_id="a"),
+            pb.ReservationResponse(reservation_id="a", state=2, sequence=3,
+                                   lines=[pb.Line(sku="s", quantity=3)]), (6, 7)),
+    ]
+    log = {
+        1: (RecordType.SET_STOCK, records.StockChange(_T0_MS, "adj", "s", 10, None, "")),
+        2: (RecordType.RESERVE, records.Reserve(_T0_MS, "a", "", 60, False, _T0_MS + 60_000,
+                                                ("s",), (3,), (3,))),
+        3: (RecordType.COMMIT, records.Commit(_T0_MS, "a", (3,))),
+    }
+    final = FinalState({"s": (10, 0, 3)}, {"a": (2, (("s", 3),)), "b": None})
+    return ops, log, final
+
+
+def _late_grant(code, requested=(1,)):
+    """An x that errored with ``code``, while the log holds a grant of ``requested`` for it."""
+    ops, log, final = _base()
+    ops.append(_op("reserve", cart("x", ("s", 1)), at=(8, 9), code=code))
+    log[4] = (RecordType.RESERVE, records.Reserve(_T0_MS, "x", "", 600, False, _T0_MS + 600_000,
+                                                  ("s",), requested, requested))
+    final.stock["s"] = (10, requested[0], 3)
+    final.reservations["x"] = (1, (("s", requested[0]),))
+    return ops, log, final
+
+
+def _expired_at(at_ms):
+    ops, log, final = _base()
+    del ops[3]
+    log[3] = (RecordType.EXPIRE, records.Finish(at_ms, "a"))
+    final.stock["s"] = (10, 0, 0)
+    final.reservations["a"] = (4, (("s", 3),))
+    return ops, log, final
+
+
+def _edited(edit):
+    ops, log, final = _base()
+    edit(ops, log, final)
+    return ops, log, final
+
+
+def _swap_times(ops, log, final):
+    ops[1].invoked_ns, ops[1].completed_ns, ops[3].invoked_ns, ops[3].completed_ns = 6, 7, 2, 3
+
+
+def _replay_with_seq(seq):
+    def edit(ops, log, final):
+        ops.append(_op("reserve", cart("a", ("s", 3), ttl_seconds=60), pb.ReserveResponse(
+            granted=True, replayed=True, state=2, sequence=seq, lines=[pb.LineOutcome(
+                sku="s", requested=3, granted=3, available=7)]), (8, 9)))
+    return edit
+
+
+CLEAN = {
+    "base": _base,
+    "an unanswered grant that landed whole": lambda: _late_grant(grpc.StatusCode.UNAVAILABLE),
+    "an expiry when due": lambda: _expired_at(_T0_MS + 60_000),
+    "a replay with the latest seq": lambda: _edited(_replay_with_seq(3)),
+}
+BROKEN = {
+    "real-time order": lambda: _edited(_swap_times),
+    "was acknowledged but is not in the log": lambda: _edited(lambda o, log, f: log.pop(3)),
+    "no unanswered call asked for": lambda: _late_grant(grpc.StatusCode.FAILED_PRECONDITION),
+    "no unanswered call asked for (partial)": lambda: _late_grant(
+        grpc.StatusCode.UNAVAILABLE, requested=(2,)),
+    "before its expiry": lambda: _expired_at(_T0_MS + 59_999),
+    "which the model never had": lambda: _edited(
+        lambda o, log, f: setattr(o[2].response.lines[0], "available", 6)),
+    "replayed with seq": lambda: _edited(_replay_with_seq(1)),
+    "final stock": lambda: _edited(lambda o, log, f: f.stock.update(s=(10, 1, 3))),
+    "final state of 'b'": lambda: _edited(
+        lambda o, log, f: f.reservations.update(b=(1, (("s", 8),)))),
+    "answered state": lambda: _edited(lambda o, log, f: setattr(o[3].response, "state", 3)),
+}
+
+
+@pytest.mark.parametrize("history", CLEAN.values(), ids=CLEAN.keys())
+def test_the_checker_passes_a_correct_history(history):
+    ops, log, final = history()
+    report = check(ops, wal=log, final=final)
+    assert report.ok, report
+
+
+@pytest.mark.parametrize("name,history", BROKEN.items(), ids=BROKEN.keys())
+def test_the_checker_reports_a_broken_history(name, history):
+    ops, log, final = history()
+    report = check(ops, wal=log, final=final)
+    assert any(name.split(" (")[0] in violation for violation in report.violations), report

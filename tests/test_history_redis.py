@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import random
 
-import grpc
 import pytest
 from conftest import aio, cart, running, test_config
-from history import COMMITTED, HELD, Recorder, check, read_final_state, read_wal
+from history import Recorder, check, read_final_state, read_wal
+from history_model import COMMITTED, HELD
 from redisserver import RedisServer, require_redis_server
 
 from reservd.v1 import reservd_pb2 as pb
