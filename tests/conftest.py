@@ -60,9 +60,12 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config | None = None, clock=None, wal_files=None):
-    """A Daemon serving on 127.0.0.1:<ephemeral>, with stubs; stopped on exit."""
+async def running(config: Config | None = None, clock=None, wal_files=None, prepare=None):
+    """A Daemon serving on 127.0.0.1:<ephemeral>, with stubs; stopped on exit. ``prepare(daemon)``
+    runs before it starts (to wrap a part of it in a test)."""
     daemon = Daemon(config or test_config(), clock=clock, wal_files=wal_files)
+    if prepare is not None:
+        prepare(daemon)
     port = await daemon.start()
     target = f"127.0.0.1:{port}"
     channel = grpc.aio.insecure_channel(target)
@@ -73,6 +76,20 @@ async def running(config: Config | None = None, clock=None, wal_files=None):
     finally:
         await channel.close()
         await daemon.stop(grace_seconds=1)
+
+
+async def eventually(predicate, what: str, checks_max: int = 6000) -> None:
+    """Wait until ``predicate()`` (sync or async) is true, checking every 10 ms; the bound is a
+    count of checks (60 s), far beyond what any healthy run needs, so a busy machine cannot
+    make it flake. For states the daemon offers no event for (an expiry sweep, a metric)."""
+    for _ in range(checks_max):
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"still not {what} after {checks_max} checks")
 
 
 def cart(reservation_id: str, *lines: tuple[str, int], **fields) -> pb.ReserveRequest:
@@ -88,10 +105,19 @@ def limits() -> Limits:
     return Limits()
 
 
+def pytest_report_header(config):
+    from reservd.table import EXTENSION
+
+    return f"reservd table: {'Cython extension' if EXTENSION else 'pure-Python twin'}"
+
+
 @pytest.fixture(autouse=True)
 def _extension_loaded():
-    """The suite must test the Cython table, not silently its twin."""
-    if os.environ.get("RESERVD_REQUIRE_EXT") == "1":
-        from reservd.table import EXTENSION
+    """The suite tests the table it was asked to: the Cython one under RESERVD_REQUIRE_EXT=1
+    (never silently its twin), the twin under RESERVD_NO_EXT=1."""
+    from reservd.table import EXTENSION
 
+    if os.environ.get("RESERVD_REQUIRE_EXT") == "1":
         assert EXTENSION, "RESERVD_REQUIRE_EXT=1 but reservd._ctable did not load"
+    if os.environ.get("RESERVD_NO_EXT") == "1":
+        assert not EXTENSION, "RESERVD_NO_EXT=1 but the Cython table is in use"

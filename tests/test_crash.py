@@ -1,194 +1,202 @@
-"""kill -9 under concurrent load, restart, and check every acknowledged operation from the
-clients' own records: acked operations are all there, nothing was invented beyond what was in
-flight, the counters balance against the reservations, and oversold == 0."""
+"""kill -9 under concurrent load, a fixed number of times; restart; then check the whole
+history with the history checker (tests/history.py) against the write-ahead log: every
+acknowledged operation is there, each unanswered one is absent or whole, the answers and the
+final counters replay exactly on the reference model, and oversold == 0."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import os
 import random
 import signal
+import threading
 import time
+from pathlib import Path
 
 import grpc
+
+from conftest import eventually
 from daemonproc import DaemonProcess
+from history import Recorder, check, read_final_state, read_wal
+from history_model import COMMITTED, FULFILLED, HELD
 
 from reservd.v1 import reservd_pb2 as pb
 from reservd.v1 import reservd_pb2_grpc as pb_grpc
 
 CYCLES = 20
-SUITE_SECONDS_MAX = 150
 HOT_STOCK = 40
 COLD_SKUS = [f"cold-{i}" for i in range(30)]
 COLD_STOCK = 1_000
+SUPPLIED = {"hot": HOT_STOCK, **dict.fromkeys(COLD_SKUS, COLD_STOCK)}
 WORKERS = 12
-
-# Which states an operation leads to, once acknowledged.
-AFTER = {"commit": pb.COMMITTED, "release": pb.RELEASED, "fulfil": pb.FULFILLED}
-
-
-@dataclasses.dataclass
-class Tracked:
-    lines: dict[str, int]
-    acked: int | None = None  # last acknowledged state
-    in_flight: int | None = None  # state an unacknowledged call may or may not have reached
-    unsure_reserve: bool = False  # the Reserve itself was never acknowledged
+SNAPSHOT_RECORDS_INTERVAL = 500
+# Acknowledged operations before the kill, per cycle; every SNAPSHOT_EVERY-th cycle instead
+# runs until a snapshot was written (and crashes just after it).
+ACKED_PER_CYCLE = (100, 700)
+SNAPSHOT_EVERY = 4
 
 
-class History:
-    def __init__(self) -> None:
-        self.reservations: dict[str, Tracked] = {}
-        self.acked_operations = 0
-        self.supplied = {"hot": HOT_STOCK, **dict.fromkeys(COLD_SKUS, COLD_STOCK)}
+class SegmentTap:
+    """Hard-links every WAL segment of ``data`` into ``archive/<life>/`` as soon as it appears,
+    so the records a snapshot lets the daemon delete stay readable for the checker (a link
+    keeps the inode, and the daemon's later appends show through it)."""
+
+    def __init__(self, data: Path, archive: Path) -> None:
+        self.data, self.archive = data, archive
+        self.lives: list[Path] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, life: int) -> None:
+        directory = self.archive / str(life)
+        directory.mkdir(parents=True)
+        self.lives.append(directory)
+        self.data.mkdir(parents=True, exist_ok=True)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(directory,), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the tap (the daemon is dead); one last pass links what is left."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        self._link(self.lives[-1])
+
+    def _run(self, directory: Path) -> None:
+        while not self._stop.wait(0.002):
+            self._link(directory)
+
+    def _link(self, directory: Path) -> None:
+        for name in os.listdir(self.data):
+            if name.startswith("wal-") and name.endswith(".log") \
+                    and not (directory / name).exists():
+                try:
+                    os.link(self.data / name, directory / name)
+                except FileNotFoundError:
+                    pass  # deleted after a snapshot; it was linked when it was created
 
 
-async def _worker(stub, history: History, worker: int, cycle: int, rng: random.Random, stop):
-    mine: list[str] = []
-    n = 0
-    while not stop.is_set():
-        n += 1
-        action = rng.random()
-        if action < 0.5 or not mine:
+async def _worker(stub, recorder: Recorder, worker: int, cycle: int, rng: random.Random,
+                  acked) -> None:
+    """Reserves (hot or 1-3 cold lines), then commits, releases and fulfils its own
+    reservations, until the daemon dies under it."""
+    client = cycle * WORKERS + worker
+    mine: dict[str, int] = {}
+    for n in range(1_000_000):
+        if rng.random() < 0.5 or not mine:
             rid = f"c{cycle}-w{worker}-{n}"
             skus = ["hot"] if rng.random() < 0.4 else rng.sample(COLD_SKUS, rng.randint(1, 3))
-            lines = {sku: rng.randint(1, 2) for sku in skus}
-            tracked = Tracked(lines, unsure_reserve=True)
-            history.reservations[rid] = tracked
             request = pb.ReserveRequest(
                 reservation_id=rid, ttl_seconds=3600,
-                lines=[pb.Line(sku=s, quantity=q) for s, q in lines.items()],
+                lines=[pb.Line(sku=sku, quantity=rng.randint(1, 2)) for sku in skus],
             )
-            try:
-                response = await stub.Reserve(request, timeout=5)
-            except grpc.aio.AioRpcError:
+            response = await recorder.call(client, "reserve", stub.Reserve, request, timeout=5)
+            if response is None:
                 return
-            history.acked_operations += 1
-            tracked.unsure_reserve = False
             if response.granted:
-                tracked.acked = pb.HELD
-                mine.append(rid)
-            else:
-                del history.reservations[rid]
+                mine[rid] = HELD
+            acked()
             continue
-        rid = rng.choice(mine)
-        tracked = history.reservations[rid]
-        if tracked.acked == pb.HELD:
-            operation = "commit" if rng.random() < 0.6 else "release"
-        elif tracked.acked == pb.COMMITTED:
-            operation = "fulfil" if rng.random() < 0.7 else "release"
+        rid = rng.choice(list(mine))
+        if mine[rid] == HELD:
+            kind = "commit" if rng.random() < 0.6 else "release"
         else:
-            mine.remove(rid)
-            continue
-        tracked.in_flight = AFTER[operation]
-        method = {"commit": stub.Commit, "release": stub.Release, "fulfil": stub.Fulfil}[operation]
-        request_type = {"commit": pb.CommitRequest, "release": pb.ReleaseRequest,
-                        "fulfil": pb.FulfilRequest}[operation]
-        try:
-            response = await method(request_type(reservation_id=rid), timeout=5)
-        except grpc.aio.AioRpcError:
+            kind = "fulfil" if rng.random() < 0.7 else "release"
+        method, request_type = {
+            "commit": (stub.Commit, pb.CommitRequest), "release": (stub.Release, pb.ReleaseRequest),
+            "fulfil": (stub.Fulfil, pb.FulfilRequest),
+        }[kind]
+        response = await recorder.call(client, kind, method, request_type(reservation_id=rid),
+                                       timeout=5)
+        if response is None:
             return
-        history.acked_operations += 1
-        assert response.state == AFTER[operation]
-        tracked.acked, tracked.in_flight = AFTER[operation], None
-
-
-async def _check(stub, history: History) -> None:
-    """Compare the recovered daemon with the clients' records."""
-    held = dict.fromkeys(history.supplied, 0)
-    committed = dict.fromkeys(history.supplied, 0)
-    shipped = dict.fromkeys(history.supplied, 0)
-    async def state_of(rid: str) -> int | None:
-        try:
-            return (await stub.GetReservation(pb.GetReservationRequest(reservation_id=rid))).state
-        except grpc.aio.AioRpcError as error:
-            assert error.code() == grpc.StatusCode.NOT_FOUND, error
-            return None
-
-    items = list(history.reservations.items())
-    states = []
-    for start in range(0, len(items), 256):
-        states += await asyncio.gather(*(state_of(rid) for rid, _ in items[start:start + 256]))
-    for (rid, tracked), state in zip(items, states):
-        if state is None:
-            assert tracked.unsure_reserve, f"acknowledged reservation {rid} was lost"
-            del history.reservations[rid]
-            continue
-        if tracked.unsure_reserve:
-            # It landed without an ack: it is whatever the unacked Reserve made it.
-            assert state == pb.HELD, (rid, state)
-            tracked.unsure_reserve, tracked.acked = False, pb.HELD
-        allowed = {tracked.acked, tracked.in_flight} - {None}
-        assert state in allowed, f"{rid}: state {state}, acked {tracked.acked}, in flight {tracked.in_flight}"
-        tracked.acked, tracked.in_flight = state, None
-        for sku, quantity in tracked.lines.items():
-            if state == pb.HELD:
-                held[sku] += quantity
-            elif state == pb.COMMITTED:
-                committed[sku] += quantity
-            elif state == pb.FULFILLED:
-                shipped[sku] += quantity
-    response = await stub.GetStock(pb.GetStockRequest(skus=list(history.supplied)))
-    for stock in response.stock:
-        supplied = history.supplied[stock.sku]
-        assert stock.reserved == held[stock.sku], stock
-        assert stock.committed == committed[stock.sku], stock
-        assert stock.on_hand == supplied - shipped[stock.sku], stock
-        granted = held[stock.sku] + committed[stock.sku] + shipped[stock.sku]
-        oversold = max(0, granted - supplied)
-        assert oversold == 0, stock
+        if response.state in (HELD, COMMITTED):
+            mine[rid] = response.state
+        else:
+            del mine[rid]
+        acked()
 
 
 def test_kill_9_under_load_loses_no_acknowledged_operation(tmp_path):
     rng = random.Random(20261126)
-    history = History()
+    recorder = Recorder()
+    data = tmp_path / "data"
+    tap = SegmentTap(data, tmp_path / "archive")
     daemon = DaemonProcess(
-        "--data-dir", str(tmp_path / "data"),
-        "--snapshot-records-interval", "500", "--segment-bytes-max", "65536",
+        "--data-dir", str(data),
+        "--snapshot-records-interval", str(SNAPSHOT_RECORDS_INTERVAL),
+        "--segment-bytes-max", "65536",
     )
-    started = time.monotonic()
-    cycles = 0
     snapshots = 0
+    crashes_ns: list[int] = []
 
     async def cycle(number: int) -> None:
         async with grpc.aio.insecure_channel(daemon.target) as channel:
             stub = pb_grpc.ReservationsStub(channel)
             if number == 0:
                 admin = pb_grpc.AdminStub(channel)
-                for sku, on_hand in history.supplied.items():
-                    await admin.SetStock(
-                        pb.SetStockRequest(sku=sku, on_hand=on_hand, adjustment_id=f"init-{sku}")
-                    )
-            else:
-                await _check(stub, history)
-            stop = asyncio.Event()
+                for sku, on_hand in SUPPLIED.items():
+                    await recorder.call(0, "set_stock", admin.SetStock, pb.SetStockRequest(
+                        sku=sku, on_hand=on_hand, adjustment_id=f"init-{sku}"))
+            target = rng.randint(*ACKED_PER_CYCLE)
+            done = asyncio.Event()
+            count = 0
+
+            def acked() -> None:
+                nonlocal count
+                count += 1
+                if count >= target:
+                    done.set()
+
             workers = [
-                asyncio.create_task(_worker(stub, history, w, number, rng, stop))
+                asyncio.create_task(_worker(stub, recorder, w, number, random.Random(rng.random()),
+                                            acked))
                 for w in range(WORKERS)
             ]
-            await asyncio.sleep(rng.uniform(0.2, 1.0))
+            if number % SNAPSHOT_EVERY == SNAPSHOT_EVERY - 1:
+                await eventually(lambda: daemon.logged("snapshot"), "snapshot written")
+            else:
+                await asyncio.wait_for(done.wait(), 120)
             daemon.signal(signal.SIGKILL)
-            stop.set()
+            await asyncio.to_thread(daemon.wait)
+            crashes_ns.append(time.monotonic_ns())
             await asyncio.gather(*workers)
 
     try:
         for number in range(CYCLES):
-            if time.monotonic() - started > SUITE_SECONDS_MAX:
-                break
+            tap.start(number)
             daemon.start()
             asyncio.run(cycle(number))
-            daemon.wait()
-            cycles += 1
+            tap.stop()
             snapshots += len(daemon.logged("snapshot"))
+        tap.start(CYCLES)
         daemon.start()
-        asyncio.run(_final_check(daemon, history))
+        reservation_ids = {op.key for op in recorder.ops if op.kind != "set_stock"}
+
+        async def read_final():
+            async with grpc.aio.insecure_channel(daemon.target) as channel:
+                return await read_final_state(
+                    pb_grpc.ReservationsStub(channel), SUPPLIED, reservation_ids
+                )
+
+        final = asyncio.run(read_final())
     finally:
         daemon.kill()
-    print(f"crash cycles: {cycles}, acknowledged operations checked: {history.acked_operations}, "
-          f"reservations tracked: {len(history.reservations)}, snapshots: {snapshots}, oversold: 0")
-    assert cycles >= CYCLES
-    assert history.acked_operations > 1000
-    assert snapshots > 0, "snapshots were taken (and crashed around) during the run"
+        tap.stop()
+    report = check(recorder.ops, wal=read_wal(*tap.lives), final=final, crashes_ns=crashes_ns)
+    granted = dict.fromkeys(SUPPLIED, 0)
+    for state_lines in final.reservations.values():
+        if state_lines is not None and state_lines[0] in (HELD, COMMITTED, FULFILLED):
+            for sku, quantity in state_lines[1]:
+                granted[sku] += quantity
+    oversold = sum(max(0, granted[sku] - SUPPLIED[sku]) for sku in SUPPLIED)
+    print(f"kill -9: {CYCLES} cycles, snapshots {snapshots}, history: {report}, "
+          f"oversold {oversold}")
+    assert report.ok, report
+    assert oversold == 0
+    assert report.acknowledged > CYCLES * ACKED_PER_CYCLE[0] // 2
+    assert report.indefinite > 0, "calls were cut by the kills"
+    assert snapshots >= CYCLES // SNAPSHOT_EVERY, "snapshots were taken (and crashed around)"
 
-
-async def _final_check(daemon: DaemonProcess, history: History) -> None:
-    async with grpc.aio.insecure_channel(daemon.target) as channel:
-        await _check(pb_grpc.ReservationsStub(channel), history)

@@ -1,0 +1,202 @@
+"""The history checker's reference model: reservd's rules as plain Python over dicts, written
+from the README and the shared rules (shortfall: reality wins; fulfil always succeeds and takes
+min(q, on_hand)), never from the ledger's code."""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from typing import Iterable
+
+HELD, COMMITTED, RELEASED, EXPIRED, FULFILLED = 1, 2, 3, 4, 5
+STATE_NAMES = {HELD: "HELD", COMMITTED: "COMMITTED", RELEASED: "RELEASED", EXPIRED: "EXPIRED",
+               FULFILLED: "FULFILLED"}
+ON_HAND_MAX = 10**12
+
+
+@dataclasses.dataclass
+class _Reservation:
+    request: tuple  # (skus, requested, channel, ttl_seconds, allow_partial)
+    lines: list[tuple[str, int]]  # lines holding units, in request order (granted > 0)
+    committed: list[int] | None
+    state: int
+    expires_at_ms: int
+    seqs: list[int]  # every mutation of this reservation, in order
+
+    def answer_lines(self) -> tuple[tuple[str, int], ...]:
+        if self.committed is not None:
+            return tuple((sku, q) for (sku, _), q in zip(self.lines, self.committed))
+        return tuple(self.lines)
+
+
+class Model:
+    """reservd's rules as plain Python over dicts: stock counters and reservations.
+
+    Each ``apply_*`` applies one command at one seq and returns what reservd must have
+    answered, or a string saying why the command could not have happened then."""
+
+    def __init__(self) -> None:
+        self.stock: dict[str, list[int]] = {}  # sku -> [on_hand, reserved, committed]
+        self.reservations: dict[str, _Reservation] = {}
+        self.adjustments: dict[str, tuple[tuple, tuple]] = {}  # id -> (request, answer)
+        # sku -> ([seq, ...], [available after that seq, ...]) for sold-out answers
+        self.available_history: dict[str, tuple[list[int], list[int]]] = {}
+
+    def available(self, sku: str) -> int:
+        on_hand, reserved, committed = self.stock[sku]
+        return on_hand - reserved - committed
+
+    def available_at(self, sku: str, seq: int) -> int | None:
+        seqs, values = self.available_history.get(sku, ((), ()))
+        index = bisect.bisect_right(seqs, seq) - 1
+        return None if index < 0 else values[index]
+
+    def _changed(self, seq: int, skus: Iterable[str]) -> None:
+        for sku in skus:
+            seqs, values = self.available_history.setdefault(sku, ([], []))
+            seqs.append(seq)
+            values.append(self.available(sku))
+
+    def decide_reserve(self, skus, requested, allow_partial) -> list[int] | str:
+        """Units granted per line (the all-or-nothing or clamped rule), or why it fails."""
+        for sku in skus:
+            if sku not in self.stock:
+                return f"sku {sku!r} is unknown"
+        granted = []
+        for sku, quantity in zip(skus, requested):
+            free = self.available(sku)  # one line per sku: validation refuses duplicates
+            if allow_partial:
+                granted.append(min(quantity, max(free, 0)))
+            elif quantity <= free:
+                granted.append(quantity)
+            else:
+                return "sold out"
+        if not any(granted):
+            return "sold out"
+        return granted
+
+    def apply_reserve(self, seq, reservation_id, request, expires_at_ms):
+        skus, requested, _channel, _ttl, allow_partial = request
+        if reservation_id in self.reservations:
+            return f"reservation {reservation_id!r} already exists: a second grant"
+        granted = self.decide_reserve(skus, requested, allow_partial)
+        if isinstance(granted, str):
+            return f"granted, but the model says: {granted}"
+        for sku, quantity in zip(skus, granted):
+            self.stock[sku][1] += quantity
+        self.reservations[reservation_id] = _Reservation(
+            request, [(s, q) for s, q in zip(skus, granted) if q], None, HELD, expires_at_ms,
+            [seq],
+        )
+        self._changed(seq, [s for s, q in zip(skus, granted) if q])
+        return {
+            "granted": True,
+            "lines": tuple(
+                (sku, asked, given, self.available(sku))
+                for sku, asked, given in zip(skus, requested, granted)
+            ),
+            "state": HELD,
+            "expires_at_ms": expires_at_ms,
+        }
+
+    def _held(self, reservation_id, action, at_ms):
+        current = self.reservations.get(reservation_id)
+        if current is None:
+            return f"cannot {action} {reservation_id!r}: unknown"
+        if current.state != HELD:
+            return f"cannot {action} {reservation_id!r}: {STATE_NAMES[current.state]}"
+        if at_ms is not None and current.expires_at_ms <= at_ms:
+            return f"cannot {action} {reservation_id!r}: expired at {current.expires_at_ms}"
+        return current
+
+    def apply_commit(self, seq, reservation_id, lines: dict[str, int] | None, at_ms):
+        current = self._held(reservation_id, "commit", at_ms)
+        if isinstance(current, str):
+            return current
+        committed = []
+        for sku, held in current.lines:
+            quantity = held if lines is None else lines.get(sku, held)
+            if not 0 <= quantity <= held:
+                return f"commit of {quantity} of {sku!r} but {held} held"
+            committed.append(quantity)
+        if lines is not None and set(lines) - {sku for sku, _ in current.lines}:
+            return f"commit names skus {reservation_id!r} holds none of"
+        for (sku, held), quantity in zip(current.lines, committed):
+            row = self.stock[sku]
+            row[1] -= held
+            row[2] += quantity
+        current.committed, current.state = committed, COMMITTED
+        current.seqs.append(seq)
+        self._changed(seq, [sku for sku, _ in current.lines])
+        return self._answer(current)
+
+    def apply_extend(self, seq, reservation_id, expires_at_ms, at_ms):
+        current = self._held(reservation_id, "extend", at_ms)
+        if isinstance(current, str):
+            return current
+        if expires_at_ms < current.expires_at_ms:
+            return f"extend shortened {reservation_id!r}"
+        current.expires_at_ms = expires_at_ms
+        current.seqs.append(seq)
+        return self._answer(current)
+
+    def apply_release(self, seq, reservation_id, expire: bool = False, at_ms=None):
+        current = self.reservations.get(reservation_id)
+        if current is None or current.state not in ((HELD,) if expire else (HELD, COMMITTED)):
+            state = "unknown" if current is None else STATE_NAMES[current.state]
+            return f"cannot {'expire' if expire else 'release'} {reservation_id!r}: {state}"
+        if expire and at_ms is not None and at_ms < current.expires_at_ms:
+            return f"expired {reservation_id!r} at {at_ms}, before its expiry {current.expires_at_ms}"
+        for index, (sku, held) in enumerate(current.lines):
+            if current.state == HELD:
+                self.stock[sku][1] -= held
+            else:
+                self.stock[sku][2] -= current.committed[index]
+        current.state = EXPIRED if expire else RELEASED
+        current.seqs.append(seq)
+        self._changed(seq, [sku for sku, _ in current.lines])
+        return self._answer(current)
+
+    def apply_fulfil(self, seq, reservation_id):
+        current = self.reservations.get(reservation_id)
+        if current is None or current.state != COMMITTED:
+            state = "unknown" if current is None else STATE_NAMES[current.state]
+            return f"cannot fulfil {reservation_id!r}: {state}"
+        for (sku, _), quantity in zip(current.lines, current.committed):
+            row = self.stock[sku]
+            row[2] -= quantity
+            row[0] -= min(quantity, row[0])  # the parcel left; on_hand never goes below 0
+        current.state = FULFILLED
+        current.seqs.append(seq)
+        self._changed(seq, [sku for sku, _ in current.lines])
+        return self._answer(current)
+
+    def apply_stock(self, seq, kind, adjustment_id, sku, value, expected):
+        request = (kind, sku, value, expected)
+        if adjustment_id in self.adjustments:
+            return f"adjustment {adjustment_id!r} applied twice"
+        if kind == "adjust_stock" and sku not in self.stock:
+            return f"adjust of unknown sku {sku!r}"
+        row = self.stock.setdefault(sku, [0, 0, 0])
+        previous = row[0]
+        if expected is not None and expected != previous:
+            return f"{sku!r}: on_hand {previous}, expected {expected}"
+        on_hand = value if kind == "set_stock" else previous + value
+        if not 0 <= on_hand <= ON_HAND_MAX:
+            return f"{sku!r}: on_hand would be {on_hand}"
+        row[0] = on_hand
+        answer = {
+            "stock": (sku, *row, self.available(sku)),
+            "previous_on_hand": previous,
+            "shortfall": max(0, row[1] + row[2] - on_hand),
+        }
+        self.adjustments[adjustment_id] = (request, answer)
+        self._changed(seq, [sku])
+        return answer
+
+    @staticmethod
+    def _answer(current: _Reservation) -> dict:
+        return {
+            "state": current.state,
+            "lines": current.answer_lines(),
+            "expires_at_ms": current.expires_at_ms if current.state == HELD else 0,
+        }
