@@ -41,7 +41,7 @@ import collections
 import dataclasses
 import logging
 import time
-from typing import Iterable
+from typing import Container, Iterable
 
 from reservd.config import Config
 from reservd.futures import SharedFuture
@@ -57,13 +57,16 @@ SOURCE = "mirror"  # the guard source name
 _SEQ_ALL = (1 << 63) - 1
 
 # One batch, applied atomically. KEYS[1]: the watermark; KEYS[2..]: stock hashes.
-# ARGV: mode, epoch, seq, time_ms (0: leave the time), expected_seq, stale_after_ms, then five
-# per stock hash: seq, on_hand, reserved, committed, available.
+# ARGV: mode, epoch, seq, time_ms (0: leave the time), expected_seq, stale_after_ms, then six
+# per stock hash: rule, seq, on_hand, reserved, committed, available.
 #   apply:   refuse the whole batch unless the watermark is of this epoch and at least
 #            expected_seq (otherwise Redis lost what it held: reservd must rewrite everything);
-#            write each stock hash whose version is older; move the watermark forward.
+#            write each stock hash by its rule; move the watermark forward.
 #   rewrite: stock hashes only (a chunk of a full rewrite in a new epoch).
 #   mark:    the watermark only: the full rewrite is complete.
+# Rules: "newer": write when the stored version is older (the values are safe to show as they
+# are); "lower": write only over a hash of this epoch with an older version *and* more
+# available (the values are not durable yet: they may only take availability down).
 BATCH_SCRIPT = """
 local mode = ARGV[1]
 local epoch = tonumber(ARGV[2])
@@ -81,17 +84,25 @@ if mark_epoch and mark_epoch > epoch then
 end
 local written = 0
 for i = 2, #KEYS do
-  local at = 6 + (i - 2) * 5
-  local version = tonumber(ARGV[at + 1])
-  local stored = redis.call('HMGET', KEYS[i], 'epoch', 'seq')
+  local at = 6 + (i - 2) * 6
+  local version = tonumber(ARGV[at + 2])
+  local stored = redis.call('HMGET', KEYS[i], 'epoch', 'seq', 'available')
   local stored_epoch = tonumber(stored[1])
   if stored_epoch and stored_epoch > epoch then
     return redis.error_reply('RESERVD_NEWER ' .. KEYS[i] .. ' has epoch ' .. stored[1] ..
       ', newer than ' .. ARGV[2] .. ': is another reservd mirroring under this prefix?')
   end
-  if not stored_epoch or stored_epoch < epoch or (tonumber(stored[2]) or -1) < version then
-    redis.call('HSET', KEYS[i], 'on_hand', ARGV[at + 2], 'reserved', ARGV[at + 3],
-      'committed', ARGV[at + 4], 'available', ARGV[at + 5], 'seq', ARGV[at + 1],
+  local older = (tonumber(stored[2]) or -1) < version
+  local write
+  if ARGV[at + 1] == 'lower' then
+    write = stored_epoch == epoch and older and
+      tonumber(ARGV[at + 6]) < (tonumber(stored[3]) or 0)
+  else
+    write = not stored_epoch or stored_epoch < epoch or older
+  end
+  if write then
+    redis.call('HSET', KEYS[i], 'on_hand', ARGV[at + 3], 'reserved', ARGV[at + 4],
+      'committed', ARGV[at + 5], 'available', ARGV[at + 6], 'seq', ARGV[at + 2],
       'epoch', ARGV[2])
     written = written + 1
   end
@@ -123,16 +134,20 @@ return epoch
 
 def batch_command(
     prefix: str, mode: str, epoch: int, seq: int, time_ms: int, expected_seq: int,
-    stale_after_ms: int, rows: Iterable[Change],
+    stale_after_ms: int, rows: Iterable[Change], lower: Container[str] = (),
 ) -> tuple[list[str], list]:
     """KEYS and ARGV of one :data:`BATCH_SCRIPT` call; ``rows`` as the change ring has them:
-    (seq, sku, on_hand, reserved, committed)."""
+    (seq, sku, on_hand, reserved, committed); the SKUs in ``lower`` are written by the "lower"
+    rule (not durable yet), the others by the "newer" rule."""
     stock = prefix + "stock:"
     keys = [prefix + "watermark"]
     args: list = [mode, epoch, seq, time_ms, expected_seq, stale_after_ms]
     for version, sku, on_hand, reserved, committed in rows:
         keys.append(stock + sku)
-        args += (version, on_hand, reserved, committed, on_hand - reserved - committed)
+        args += (
+            "lower" if sku in lower else "newer", version, on_hand, reserved, committed,
+            on_hand - reserved - committed,
+        )
     return keys, args
 
 
@@ -145,6 +160,83 @@ def _pack(arguments: Iterable[str | int]) -> bytes:
         parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
     parts[0] = b"*%d\r\n" % (len(parts) - 1)
     return b"".join(parts)
+
+
+def _available(change: Change) -> int:
+    return change[2] - change[3] - change[4]
+
+
+def _read(table: CounterTable, position: int, seq_max: int, read_max: int):
+    """Every ring entry from ``position`` up to ``seq_max``: (position after them, entries)."""
+    entries: list[Change] = []
+    while True:
+        position, changes = table.changes(position, read_max, seq_max)
+        entries += changes
+        if len(changes) < read_max:
+            return position, entries
+
+
+@dataclasses.dataclass
+class Plan:
+    """One mirror write: ``rows`` (one per SKU), the SKUs among them written by the "lower"
+    rule, and the ring position after the last durable entry read (where the next plan starts).
+    """
+
+    rows: list[Change]
+    lower: set[str]
+    settled_position: int
+    settled_entries: int  # durable entries read (changes mirrored for good)
+
+
+def plan(
+    table: CounterTable, position: int, durable_seq: int, target: int, read_max: int
+) -> Plan:
+    """What to write so that Redis shows every change up to ``target`` that lowers
+    availability, and never more available than any state a recovery could bring back.
+
+    ``position`` is the ring position of the first entry after the last durable sequence the
+    mirror wrote (every entry before it is in Redis, or superseded there by a lower one). The
+    entries from it up to ``target`` split at ``durable_seq``: per SKU, its *base* is its newest
+    durable entry, and its *pending* entries are the ones after (applied, not yet fsync'd). After
+    a crash the log holds the changes up to some sequence between ``durable_seq`` and
+    ``target`` (or beyond, with changes no write has covered), so per SKU the state a recovery
+    brings back is its base or one of its pending entries: the write shows their minimum.
+
+    - A SKU with a base: whichever of the base and its least-available pending entry has less
+      available (the newer on a tie), by the "newer" rule. Both the base and every pending
+      entry are >= it. Versions never go back: the base is newer than anything the previous
+      write could have chosen below it, and a pending entry stays chosen until one newer and
+      no higher replaces it.
+    - A SKU with pending entries only: its durable state is the one Redis already reflects
+      (Redis holds it or something lower), so its least-available pending entry is written by
+      the "lower" rule: only if it has less available than Redis holds.
+
+    Releases, expiries, commits of fewer units, restocks (anything that raises availability)
+    therefore reach Redis once durable; grants and stock taken down reach it ahead of the fsync.
+    """
+    settled_position, durable = _read(table, position, durable_seq, read_max)
+    _, pending = _read(table, settled_position, target, read_max)
+    base: dict[str, Change] = {change[1]: change for change in durable}
+    least: dict[str, Change] = {}
+    for change in pending:
+        sku = change[1]
+        current = least.get(sku)
+        if current is None or _available(change) <= _available(current):
+            least[sku] = change
+    rows: list[Change] = []
+    lower: set[str] = set()
+    for sku, change in base.items():
+        candidate = least.pop(sku, None)
+        if candidate is not None and _available(candidate) <= _available(change):
+            change = candidate
+        rows.append(change)
+    rows += least.values()
+    lower.update(least)
+    return Plan(rows, lower, settled_position, len(durable))
+
+
+class _Silent(TimeoutError):
+    """Redis answered nothing (no reply, no PONG) for mirror_silence_ms_max: a partition."""
 
 
 class MirrorUnavailable(Exception):
@@ -179,6 +271,8 @@ def _is_fault(error: BaseException) -> bool:
 def _describe(error: BaseException, timeout_ms: int) -> str:
     from redis.exceptions import TimeoutError as RedisTimeout
 
+    if isinstance(error, _Silent):
+        return str(error)
     if isinstance(error, (TimeoutError, RedisTimeout)):
         return f"the Redis mirror is unreachable: no answer within {timeout_ms} ms"
     if _is_fault(error):
@@ -200,16 +294,21 @@ class MirrorStats:
     rewrites: int = 0  # full rewrites (every start, and after Redis lost data)
     replays: int = 0  # reopenings that replayed the ring from the mirror's position
     failures: int = 0
+    slow_writes: int = 0  # writes answered later than mirror_timeout_ms (Redis probed, alive)
+    grant_waits_exceeded: int = 0  # grants answered UNAVAILABLE after mirror_grant_wait_ms_max
     reopen_seconds_last: float | None = None  # closed -> open again, the latest time
 
 
 class RedisMirror:
-    """Mirrors the counter table to Redis. ``mirrored_seq``: Redis holds every change up to it.
+    """Mirrors the counter table to Redis.
 
-    One task owns the Redis connection: it reads the change ring from its position up to
-    ``ledger.seq`` (not only the durable sequence: the Redis write runs alongside the WAL
-    fsync), coalesces per SKU, and writes one script call per batch; or it resynchronises after
-    a failure. A second task watches the lag.
+    ``mirrored_seq``: Redis reflects every change up to it that lowers availability (every
+    grant up to it is held). ``settled_seq``: Redis reflects every change up to it (the durable
+    sequence of the latest write). One task owns the Redis connection: it reads the change ring
+    from the settled position up to ``ledger.seq`` (not only the durable sequence: the Redis
+    write of a grant runs alongside the WAL fsync), picks one row per SKU (:func:`plan`), and
+    writes one script call per batch; or it resynchronises after a failure. A second task
+    watches the lag.
     """
 
     def __init__(self, table: CounterTable, ledger, guard: Guard, config: Config) -> None:
@@ -220,6 +319,8 @@ class RedisMirror:
         self.config = config
         self.prefix = config.redis_prefix
         self.timeout_seconds = config.mirror_timeout_ms / 1000
+        self.silence_seconds = config.mirror_silence_ms_max / 1000
+        self.grant_wait_seconds = config.mirror_grant_wait_ms_max / 1000
         # A healthy reservd refreshes the watermark at least this often (lag bound, one write,
         # one heartbeat); readers stop trusting it beyond.
         self.stale_after_ms = (
@@ -227,13 +328,15 @@ class RedisMirror:
         )
         self.epoch = 0
         self.mirrored_seq = 0
+        self.settled_seq = 0
         self.stats = MirrorStats()
-        self._position = 0  # ring position after the last mirrored change
+        self._position = 0  # ring position after the last entry <= settled_seq
         self._rewrite_seq = 0  # sequence of the latest full rewrite
         self._open = False
         self._reason = "the Redis mirror is not written yet"
         self._client = None  # redis.asyncio.Redis with a single connection ...
         self._connection = None  # ... which the hot path uses directly
+        self._probe = None  # a second single-connection client: PING while a write is slow
         self._batch_sha = ""
         self._epoch_sha = ""
         self._inflight: SharedFuture | None = None  # waiters of the batch being written
@@ -302,9 +405,9 @@ class RedisMirror:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._open and self._client is not None and self.ledger.seq > self.mirrored_seq:
+        if self._open and self._client is not None and self._behind():
             try:
-                await self._write_changes(self.ledger.seq, time.time_ns() // 1_000_000)
+                await self._write(self.ledger.seq)
             except Exception as error:
                 why = _describe(error, self.config.mirror_timeout_ms)
                 log.warning("final mirror write failed", extra={"why": why})
@@ -342,66 +445,121 @@ class RedisMirror:
         """Write batches while there are changes, a heartbeat when idle; return when closed."""
         heartbeat_seconds = self.config.mirror_heartbeat_ms / 1000
         while self._open:
-            if self.ledger.seq > self.mirrored_seq:
+            if self._behind():
                 # Reserves that are ready to run in this loop turn join the batch.
                 await asyncio.sleep(0)
                 await self._batch(self.ledger.seq)
                 continue
             idle = time.monotonic() - self._written_at
             if idle >= heartbeat_seconds:
-                await self._apply([], self.mirrored_seq, time.time_ns() // 1_000_000)
+                await self._apply([], self.settled_seq, time.time_ns() // 1_000_000)
                 continue
             await self._idle(heartbeat_seconds - idle)
 
+    def _behind(self) -> bool:
+        """Whether a write is due: changes not mirrored yet, or mirrored ones that have become
+        durable since (a release shows in Redis only then)."""
+        return (self.ledger.seq > self.mirrored_seq
+                or self.ledger.log.durable_seq > self.settled_seq)
+
     async def _batch(self, target: int) -> None:
-        """Mirror every change up to ``target`` (one write, or more beyond mirror_batch_max),
-        then release its waiters."""
+        """Mirror every change up to ``target``, then release its waiters."""
         assert self._inflight is None, "one batch at a time"
         self._inflight, self._next = self._next, None
         self._inflight_seq = target
-        time_ms = time.time_ns() // 1_000_000
-        while self.mirrored_seq < target:
-            await self._write_changes(target, time_ms)
+        await self._write(target)
         batch, self._inflight = self._inflight, None
         _settle(batch)
 
-    async def _write_changes(self, target: int, time_ms: int) -> None:
-        """One write: the next changes up to ``target``, at most mirror_batch_max of them.
-        ``time_ms``: unix ms at which the table was at ``target``."""
+    async def _write(self, target: int) -> None:
+        """Write the :func:`plan` up to ``target`` (several script calls beyond
+        mirror_batch_max rows: each row is safe on its own; the watermark moves with the last).
+        """
         table = self.table
-        position = self._position
-        if position < table.ring_tail:
+        if self._position < table.ring_tail:
             raise _Rebuild(
-                f"it fell {table.ring_head - position} changes behind, more than the change "
-                "ring holds (watch_ring_capacity)"
+                f"it fell {table.ring_head - self._position} changes behind, more than the "
+                "change ring holds (watch_ring_capacity)"
             )
+        durable = min(self.ledger.log.durable_seq, target)
+        assert durable >= self.settled_seq and target >= self.mirrored_seq, (
+            durable, self.settled_seq, target, self.mirrored_seq)
         batch_max = self.config.mirror_batch_max
-        after, changes = table.changes(position, batch_max, target)
-        if len(changes) < batch_max:
-            seq = target
-        else:
-            # Entries of the last sequence may continue in the next read; the time is only
-            # advanced with a complete batch (the table was exactly at ``seq`` then).
-            seq, time_ms = max(self.mirrored_seq, changes[-1][0] - 1), 0
-        latest = {change[1]: change for change in changes}  # per SKU, its newest entry
-        await self._apply(latest.values(), seq, time_ms)
-        assert after >= position and seq >= self.mirrored_seq, (after, position, seq)
-        self._position = after
-        self.mirrored_seq = seq
-        self.stats.changes += len(changes)
+        step = plan(table, self._position, durable, target, batch_max)
+        time_ms = time.time_ns() // 1_000_000  # the table was at ``target`` now
+        rows = step.rows
+        chunks = [rows[start:start + batch_max] for start in range(0, len(rows), batch_max)]
+        for chunk in chunks[:-1]:  # not the last call: leave the watermark where it is
+            await self._apply(chunk, self.settled_seq, 0, step.lower)
+        await self._apply(chunks[-1] if chunks else [], durable, time_ms, step.lower)
+        self._position = step.settled_position
+        self.settled_seq = durable
+        self.mirrored_seq = target
+        self.stats.changes += step.settled_entries
 
-    async def _apply(self, rows: Iterable[Change], seq: int, time_ms: int) -> None:
+    async def _apply(
+        self, rows: Iterable[Change], seq: int, time_ms: int, lower: Container[str] = ()
+    ) -> None:
         keys, args = batch_command(
-            self.prefix, "apply", self.epoch, seq, time_ms, self.mirrored_seq,
-            self.stale_after_ms, rows,
+            self.prefix, "apply", self.epoch, seq, time_ms, self.settled_seq,
+            self.stale_after_ms, rows, lower,
         )
-        connection = self._connection
-        command = _pack(("EVALSHA", self._batch_sha, len(keys), *keys, *args))
-        async with asyncio.timeout(self.timeout_seconds):
-            await connection.send_packed_command(command, check_health=False)
-            await connection.read_response()  # raises the script's error reply
+        await self._call(_pack(("EVALSHA", self._batch_sha, len(keys), *keys, *args)))
         self._written_at = time.monotonic()
         self.stats.batches += 1
+
+    async def _call(self, command: bytes):
+        """Send one packed command on the mirror connection; return its reply (raises the
+        script's error reply).
+
+        A slow reply is not a partition. Past mirror_timeout_ms the mirror asks Redis for a
+        sign of life (PING on the probe connection), again every mirror_timeout_ms; it gives up
+        (:class:`_Silent`) when Redis has answered nothing at all for mirror_silence_ms_max, or
+        when the reply has not come within mirror_lag_ms_max although Redis answers pings (a
+        stuck connection). A refused or reset connection raises at once.
+        """
+        connection = self._connection
+
+        async def roundtrip():
+            await connection.send_packed_command(command, check_health=False)
+            return await connection.read_response()
+
+        reply = asyncio.ensure_future(roundtrip())
+        probe = None
+        sent = heard = time.monotonic()  # heard: the latest sign of life
+        give_up = sent + self.config.mirror_lag_ms_max / 1000
+        try:
+            while True:
+                now = time.monotonic()
+                wake = min(now + self.timeout_seconds, heard + self.silence_seconds, give_up)
+                waiting = {reply} if probe is None else {reply, probe}
+                done, _ = await asyncio.wait(
+                    waiting, timeout=max(wake - now, 0), return_when=asyncio.FIRST_COMPLETED
+                )
+                now = time.monotonic()
+                if reply in done:
+                    if now - sent > self.timeout_seconds:
+                        self.stats.slow_writes += 1
+                    return reply.result()
+                if probe is not None and probe.done():
+                    probe.result()  # a refused or reset connection is a fault now
+                    heard, probe = now, None
+                if now >= heard + self.silence_seconds:
+                    raise _Silent(
+                        "the Redis mirror is unreachable: no answer within "
+                        f"{self.config.mirror_silence_ms_max} ms (mirror_silence_ms_max)"
+                    )
+                if now >= give_up:
+                    raise _Silent(
+                        "the Redis mirror is lagging: a write had no reply within "
+                        f"{self.config.mirror_lag_ms_max} ms (mirror_lag_ms_max)"
+                    )
+                if probe is None and now - max(sent, heard) >= self.timeout_seconds:
+                    probe = asyncio.ensure_future(self._probe.ping())
+        finally:
+            for pending in (reply, probe):
+                if pending is not None and not pending.done():
+                    pending.cancel()
 
     async def _idle(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -420,8 +578,8 @@ class RedisMirror:
 
     def _on_durable(self, seq: int) -> None:
         # The log takes its next batch now: mirror alongside it (see wait), and mirror what
-        # nobody waits for (releases, expiries) once it is durable.
-        if self.ledger.seq > self.mirrored_seq:
+        # may only show once durable (releases, expiries, restocks).
+        if self._behind():
             self._kick()
 
     # -- failing closed and healing -----------------------------------------------------------
@@ -448,16 +606,17 @@ class RedisMirror:
         _settle(self._next, unavailable)
         self._inflight = self._next = None
 
-    def _connect(self):
+    def _connect(self, name: str = "reservd-mirror"):
         from redis.asyncio import Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
-        timeout = self.timeout_seconds
         return Redis.from_url(
             self.config.redis_url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+            # No read timeout of redis-py's own: a slow reply is not a failure (see _call),
+            # and every wait here is bounded explicitly.
+            socket_timeout=None,
+            socket_connect_timeout=self.silence_seconds,
             # redis-py's default retries a failed command three times with a backoff, which
             # stretches one timeout to seconds: fail at once, reconnecting is _run's job.
             retry=Retry(NoBackoff(), 0),
@@ -465,41 +624,43 @@ class RedisMirror:
             # connection idle for a second is only a backstop.
             health_check_interval=1,
             single_connection_client=True,
-            client_name="reservd-mirror",
+            client_name=name,
         )
 
     async def _drop_client(self) -> None:
         client, self._client = self._client, None
+        probe, self._probe = self._probe, None
         self._connection = None
-        if client is None:
-            return
-        try:
-            async with asyncio.timeout(self.timeout_seconds):
-                await client.aclose()
-        except Exception:
-            pass  # it is gone either way
+        for each in (client, probe):
+            if each is None:
+                continue
+            try:
+                async with asyncio.timeout(self.timeout_seconds):
+                    await each.aclose()
+            except Exception:
+                pass  # it is gone either way
 
     async def _resync(self) -> None:
         """Connect, bring Redis up to date (replay the ring, or rewrite every key), reopen."""
         started = time.monotonic()
         await self._drop_client()
         self._client = client = self._connect()
-        async with asyncio.timeout(self.timeout_seconds):
+        self._probe = self._connect("reservd-mirror-probe")
+        timeout = self.silence_seconds
+        async with asyncio.timeout(timeout):
             self._batch_sha = await client.script_load(BATCH_SCRIPT)
-        async with asyncio.timeout(self.timeout_seconds):
+        async with asyncio.timeout(timeout):
             self._epoch_sha = await client.script_load(EPOCH_SCRIPT)
         self._connection = client.connection
         assert self._connection is not None, "a single-connection client after a command"
-        async with asyncio.timeout(self.timeout_seconds):
+        async with asyncio.timeout(timeout):
             watermark = await client.hgetall(self.prefix + "watermark")
+        async with asyncio.timeout(timeout):
+            await self._probe.ping()  # connected before a slow write needs it
         how = self._resume(watermark)
         if how == "rewrite":
             await self._rewrite()
-        target, time_ms = self.ledger.seq, time.time_ns() // 1_000_000
-        while self.mirrored_seq < target:
-            await self._write_changes(target, time_ms)
-        if self._written_at < started:
-            await self._apply([], self.mirrored_seq, time.time_ns() // 1_000_000)
+        await self._write(self.ledger.seq)
         self._open = True
         self._lag_samples.clear()
         since = self.guard.since(SOURCE)
@@ -525,15 +686,15 @@ class RedisMirror:
         seq = int(watermark.get(b"seq", -1))
         if epoch != self.epoch or seq > self.ledger.seq or self._position < table.ring_tail:
             return "rewrite"
-        if seq >= self.mirrored_seq:
+        if seq >= self.settled_seq:
             return "replay"
         # Redis came back with less than it had acknowledged (an older snapshot or AOF).
         if seq >= self._rewrite_seq and self._retained_after(seq):
             log.warning(
                 "Redis lost mirrored changes: replaying them",
-                extra={"watermark_seq": seq, "mirrored_seq": self.mirrored_seq},
+                extra={"watermark_seq": seq, "settled_seq": self.settled_seq},
             )
-            self.mirrored_seq = seq
+            self.settled_seq = self.mirrored_seq = seq
             self._position = table.position_after(seq)
             return "replay"
         return "rewrite"
@@ -547,23 +708,33 @@ class RedisMirror:
         return bool(oldest) and oldest[0][0] <= seq
 
     async def _rewrite(self) -> None:
-        """Write every SKU's counters as of now in a new epoch, remove stock keys the table
-        does not have, then the watermark. Later changes follow by replay from ring_head."""
-        client, timeout = self._client, self.timeout_seconds
+        """Write every SKU's durable counters in a new epoch, remove the other stock keys, then
+        the watermark. A SKU with changes not durable yet is left out (its key removed: no
+        stock shown) until they are; later changes follow from the durable position."""
+        client, timeout = self._client, self.silence_seconds
         prefix = self.prefix
         async with asyncio.timeout(timeout):
             epoch = int(await client.evalsha(
                 self._epoch_sha, 2, prefix + "epoch", prefix + "watermark", self.epoch
             ))
         table = self.table
-        seq, position = self.ledger.seq, table.ring_head
-        time_ms = time.time_ns() // 1_000_000
-        rows = list(table.items())
         batch_max = self.config.mirror_batch_max
+        seq = self.ledger.seq
+        durable = min(self.ledger.log.durable_seq, seq)
+        if durable < seq and not self._retained_after(durable):
+            raise _Rebuild(
+                f"the log is {seq - durable} changes from durable, more than the change ring "
+                "holds (watch_ring_capacity)"
+            )
+        position = table.position_after(durable)
+        _, pending = _read(table, position, seq, batch_max)
+        skipped = {change[1] for change in pending}
+        time_ms = time.time_ns() // 1_000_000
+        rows = [row for row in table.items() if row[0] not in skipped]
         for start in range(0, len(rows), batch_max):
             keys, args = batch_command(
-                prefix, "rewrite", epoch, seq, 0, 0, self.stale_after_ms,
-                ((seq, sku, on_hand, reserved, committed)
+                prefix, "rewrite", epoch, durable, 0, 0, self.stale_after_ms,
+                ((durable, sku, on_hand, reserved, committed)
                  for sku, on_hand, reserved, committed in rows[start:start + batch_max]),
             )
             async with asyncio.timeout(timeout):
@@ -581,15 +752,19 @@ class RedisMirror:
                     await client.unlink(*stray)
             if cursor == 0:
                 break
-        keys, args = batch_command(prefix, "mark", epoch, seq, time_ms, 0, self.stale_after_ms, ())
+        keys, args = batch_command(
+            prefix, "mark", epoch, durable, time_ms, 0, self.stale_after_ms, ()
+        )
         async with asyncio.timeout(timeout):
             await client.evalsha(self._batch_sha, len(keys), *keys, *args)
         self._written_at = time.monotonic()
         self.epoch = epoch
-        self._rewrite_seq = self.mirrored_seq = seq
+        self._rewrite_seq = self.settled_seq = self.mirrored_seq = durable
         self._position = position
         self.stats.rewrites += 1
-        log.info("mirror rewritten", extra={"epoch": epoch, "seq": seq, "skus": len(rows)})
+        log.info("mirror rewritten", extra={
+            "epoch": epoch, "seq": durable, "skus": len(rows), "not_durable_skus": len(skipped)
+        })
 
     async def _watch_lag(self) -> None:
         """Fail closed when a change applied mirror_lag_ms_max ago is still not mirrored."""
