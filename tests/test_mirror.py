@@ -27,7 +27,7 @@ from conftest import ROOT, aio, cart, running, test_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redisserver import Monitor, Proxy, RedisServer, require_redis_server
 
-from reservd import mirror as mirror_module
+from reservd import mirrorwrite
 from reservd.config import Config
 from reservd.v1 import reservd_pb2 as pb
 from reservd.v1 import reservd_pb2_grpc as pb_grpc
@@ -435,10 +435,10 @@ async def test_restart_with_its_data(tmp_path, redis_server, proxy, monitor):
 @aio
 async def test_the_script_never_applies_an_older_version(redis_server):
     client = aioredis.Redis(port=redis_server.port)
-    sha = await client.script_load(mirror_module.BATCH_SCRIPT)
+    sha = await client.script_load(mirrorwrite.BATCH_SCRIPT)
 
     async def call(mode, epoch, seq, expected_seq, rows, time_ms=1_000, lower=()):
-        keys, args = mirror_module.batch_command(
+        keys, args = mirrorwrite.batch_command(
             "t:", mode, epoch, seq, time_ms, expected_seq, 1_350, rows, lower
         )
         return await client.evalsha(sha, len(keys), *keys, *args)
@@ -739,7 +739,7 @@ def test_the_plan_never_shows_more_than_a_state_recovery_could_bring_back(steps,
 
     def write(target: int) -> None:
         nonlocal settled, mirrored, position
-        step = mirror_module.plan(table, position, durable, target, read_max)
+        step = mirrorwrite.plan(table, position, durable, target, read_max)
         before = dict(redis)
         _lua_rules(redis, step.rows, step.lower)
         position, settled, mirrored = step.settled_position, durable, target

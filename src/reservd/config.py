@@ -56,7 +56,7 @@ class Config:
     # within mirror_lag_ms_max, or a change waits longer than that to be mirrored.
     mirror_timeout_ms: int = 250
     mirror_silence_ms_max: int = 1_000
-    mirror_lag_ms_max: int = 1_000
+    mirror_lag_ms_max: int = 2_000
     # A grant waits at most this long for the mirror, then answers UNAVAILABLE without closing
     # reservd (the grant stays applied; a retry with the same id returns it).
     mirror_grant_wait_ms_max: int = 1_000

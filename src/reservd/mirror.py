@@ -1,10 +1,20 @@
 """The Redis mirror: reservd's counter table, written to Redis for systems that read stock
 without asking reservd (storefront pages, dashboards, channel sync jobs, a future standby).
 
-A grant (anything that makes stock less available) is acknowledged only once the mirror holds it
-(see reservd.service.Durability), so the mirror never shows stock that reservd has promised to
-someone; releases, expiries, commits and fulfilments are mirrored as soon as possible but may be
-acknowledged on the WAL alone: until they land the mirror shows *less* available, the safe side.
+The mirror never shows more available than the truth, across crashes too:
+
+- a grant (anything that makes stock less available) is written ahead of its WAL fsync and
+  acknowledged only once the mirror holds it (see reservd.service.Durability);
+- anything that makes stock more available (release, expiry, commit of fewer units, fulfil,
+  a restock) is written only once durable, so after a crash Redis shows no more than the
+  recovered log. Per SKU, each write shows the least available of the durable state and of
+  every applied, not yet durable state (:func:`plan`).
+
+A slow Redis is not a partition: a write unanswered after ``mirror_timeout_ms`` makes the
+mirror ping Redis on a second connection, and it fails closed only when Redis has answered
+nothing for ``mirror_silence_ms_max``, or a write has no reply within ``mirror_lag_ms_max``,
+or a change waits that long to be mirrored (:meth:`RedisMirror._call`). A grant waits for the
+mirror at most ``mirror_grant_wait_ms_max``.
 
 Key layout, under ``P`` = ``config.redis_prefix`` ("reservd:" by default):
 
@@ -13,8 +23,9 @@ Key layout, under ``P`` = ``config.redis_prefix`` ("reservd:" by default):
     ``epoch``, ``seq``: their version: the mirror epoch that wrote them and the sequence of the
     change they reflect (or, after a full rewrite, the sequence the rewrite was taken at).
 ``P + "watermark"`` (hash)
-    ``epoch``, ``seq``: every change up to ``seq`` is in the stock hashes of this epoch;
-    ``time_ms``: unix time (ms, reservd's clock) at which the stock hashes last equalled
+    ``epoch``, ``seq``: every change up to ``seq`` (a durable sequence) is in the stock hashes
+    of this epoch, and so are the grants after it that the hashes hold;
+    ``time_ms``: unix time (ms, reservd's clock) at which the stock hashes last reflected
     reservd's table, refreshed every ``mirror_heartbeat_ms`` while idle; ``stale_after_ms``: the
     age of ``time_ms`` beyond which a reader must stop trusting the mirror.
 ``P + "epoch"`` (string)
@@ -30,9 +41,8 @@ and every full rewrite, therefore writes in a new, higher epoch.
 A reader fails closed on its own side when the watermark is missing, when ``now_ms - time_ms``
 exceeds ``stale_after_ms`` (reservd stopped confirming the mirror: partitioned, lagging, down),
 or when a stock hash's ``epoch`` differs from the watermark's (it predates the latest full
-rewrite). reservd itself fails closed (:class:`reservd.guard.Guard` source ``"mirror"``) when a
-write does not succeed within ``mirror_timeout_ms`` or the mirror lags by more than
-``mirror_lag_ms_max``, and reopens by itself once it has resynchronised.
+rewrite). reservd itself fails closed (:class:`reservd.guard.Guard` source ``"mirror"``) as
+described above, and reopens by itself once it has resynchronised.
 """
 from __future__ import annotations
 
@@ -46,6 +56,9 @@ from typing import Container, Iterable
 from reservd.config import Config
 from reservd.futures import SharedFuture
 from reservd.guard import Guard
+from reservd.mirrorwrite import (
+    BATCH_SCRIPT, EPOCH_SCRIPT, batch_command, pack, plan, read_entries,
+)
 from reservd.table import Change, CounterTable
 
 log = logging.getLogger("reservd.mirror")
@@ -55,185 +68,6 @@ log = logging.getLogger("reservd.mirror")
 SOURCE = "mirror"  # the guard source name
 
 _SEQ_ALL = (1 << 63) - 1
-
-# One batch, applied atomically. KEYS[1]: the watermark; KEYS[2..]: stock hashes.
-# ARGV: mode, epoch, seq, time_ms (0: leave the time), expected_seq, stale_after_ms, then six
-# per stock hash: rule, seq, on_hand, reserved, committed, available.
-#   apply:   refuse the whole batch unless the watermark is of this epoch and at least
-#            expected_seq (otherwise Redis lost what it held: reservd must rewrite everything);
-#            write each stock hash by its rule; move the watermark forward.
-#   rewrite: stock hashes only (a chunk of a full rewrite in a new epoch).
-#   mark:    the watermark only: the full rewrite is complete.
-# Rules: "newer": write when the stored version is older (the values are safe to show as they
-# are); "lower": write only over a hash of this epoch with an older version *and* more
-# available (the values are not durable yet: they may only take availability down).
-BATCH_SCRIPT = """
-local mode = ARGV[1]
-local epoch = tonumber(ARGV[2])
-local seq = tonumber(ARGV[3])
-local mark = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'time_ms')
-local mark_epoch = tonumber(mark[1])
-local mark_seq = tonumber(mark[2]) or -1
-if mode == 'apply' and (mark_epoch ~= epoch or mark_seq < tonumber(ARGV[5])) then
-  return redis.error_reply('RESERVD_LOST the watermark is at epoch ' .. tostring(mark[1]) ..
-    ' seq ' .. tostring(mark[2]) .. ', not epoch ' .. ARGV[2] .. ' seq >= ' .. ARGV[5])
-end
-if mark_epoch and mark_epoch > epoch then
-  return redis.error_reply('RESERVD_NEWER the watermark has epoch ' .. mark[1] ..
-    ', newer than ' .. ARGV[2] .. ': is another reservd mirroring under this prefix?')
-end
-local written = 0
-for i = 2, #KEYS do
-  local at = 6 + (i - 2) * 6
-  local version = tonumber(ARGV[at + 2])
-  local stored = redis.call('HMGET', KEYS[i], 'epoch', 'seq', 'available')
-  local stored_epoch = tonumber(stored[1])
-  if stored_epoch and stored_epoch > epoch then
-    return redis.error_reply('RESERVD_NEWER ' .. KEYS[i] .. ' has epoch ' .. stored[1] ..
-      ', newer than ' .. ARGV[2] .. ': is another reservd mirroring under this prefix?')
-  end
-  local older = (tonumber(stored[2]) or -1) < version
-  local write
-  if ARGV[at + 1] == 'lower' then
-    write = stored_epoch == epoch and older and
-      tonumber(ARGV[at + 6]) < (tonumber(stored[3]) or 0)
-  else
-    write = not stored_epoch or stored_epoch < epoch or older
-  end
-  if write then
-    redis.call('HSET', KEYS[i], 'on_hand', ARGV[at + 3], 'reserved', ARGV[at + 4],
-      'committed', ARGV[at + 5], 'available', ARGV[at + 6], 'seq', ARGV[at + 2],
-      'epoch', ARGV[2])
-    written = written + 1
-  end
-end
-if mode ~= 'rewrite' then
-  local time_ms = tonumber(ARGV[4])
-  local newer = mark_epoch ~= epoch or mark_seq < seq
-  if newer or (mark_seq == seq and (tonumber(mark[3]) or 0) < time_ms) then
-    local stamp = ARGV[4]
-    if time_ms == 0 then
-      stamp = mark[3] or '0'
-    end
-    redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'seq', ARGV[3], 'time_ms', stamp,
-      'stale_after_ms', ARGV[6])
-  end
-end
-return written
-"""
-
-# A new epoch, above the counter, the watermark and the caller's current epoch (Redis may have
-# lost the counter with the rest of its data while reservd still remembers its epoch).
-# KEYS[1]: the epoch counter; KEYS[2]: the watermark. ARGV[1]: the caller's epoch.
-EPOCH_SCRIPT = """
-local epoch = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'),
-  tonumber(redis.call('HGET', KEYS[2], 'epoch') or '0'), tonumber(ARGV[1])) + 1
-redis.call('SET', KEYS[1], epoch)
-return epoch
-"""
-
-def batch_command(
-    prefix: str, mode: str, epoch: int, seq: int, time_ms: int, expected_seq: int,
-    stale_after_ms: int, rows: Iterable[Change], lower: Container[str] = (),
-) -> tuple[list[str], list]:
-    """KEYS and ARGV of one :data:`BATCH_SCRIPT` call; ``rows`` as the change ring has them:
-    (seq, sku, on_hand, reserved, committed); the SKUs in ``lower`` are written by the "lower"
-    rule (not durable yet), the others by the "newer" rule."""
-    stock = prefix + "stock:"
-    keys = [prefix + "watermark"]
-    args: list = [mode, epoch, seq, time_ms, expected_seq, stale_after_ms]
-    for version, sku, on_hand, reserved, committed in rows:
-        keys.append(stock + sku)
-        args += (
-            "lower" if sku in lower else "newer", version, on_hand, reserved, committed,
-            on_hand - reserved - committed,
-        )
-    return keys, args
-
-
-def _pack(arguments: Iterable[str | int]) -> bytes:
-    """One command in RESP, as redis-py's pack_command makes it, without its per-argument
-    cost (the mirror's hot path sends one per batch)."""
-    parts = [b""]
-    for argument in arguments:
-        data = argument.encode() if isinstance(argument, str) else b"%d" % argument
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    parts[0] = b"*%d\r\n" % (len(parts) - 1)
-    return b"".join(parts)
-
-
-def _available(change: Change) -> int:
-    return change[2] - change[3] - change[4]
-
-
-def _read(table: CounterTable, position: int, seq_max: int, read_max: int):
-    """Every ring entry from ``position`` up to ``seq_max``: (position after them, entries)."""
-    entries: list[Change] = []
-    while True:
-        position, changes = table.changes(position, read_max, seq_max)
-        entries += changes
-        if len(changes) < read_max:
-            return position, entries
-
-
-@dataclasses.dataclass
-class Plan:
-    """One mirror write: ``rows`` (one per SKU), the SKUs among them written by the "lower"
-    rule, and the ring position after the last durable entry read (where the next plan starts).
-    """
-
-    rows: list[Change]
-    lower: set[str]
-    settled_position: int
-    settled_entries: int  # durable entries read (changes mirrored for good)
-
-
-def plan(
-    table: CounterTable, position: int, durable_seq: int, target: int, read_max: int
-) -> Plan:
-    """What to write so that Redis shows every change up to ``target`` that lowers
-    availability, and never more available than any state a recovery could bring back.
-
-    ``position`` is the ring position of the first entry after the last durable sequence the
-    mirror wrote (every entry before it is in Redis, or superseded there by a lower one). The
-    entries from it up to ``target`` split at ``durable_seq``: per SKU, its *base* is its newest
-    durable entry, and its *pending* entries are the ones after (applied, not yet fsync'd). After
-    a crash the log holds the changes up to some sequence between ``durable_seq`` and
-    ``target`` (or beyond, with changes no write has covered), so per SKU the state a recovery
-    brings back is its base or one of its pending entries: the write shows their minimum.
-
-    - A SKU with a base: whichever of the base and its least-available pending entry has less
-      available (the newer on a tie), by the "newer" rule. Both the base and every pending
-      entry are >= it. Versions never go back: the base is newer than anything the previous
-      write could have chosen below it, and a pending entry stays chosen until one newer and
-      no higher replaces it.
-    - A SKU with pending entries only: its durable state is the one Redis already reflects
-      (Redis holds it or something lower), so its least-available pending entry is written by
-      the "lower" rule: only if it has less available than Redis holds.
-
-    Releases, expiries, commits of fewer units, restocks (anything that raises availability)
-    therefore reach Redis once durable; grants and stock taken down reach it ahead of the fsync.
-    """
-    settled_position, durable = _read(table, position, durable_seq, read_max)
-    _, pending = _read(table, settled_position, target, read_max)
-    base: dict[str, Change] = {change[1]: change for change in durable}
-    least: dict[str, Change] = {}
-    for change in pending:
-        sku = change[1]
-        current = least.get(sku)
-        if current is None or _available(change) <= _available(current):
-            least[sku] = change
-    rows: list[Change] = []
-    lower: set[str] = set()
-    for sku, change in base.items():
-        candidate = least.pop(sku, None)
-        if candidate is not None and _available(candidate) <= _available(change):
-            change = candidate
-        rows.append(change)
-    rows += least.values()
-    lower.update(least)
-    return Plan(rows, lower, settled_position, len(durable))
-
 
 class _Silent(TimeoutError):
     """Redis answered nothing (no reply, no PONG) for mirror_silence_ms_max: a partition."""
@@ -504,7 +338,7 @@ class RedisMirror:
             self.prefix, "apply", self.epoch, seq, time_ms, self.settled_seq,
             self.stale_after_ms, rows, lower,
         )
-        await self._call(_pack(("EVALSHA", self._batch_sha, len(keys), *keys, *args)))
+        await self._call(pack(("EVALSHA", self._batch_sha, len(keys), *keys, *args)))
         self._written_at = time.monotonic()
         self.stats.batches += 1
 
@@ -537,7 +371,12 @@ class RedisMirror:
                     waiting, timeout=max(wake - now, 0), return_when=asyncio.FIRST_COMPLETED
                 )
                 now = time.monotonic()
-                if reply in done:
+                if not done and (now >= heard + self.silence_seconds or now >= give_up):
+                    # Before calling it silence: an answer may already wait in our socket while
+                    # our own loop was busy. Let the loop poll and run what is ready.
+                    for _ in range(3):
+                        await asyncio.sleep(0)
+                if reply.done():
                     if now - sent > self.timeout_seconds:
                         self.stats.slow_writes += 1
                     return reply.result()
@@ -727,7 +566,7 @@ class RedisMirror:
                 "holds (watch_ring_capacity)"
             )
         position = table.position_after(durable)
-        _, pending = _read(table, position, seq, batch_max)
+        _, pending = read_entries(table, position, seq, batch_max)
         skipped = {change[1] for change in pending}
         time_ms = time.time_ns() // 1_000_000
         rows = [row for row in table.items() if row[0] not in skipped]
