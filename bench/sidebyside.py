@@ -25,7 +25,7 @@ Workloads (--workloads):
 Systems (--systems; a system that cannot start is skipped with the reason):
   reservd-memory  `reservd serve --in-memory`: no WAL (the cost of reservd's own code)
   reservd-wal     `reservd serve` with the WAL (group commit, fdatasync before each answer)
-  reservd-mirror  WAL plus --redis-url to a redis-server of its own (persistence off)
+  reservd-mirror  WAL plus --redis-url to a redis-server of its own (appendfsync always)
   redis-lua       a redis-server with appendonly yes and appendfsync always, and a Lua script
                   that checks, decrements and records the reservation id atomically
   grpc-ceiling    bench/ceiling_server.py: reservd's API over a dict on grpc.aio + uvloop,
@@ -280,6 +280,9 @@ class System:
     def wal_counters(self) -> dict[str, float] | None:
         return None
 
+    def mirror_counters(self) -> dict[str, float] | None:
+        return None
+
 
 class GrpcSystem(System):
     """reservd and the gRPC ceiling: the same API, the same client code."""
@@ -306,7 +309,8 @@ class GrpcSystem(System):
                 self.data_dir = Path(tempfile.mkdtemp(prefix="bench-reservd-"))
                 command += ["--data-dir", str(self.data_dir)]
             if self.name == "reservd-mirror":
-                redis = await RedisServer("--appendonly", "no").start()
+                # A Redis as durable as the redis-lua system's: the harder case for the mirror.
+                redis = await RedisServer("--appendonly", "yes", "--appendfsync", "always").start()
                 self.servers.append(redis)
                 command += ["--redis-url", redis.url]
         server = await ServerProcess(self.name, command, env).start()
@@ -358,6 +362,18 @@ class GrpcSystem(System):
         if self.name not in ("reservd-wal", "reservd-mirror"):
             return None
         return scrape(self.metrics_port, prefix="reservd_wal_")
+
+    def mirror_counters(self) -> dict[str, float] | None:
+        """Fail-closed episodes and slow writes of the mirror (reservd-mirror only)."""
+        if self.name != "reservd-mirror":
+            return None
+        return scrape(self.metrics_port, prefix="reservd_mirror_")
+
+    def fail_closed_reasons(self) -> list[str]:
+        """Why the daemon failed closed so far (its "failing closed" log lines)."""
+        return [entry.get("why", "") for server in self.servers
+                for entry in list(getattr(server, "tail", ()))
+                if entry.get("msg") == "failing closed"]
 
     async def stop(self) -> None:
         if hasattr(self, "channel"):
@@ -597,6 +613,8 @@ async def run_cell(system: System, workload: str, concurrency: int, args,
     latencies: list[int] = []
     granted: collections.Counter = collections.Counter()
     wal_before = system.wal_counters()
+    mirror_before = system.mirror_counters()
+    reasons_before = len(system.fail_closed_reasons()) if mirror_before is not None else 0
     server_cpu_before = process_tree_cpu(system.pid) if system.pid else None
     client_cpu = client_cpu_seconds()
     started = time.monotonic()
@@ -607,6 +625,7 @@ async def run_cell(system: System, workload: str, concurrency: int, args,
     if server_cpu_before is not None:
         server_cpu = cpu_seconds_between(server_cpu_before, process_tree_cpu(system.pid))
     wal_after = system.wal_counters()
+    mirror_after = system.mirror_counters()
 
     # Oversold: units granted beyond units supplied, per SKU, by the client's count; and
     # whether the system's own final state agrees with that count.
@@ -647,6 +666,11 @@ async def run_cell(system: System, workload: str, concurrency: int, args,
                    - wal_before.get("reservd_wal_records", 0))
         result["fsyncs_per_second"] = round(fsyncs / elapsed, 1)
         result["records_per_fsync"] = round(records / fsyncs, 2) if fsyncs else None
+    if mirror_before is not None and mirror_after is not None:
+        for name in ("failures", "slow_writes", "grant_waits_exceeded"):
+            key = f"reservd_mirror_{name}"
+            result[f"mirror_{name}"] = mirror_after.get(key, 0) - mirror_before.get(key, 0)
+        result["fail_closed_reasons"] = system.fail_closed_reasons()[reasons_before:]
     return result
 
 

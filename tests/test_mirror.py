@@ -21,11 +21,13 @@ import time
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import ROOT, aio, cart, running, test_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redisserver import Monitor, Proxy, RedisServer, require_redis_server
 
-from reservd import mirror as mirror_module
+from reservd import mirrorwrite
 from reservd.config import Config
 from reservd.v1 import reservd_pb2 as pb
 from reservd.v1 import reservd_pb2_grpc as pb_grpc
@@ -38,12 +40,16 @@ RESERVATIONS = "reservd.v1.Reservations"
 SKUS = ("alpha", "beta", "gamma", "delta")
 SUPPLY = 20  # per SKU: 16 clients holding up to 3 units each contend for it
 CLIENTS = 16
-STEADY_SECONDS = 0.5
+STEADY_GRANTS = 20  # grants the load makes before the fault, and again after healing
+STEADY_SECONDS_MAX = 10.0
 PARTITION_SECONDS = 0.8
-# The bounds the daemon promises with the default config: a write that does not answer within
-# mirror_timeout_ms fails closed (an idle mirror notices within a heartbeat); a Redis that is
-# back is retried within mirror_retry_ms_max and resynchronised. Plus slack for a loaded CI box.
-FAIL_CLOSED_SECONDS_MAX = (DEFAULTS.mirror_timeout_ms + DEFAULTS.mirror_heartbeat_ms) / 1000 + 0.4
+# The bounds the daemon promises with the default config: a Redis that answers nothing (no
+# reply, no PONG) for mirror_silence_ms_max fails closed (an idle mirror notices within a
+# heartbeat); a Redis that is back is retried within mirror_retry_ms_max and resynchronised.
+# Plus slack for a loaded CI box.
+FAIL_CLOSED_SECONDS_MAX = (
+    DEFAULTS.mirror_silence_ms_max + DEFAULTS.mirror_heartbeat_ms
+) / 1000 + 0.4
 REOPEN_SECONDS_MAX = (DEFAULTS.mirror_retry_ms_max + DEFAULTS.mirror_timeout_ms) / 1000 + 0.5
 
 _measured: dict[str, tuple[float, float]] = {}
@@ -110,6 +116,7 @@ class Grant:
     quantity: int
     seq: int
     acked_unix: float  # the client's clock when the answer arrived
+    available: int  # the SKU's available right after the grant
     released_seq: int = 0
 
 
@@ -163,7 +170,10 @@ class Load:
                 await asyncio.sleep(0.002)
                 continue
             self.attempts.append(Attempt(started, time.monotonic(), "granted"))
-            grant = Grant(reservation_id, sku, quantity, response.sequence, acked_unix)
+            grant = Grant(
+                reservation_id, sku, quantity, response.sequence, acked_unix,
+                response.lines[0].available,
+            )
             self.grants.append(grant)
             await asyncio.sleep(rng.uniform(0, 0.01))
             released = await stub.Release(pb.ReleaseRequest(reservation_id=reservation_id))
@@ -207,6 +217,15 @@ async def _first(events: list, status, after: float, seconds: float) -> float:
         await asyncio.sleep(0.005)
 
 
+async def _granted(load: Load, count: int) -> None:
+    """Until the load has had ``count`` grants acknowledged (a loaded machine may take a while).
+    """
+    deadline = time.monotonic() + STEADY_SECONDS_MAX
+    while len(load.grants) < count:
+        assert time.monotonic() < deadline, f"{len(load.grants)} grants, not {count}"
+        await asyncio.sleep(0.01)
+
+
 async def _caught_up(daemon, client: aioredis.Redis, seconds: float = 5.0) -> None:
     """Until the daemon is open and Redis's watermark is at the daemon's sequence."""
     deadline = time.monotonic() + seconds
@@ -241,8 +260,10 @@ async def assert_mirror_equals_table(daemon, client: aioredis.Redis) -> None:
 
 
 def assert_grants_were_held(grants: list[Grant], writes) -> None:
-    """For every acknowledged grant, Redis had written its SKU at the grant's sequence or later
-    before the client got the answer; and no stock hash ever went back to an older version."""
+    """For every acknowledged grant, what Redis held for its SKU when the client got the answer
+    showed no more available than right after the grant (Redis wrote the grant, or something
+    lower that it may not overwrite until durable); and no stock hash ever went back to an
+    older version."""
     history: dict[str, tuple[list[int], list[float]]] = {}
     for at, key, fields in writes:
         seqs, times = history.setdefault(key, ([], []))
@@ -251,13 +272,18 @@ def assert_grants_were_held(grants: list[Grant], writes) -> None:
         assert int(fields["available"]) >= 0, (key, fields)
         seqs.append(seq)
         times.append(at)
+    shown: dict[str, list[int]] = {}  # available, in the order of ``history``
+    for at, key, fields in writes:
+        shown.setdefault(key, []).append(int(fields["available"]))
     for grant in grants:
-        seqs, times = history.get(PREFIX + "stock:" + grant.sku, ([], []))
-        index = bisect.bisect_left(seqs, grant.seq)
-        assert index < len(seqs), f"{grant} was acknowledged and Redis never held it"
-        assert times[index] <= grant.acked_unix, (
-            f"{grant} was acknowledged {times[index] - grant.acked_unix:.6f} s before Redis "
-            "held it"
+        key = PREFIX + "stock:" + grant.sku
+        seqs, times = history.get(key, ([], []))
+        index = bisect.bisect_right(times, grant.acked_unix) - 1
+        assert index >= 0, f"{grant} was acknowledged before Redis held anything for its SKU"
+        # A state of seq >= the grant's includes the grant; an older one must show less.
+        assert seqs[index] >= grant.seq or shown[key][index] <= grant.available, (
+            f"{grant} was acknowledged while Redis showed {shown[key][index]} available "
+            f"(seq {seqs[index]})"
         )
 
 
@@ -280,9 +306,8 @@ async def scenario(name, tmp_path, server, proxy, monitor, fault, heal) -> None:
             await node.set_stock(sku, SUPPLY)
         load = Load(node.target)
         load.start()
-        await asyncio.sleep(STEADY_SECONDS)
+        await _granted(load, STEADY_GRANTS)
         granted_before = len(load.grants)
-        assert granted_before, "nothing was granted before the fault"
 
         faulted = time.monotonic()
         await fault()
@@ -307,9 +332,8 @@ async def scenario(name, tmp_path, server, proxy, monitor, fault, heal) -> None:
         reopened = await _first(
             health, health_pb2.HealthCheckResponse.SERVING, healed, REOPEN_SECONDS_MAX + 1
         )
-        await asyncio.sleep(STEADY_SECONDS)
+        await _granted(load, len(load.grants) + STEADY_GRANTS)
         await load.stop()
-        assert len(load.grants) > granted_before, "nothing was granted after healing"
 
         # Closed means closed: a Reserve that started after the guard tripped and ended before
         # it reopened was refused, saying why.
@@ -411,11 +435,11 @@ async def test_restart_with_its_data(tmp_path, redis_server, proxy, monitor):
 @aio
 async def test_the_script_never_applies_an_older_version(redis_server):
     client = aioredis.Redis(port=redis_server.port)
-    sha = await client.script_load(mirror_module.BATCH_SCRIPT)
+    sha = await client.script_load(mirrorwrite.BATCH_SCRIPT)
 
-    async def call(mode, epoch, seq, expected_seq, rows, time_ms=1_000):
-        keys, args = mirror_module.batch_command(
-            "t:", mode, epoch, seq, time_ms, expected_seq, 1_350, rows
+    async def call(mode, epoch, seq, expected_seq, rows, time_ms=1_000, lower=()):
+        keys, args = mirrorwrite.batch_command(
+            "t:", mode, epoch, seq, time_ms, expected_seq, 1_350, rows, lower
         )
         return await client.evalsha(sha, len(keys), *keys, *args)
 
@@ -431,6 +455,14 @@ async def test_the_script_never_applies_an_older_version(redis_server):
     }
     watermark = await client.hgetall("t:watermark")
     assert (int(watermark[b"seq"]), int(watermark[b"time_ms"])) == (5, 1_000)
+    # Not durable yet ("lower"): more available is not written, less is.
+    assert await call("apply", 1, 5, 5, [(6, "s", 10, 2, 0)], lower={"s"}) == 0
+    assert (await stock())["available"] == 6
+    assert await call("apply", 1, 5, 5, [(7, "s", 10, 5, 0)], lower={"s"}) == 1
+    assert (await stock())["available"] == 5
+    assert await call("apply", 1, 5, 5, [(8, "new", 3, 0, 0)], lower={"new"}) == 0
+    assert not await client.exists("t:stock:new")  # a SKU not durable yet is not shown
+    assert await call("apply", 1, 7, 5, [(7, "s", 10, 4, 0)]) == 0  # same version
     # An older write in a newer epoch (a full rewrite after Redis lost data) does apply...
     await call("rewrite", 2, 4, 0, [(4, "s", 10, 2, 0)])
     assert (await stock())["reserved"] == 2
@@ -595,3 +627,145 @@ async def test_lag_alone_fails_closed(tmp_path, redis_server):
         await _caught_up(node.daemon, direct)
         await direct.aclose()
         assert (await node.reservations.Reserve(cart("fast", ("a", 1)))).granted
+
+
+# -- slow is not down ------------------------------------------------------------------------
+
+
+async def _paused(client: aioredis.Redis, milliseconds: int, mode: str) -> None:
+    """CLIENT PAUSE: Redis holds other clients' commands (``WRITE``: writes and scripts only,
+    PING still answers; ``ALL``: everything) for ``milliseconds``, then carries on."""
+    assert await client.execute_command("CLIENT", "PAUSE", milliseconds, mode)
+
+
+@pytest.mark.parametrize("mode, pause_ms", [("WRITE", 700), ("ALL", 600)])
+@aio
+async def test_a_slow_redis_does_not_close(tmp_path, redis_server, mode, pause_ms):
+    """A write answered after mirror_timeout_ms, by a Redis that answers pings (WRITE) or that
+    answers nothing for less than mirror_silence_ms_max (ALL): the grant waits and is granted,
+    reservd never fails closed."""
+    assert DEFAULTS.mirror_timeout_ms < pause_ms < min(
+        DEFAULTS.mirror_silence_ms_max, DEFAULTS.mirror_lag_ms_max,
+        DEFAULTS.mirror_grant_wait_ms_max,
+    )
+    async with running(test_config(tmp_path / "data", redis_url=redis_server.url)) as node:
+        daemon = node.daemon
+        trips: list[str | None] = []
+        daemon.guard.add_listener(lambda serving: trips.append(daemon.guard.grant_reason))
+        await node.set_stock("a", 5)
+        direct = aioredis.Redis(port=redis_server.port)
+        await _paused(direct, pause_ms, mode)
+        started = time.monotonic()
+        response = await node.reservations.Reserve(cart("slow", ("a", 1)))
+        waited = time.monotonic() - started
+        await direct.aclose()
+        assert response.granted
+        assert trips == [], trips
+        assert daemon.mirror.stats.slow_writes >= 1, daemon.mirror.stats
+        assert waited > DEFAULTS.mirror_timeout_ms / 1000, waited
+        assert daemon.guard.grant_reason is None
+
+
+@aio
+async def test_a_grant_waits_for_the_mirror_at_most_grant_wait_then_is_returned_on_retry(
+    tmp_path, redis_server
+):
+    config = test_config(
+        tmp_path / "data", redis_url=redis_server.url, mirror_grant_wait_ms_max=200
+    )
+    async with running(config) as node:
+        daemon = node.daemon
+        trips: list[str | None] = []
+        daemon.guard.add_listener(lambda serving: trips.append(daemon.guard.grant_reason))
+        await node.set_stock("a", 5)
+        direct = aioredis.Redis(port=redis_server.port)
+        await _paused(direct, 700, "WRITE")
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await node.reservations.Reserve(cart("patient", ("a", 2)))
+        waited = time.monotonic() - started
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "mirror_grant_wait_ms_max" in refused.value.details()
+        assert 0.2 <= waited < 0.6, waited
+        assert daemon.mirror.stats.grant_waits_exceeded == 1
+        assert daemon.guard.grant_reason is None and trips == []
+        # The grant stayed applied: once Redis holds it, the retry returns it.
+        await _caught_up(daemon, direct)
+        await direct.aclose()
+        retried = await node.reservations.Reserve(cart("patient", ("a", 2)))
+        assert retried.granted and retried.replayed
+        assert (await node.stock("a")).available == 3
+
+
+# -- the plan: never more than a recovery could show -----------------------------------------
+
+
+def _lua_rules(redis: dict[str, tuple[int, int]], rows, lower) -> None:
+    """BATCH_SCRIPT's two rules on a dict sku -> (seq, available) (one epoch)."""
+    for seq, sku, on_hand, reserved, committed in rows:
+        available = on_hand - reserved - committed
+        stored = redis.get(sku)
+        if sku in lower:
+            if stored is not None and stored[0] < seq and available < stored[1]:
+                redis[sku] = (seq, available)
+        elif stored is None or stored[0] < seq:
+            redis[sku] = (seq, available)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("change"), st.sampled_from("abc"), st.integers(0, 9)),
+            st.tuples(st.just("durable"), st.integers(0, 3), st.none()),
+            st.tuples(st.just("write"), st.booleans(), st.none()),
+        ),
+        max_size=60,
+    ),
+    read_max=st.integers(1, 4),
+)
+def test_the_plan_never_shows_more_than_a_state_recovery_could_bring_back(steps, read_max):
+    """A model of the mirror over the pure-Python table (on_hand only: available = on_hand):
+    after every write, per SKU, Redis shows at most the available of every state from the
+    durable one to the newest mirrored (whichever of them a crash leaves in the log), at most
+    the newest (grants are held), exactly the truth once everything is durable, and versions
+    never go back."""
+    from reservd._pytable import Table
+
+    table = Table(shards=1, ring_capacity=256)
+    history: dict[str, list[tuple[int, int]]] = {}  # sku -> [(seq, available)]
+    redis: dict[str, tuple[int, int]] = {}
+    seq = durable = settled = mirrored = position = 0
+
+    def write(target: int) -> None:
+        nonlocal settled, mirrored, position
+        step = mirrorwrite.plan(table, position, durable, target, read_max)
+        before = dict(redis)
+        _lua_rules(redis, step.rows, step.lower)
+        position, settled, mirrored = step.settled_position, durable, target
+        for sku, states in history.items():
+            if sku not in redis:
+                continue
+            shown_seq, shown = redis[sku]
+            assert sku not in before or shown_seq >= before[sku][0], (sku, before, redis)
+            at_durable = [a for s, a in states if s <= durable][-1:]
+            after = [a for s, a in states if durable < s <= target]
+            assert all(shown <= a for a in at_durable + after), (sku, shown, states, durable)
+
+    for kind, first, second in steps:
+        if kind == "change":
+            seq += 1
+            handle = table.ensure(first)
+            if table.counters(handle)[0] != second:  # else the table logs no change
+                history.setdefault(first, []).append((seq, second))
+            table.set_on_hand(handle, second, seq)
+        elif kind == "durable":
+            durable = min(seq, durable + first)
+        else:
+            if first:
+                durable = seq
+            write(seq)
+    durable = seq
+    write(seq)
+    for sku, states in history.items():  # everything durable: Redis equals the truth
+        assert redis[sku][1] == states[-1][1], (sku, redis, states)

@@ -62,7 +62,24 @@ class Metrics:
         if mirror is not None:
             stats = mirror.stats
             yield GaugeMetricFamily(
-                "reservd_mirror_sequence", "Last sequence Redis holds", value=mirror.mirrored_seq
+                "reservd_mirror_sequence",
+                "Redis holds every grant (change lowering available) up to this sequence",
+                value=mirror.mirrored_seq,
+            )
+            yield GaugeMetricFamily(
+                "reservd_mirror_settled_sequence",
+                "Redis holds every change up to this (durable) sequence",
+                value=mirror.settled_seq,
+            )
+            yield CounterMetricFamily(
+                "reservd_mirror_slow_writes",
+                "Mirror writes answered after mirror_timeout_ms (Redis slow, not down)",
+                value=stats.slow_writes,
+            )
+            yield CounterMetricFamily(
+                "reservd_mirror_grant_waits_exceeded",
+                "Grants answered UNAVAILABLE after mirror_grant_wait_ms_max",
+                value=stats.grant_waits_exceeded,
             )
             yield CounterMetricFamily(
                 "reservd_mirror_batches", "Mirror writes (one Lua call each)", value=stats.batches

@@ -1,10 +1,20 @@
 """The Redis mirror: reservd's counter table, written to Redis for systems that read stock
 without asking reservd (storefront pages, dashboards, channel sync jobs, a future standby).
 
-A grant (anything that makes stock less available) is acknowledged only once the mirror holds it
-(see reservd.service.Durability), so the mirror never shows stock that reservd has promised to
-someone; releases, expiries, commits and fulfilments are mirrored as soon as possible but may be
-acknowledged on the WAL alone: until they land the mirror shows *less* available, the safe side.
+The mirror never shows more available than the truth, across crashes too:
+
+- a grant (anything that makes stock less available) is written ahead of its WAL fsync and
+  acknowledged only once the mirror holds it (see reservd.service.Durability);
+- anything that makes stock more available (release, expiry, commit of fewer units, fulfil,
+  a restock) is written only once durable, so after a crash Redis shows no more than the
+  recovered log. Per SKU, each write shows the least available of the durable state and of
+  every applied, not yet durable state (:func:`plan`).
+
+A slow Redis is not a partition: a write unanswered after ``mirror_timeout_ms`` makes the
+mirror ping Redis on a second connection, and it fails closed only when Redis has answered
+nothing for ``mirror_silence_ms_max``, or a write has no reply within ``mirror_lag_ms_max``,
+or a change waits that long to be mirrored (:meth:`RedisMirror._call`). A grant waits for the
+mirror at most ``mirror_grant_wait_ms_max``.
 
 Key layout, under ``P`` = ``config.redis_prefix`` ("reservd:" by default):
 
@@ -13,8 +23,9 @@ Key layout, under ``P`` = ``config.redis_prefix`` ("reservd:" by default):
     ``epoch``, ``seq``: their version: the mirror epoch that wrote them and the sequence of the
     change they reflect (or, after a full rewrite, the sequence the rewrite was taken at).
 ``P + "watermark"`` (hash)
-    ``epoch``, ``seq``: every change up to ``seq`` is in the stock hashes of this epoch;
-    ``time_ms``: unix time (ms, reservd's clock) at which the stock hashes last equalled
+    ``epoch``, ``seq``: every change up to ``seq`` (a durable sequence) is in the stock hashes
+    of this epoch, and so are the grants after it that the hashes hold;
+    ``time_ms``: unix time (ms, reservd's clock) at which the stock hashes last reflected
     reservd's table, refreshed every ``mirror_heartbeat_ms`` while idle; ``stale_after_ms``: the
     age of ``time_ms`` beyond which a reader must stop trusting the mirror.
 ``P + "epoch"`` (string)
@@ -30,9 +41,8 @@ and every full rewrite, therefore writes in a new, higher epoch.
 A reader fails closed on its own side when the watermark is missing, when ``now_ms - time_ms``
 exceeds ``stale_after_ms`` (reservd stopped confirming the mirror: partitioned, lagging, down),
 or when a stock hash's ``epoch`` differs from the watermark's (it predates the latest full
-rewrite). reservd itself fails closed (:class:`reservd.guard.Guard` source ``"mirror"``) when a
-write does not succeed within ``mirror_timeout_ms`` or the mirror lags by more than
-``mirror_lag_ms_max``, and reopens by itself once it has resynchronised.
+rewrite). reservd itself fails closed (:class:`reservd.guard.Guard` source ``"mirror"``) as
+described above, and reopens by itself once it has resynchronised.
 """
 from __future__ import annotations
 
@@ -41,11 +51,14 @@ import collections
 import dataclasses
 import logging
 import time
-from typing import Iterable
+from typing import Container, Iterable
 
 from reservd.config import Config
 from reservd.futures import SharedFuture
 from reservd.guard import Guard
+from reservd.mirrorwrite import (
+    BATCH_SCRIPT, EPOCH_SCRIPT, batch_command, pack, plan, read_entries,
+)
 from reservd.table import Change, CounterTable
 
 log = logging.getLogger("reservd.mirror")
@@ -56,95 +69,8 @@ SOURCE = "mirror"  # the guard source name
 
 _SEQ_ALL = (1 << 63) - 1
 
-# One batch, applied atomically. KEYS[1]: the watermark; KEYS[2..]: stock hashes.
-# ARGV: mode, epoch, seq, time_ms (0: leave the time), expected_seq, stale_after_ms, then five
-# per stock hash: seq, on_hand, reserved, committed, available.
-#   apply:   refuse the whole batch unless the watermark is of this epoch and at least
-#            expected_seq (otherwise Redis lost what it held: reservd must rewrite everything);
-#            write each stock hash whose version is older; move the watermark forward.
-#   rewrite: stock hashes only (a chunk of a full rewrite in a new epoch).
-#   mark:    the watermark only: the full rewrite is complete.
-BATCH_SCRIPT = """
-local mode = ARGV[1]
-local epoch = tonumber(ARGV[2])
-local seq = tonumber(ARGV[3])
-local mark = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'time_ms')
-local mark_epoch = tonumber(mark[1])
-local mark_seq = tonumber(mark[2]) or -1
-if mode == 'apply' and (mark_epoch ~= epoch or mark_seq < tonumber(ARGV[5])) then
-  return redis.error_reply('RESERVD_LOST the watermark is at epoch ' .. tostring(mark[1]) ..
-    ' seq ' .. tostring(mark[2]) .. ', not epoch ' .. ARGV[2] .. ' seq >= ' .. ARGV[5])
-end
-if mark_epoch and mark_epoch > epoch then
-  return redis.error_reply('RESERVD_NEWER the watermark has epoch ' .. mark[1] ..
-    ', newer than ' .. ARGV[2] .. ': is another reservd mirroring under this prefix?')
-end
-local written = 0
-for i = 2, #KEYS do
-  local at = 6 + (i - 2) * 5
-  local version = tonumber(ARGV[at + 1])
-  local stored = redis.call('HMGET', KEYS[i], 'epoch', 'seq')
-  local stored_epoch = tonumber(stored[1])
-  if stored_epoch and stored_epoch > epoch then
-    return redis.error_reply('RESERVD_NEWER ' .. KEYS[i] .. ' has epoch ' .. stored[1] ..
-      ', newer than ' .. ARGV[2] .. ': is another reservd mirroring under this prefix?')
-  end
-  if not stored_epoch or stored_epoch < epoch or (tonumber(stored[2]) or -1) < version then
-    redis.call('HSET', KEYS[i], 'on_hand', ARGV[at + 2], 'reserved', ARGV[at + 3],
-      'committed', ARGV[at + 4], 'available', ARGV[at + 5], 'seq', ARGV[at + 1],
-      'epoch', ARGV[2])
-    written = written + 1
-  end
-end
-if mode ~= 'rewrite' then
-  local time_ms = tonumber(ARGV[4])
-  local newer = mark_epoch ~= epoch or mark_seq < seq
-  if newer or (mark_seq == seq and (tonumber(mark[3]) or 0) < time_ms) then
-    local stamp = ARGV[4]
-    if time_ms == 0 then
-      stamp = mark[3] or '0'
-    end
-    redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'seq', ARGV[3], 'time_ms', stamp,
-      'stale_after_ms', ARGV[6])
-  end
-end
-return written
-"""
-
-# A new epoch, above the counter, the watermark and the caller's current epoch (Redis may have
-# lost the counter with the rest of its data while reservd still remembers its epoch).
-# KEYS[1]: the epoch counter; KEYS[2]: the watermark. ARGV[1]: the caller's epoch.
-EPOCH_SCRIPT = """
-local epoch = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'),
-  tonumber(redis.call('HGET', KEYS[2], 'epoch') or '0'), tonumber(ARGV[1])) + 1
-redis.call('SET', KEYS[1], epoch)
-return epoch
-"""
-
-def batch_command(
-    prefix: str, mode: str, epoch: int, seq: int, time_ms: int, expected_seq: int,
-    stale_after_ms: int, rows: Iterable[Change],
-) -> tuple[list[str], list]:
-    """KEYS and ARGV of one :data:`BATCH_SCRIPT` call; ``rows`` as the change ring has them:
-    (seq, sku, on_hand, reserved, committed)."""
-    stock = prefix + "stock:"
-    keys = [prefix + "watermark"]
-    args: list = [mode, epoch, seq, time_ms, expected_seq, stale_after_ms]
-    for version, sku, on_hand, reserved, committed in rows:
-        keys.append(stock + sku)
-        args += (version, on_hand, reserved, committed, on_hand - reserved - committed)
-    return keys, args
-
-
-def _pack(arguments: Iterable[str | int]) -> bytes:
-    """One command in RESP, as redis-py's pack_command makes it, without its per-argument
-    cost (the mirror's hot path sends one per batch)."""
-    parts = [b""]
-    for argument in arguments:
-        data = argument.encode() if isinstance(argument, str) else b"%d" % argument
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    parts[0] = b"*%d\r\n" % (len(parts) - 1)
-    return b"".join(parts)
+class _Silent(TimeoutError):
+    """Redis answered nothing (no reply, no PONG) for mirror_silence_ms_max: a partition."""
 
 
 class MirrorUnavailable(Exception):
@@ -179,6 +105,8 @@ def _is_fault(error: BaseException) -> bool:
 def _describe(error: BaseException, timeout_ms: int) -> str:
     from redis.exceptions import TimeoutError as RedisTimeout
 
+    if isinstance(error, _Silent):
+        return str(error)
     if isinstance(error, (TimeoutError, RedisTimeout)):
         return f"the Redis mirror is unreachable: no answer within {timeout_ms} ms"
     if _is_fault(error):
@@ -200,16 +128,21 @@ class MirrorStats:
     rewrites: int = 0  # full rewrites (every start, and after Redis lost data)
     replays: int = 0  # reopenings that replayed the ring from the mirror's position
     failures: int = 0
+    slow_writes: int = 0  # writes answered later than mirror_timeout_ms (Redis probed, alive)
+    grant_waits_exceeded: int = 0  # grants answered UNAVAILABLE after mirror_grant_wait_ms_max
     reopen_seconds_last: float | None = None  # closed -> open again, the latest time
 
 
 class RedisMirror:
-    """Mirrors the counter table to Redis. ``mirrored_seq``: Redis holds every change up to it.
+    """Mirrors the counter table to Redis.
 
-    One task owns the Redis connection: it reads the change ring from its position up to
-    ``ledger.seq`` (not only the durable sequence: the Redis write runs alongside the WAL
-    fsync), coalesces per SKU, and writes one script call per batch; or it resynchronises after
-    a failure. A second task watches the lag.
+    ``mirrored_seq``: Redis reflects every change up to it that lowers availability (every
+    grant up to it is held). ``settled_seq``: Redis reflects every change up to it (the durable
+    sequence of the latest write). One task owns the Redis connection: it reads the change ring
+    from the settled position up to ``ledger.seq`` (not only the durable sequence: the Redis
+    write of a grant runs alongside the WAL fsync), picks one row per SKU (:func:`plan`), and
+    writes one script call per batch; or it resynchronises after a failure. A second task
+    watches the lag.
     """
 
     def __init__(
@@ -224,6 +157,8 @@ class RedisMirror:
         self.config = config
         self.prefix = config.redis_prefix
         self.timeout_seconds = config.mirror_timeout_ms / 1000
+        self.silence_seconds = config.mirror_silence_ms_max / 1000
+        self.grant_wait_seconds = config.mirror_grant_wait_ms_max / 1000
         # A healthy reservd refreshes the watermark at least this often (lag bound, one write,
         # one heartbeat); readers stop trusting it beyond.
         self.stale_after_ms = (
@@ -231,13 +166,15 @@ class RedisMirror:
         )
         self.epoch = 0
         self.mirrored_seq = 0
+        self.settled_seq = 0
         self.stats = MirrorStats()
-        self._position = 0  # ring position after the last mirrored change
+        self._position = 0  # ring position after the last entry <= settled_seq
         self._rewrite_seq = 0  # sequence of the latest full rewrite
         self._open = False
         self._reason = "the Redis mirror is not written yet"
         self._client = None  # redis.asyncio.Redis with a single connection ...
         self._connection = None  # ... which the hot path uses directly
+        self._probe = None  # a second single-connection client: PING while a write is slow
         self._batch_sha = ""
         self._epoch_sha = ""
         self._inflight: SharedFuture | None = None  # waiters of the batch being written
@@ -307,9 +244,9 @@ class RedisMirror:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._open and self._client is not None and self.ledger.seq > self.mirrored_seq:
+        if self._open and self._client is not None and self._behind():
             try:
-                await self._write_changes(self.ledger.seq, time.time_ns() // 1_000_000)
+                await self._write(self.ledger.seq)
             except Exception as error:
                 why = _describe(error, self.config.mirror_timeout_ms)
                 log.warning("final mirror write failed", extra={"why": why})
@@ -347,66 +284,126 @@ class RedisMirror:
         """Write batches while there are changes, a heartbeat when idle; return when closed."""
         heartbeat_seconds = self.config.mirror_heartbeat_ms / 1000
         while self._open:
-            if self.ledger.seq > self.mirrored_seq:
+            if self._behind():
                 # Reserves that are ready to run in this loop turn join the batch.
                 await asyncio.sleep(0)
                 await self._batch(self.ledger.seq)
                 continue
             idle = time.monotonic() - self._written_at
             if idle >= heartbeat_seconds:
-                await self._apply([], self.mirrored_seq, time.time_ns() // 1_000_000)
+                await self._apply([], self.settled_seq, time.time_ns() // 1_000_000)
                 continue
             await self._idle(heartbeat_seconds - idle)
 
+    def _behind(self) -> bool:
+        """Whether a write is due: changes not mirrored yet, or mirrored ones that have become
+        durable since (a release shows in Redis only then)."""
+        return (self.ledger.seq > self.mirrored_seq
+                or self.ledger.log.durable_seq > self.settled_seq)
+
     async def _batch(self, target: int) -> None:
-        """Mirror every change up to ``target`` (one write, or more beyond mirror_batch_max),
-        then release its waiters."""
+        """Mirror every change up to ``target``, then release its waiters."""
         assert self._inflight is None, "one batch at a time"
         self._inflight, self._next = self._next, None
         self._inflight_seq = target
-        time_ms = time.time_ns() // 1_000_000
-        while self.mirrored_seq < target:
-            await self._write_changes(target, time_ms)
+        await self._write(target)
         batch, self._inflight = self._inflight, None
         _settle(batch)
 
-    async def _write_changes(self, target: int, time_ms: int) -> None:
-        """One write: the next changes up to ``target``, at most mirror_batch_max of them.
-        ``time_ms``: unix ms at which the table was at ``target``."""
+    async def _write(self, target: int) -> None:
+        """Write the :func:`plan` up to ``target`` (several script calls beyond
+        mirror_batch_max rows: each row is safe on its own; the watermark moves with the last).
+        """
         table = self.table
-        position = self._position
-        if position < table.ring_tail:
+        if self._position < table.ring_tail:
             raise _Rebuild(
-                f"it fell {table.ring_head - position} changes behind, more than the change "
-                "ring holds (watch_ring_capacity)"
+                f"it fell {table.ring_head - self._position} changes behind, more than the "
+                "change ring holds (watch_ring_capacity)"
             )
+        durable = min(self.ledger.log.durable_seq, target)
+        assert durable >= self.settled_seq and target >= self.mirrored_seq, (
+            durable, self.settled_seq, target, self.mirrored_seq)
         batch_max = self.config.mirror_batch_max
-        after, changes = table.changes(position, batch_max, target)
-        if len(changes) < batch_max:
-            seq = target
-        else:
-            # Entries of the last sequence may continue in the next read; the time is only
-            # advanced with a complete batch (the table was exactly at ``seq`` then).
-            seq, time_ms = max(self.mirrored_seq, changes[-1][0] - 1), 0
-        latest = {change[1]: change for change in changes}  # per SKU, its newest entry
-        await self._apply(latest.values(), seq, time_ms)
-        assert after >= position and seq >= self.mirrored_seq, (after, position, seq)
-        self._position = after
-        self.mirrored_seq = seq
-        self.stats.changes += len(changes)
+        step = plan(table, self._position, durable, target, batch_max)
+        time_ms = time.time_ns() // 1_000_000  # the table was at ``target`` now
+        rows = step.rows
+        chunks = [rows[start:start + batch_max] for start in range(0, len(rows), batch_max)]
+        for chunk in chunks[:-1]:  # not the last call: leave the watermark where it is
+            await self._apply(chunk, self.settled_seq, 0, step.lower)
+        await self._apply(chunks[-1] if chunks else [], durable, time_ms, step.lower)
+        self._position = step.settled_position
+        self.settled_seq = durable
+        self.mirrored_seq = target
+        self.stats.changes += step.settled_entries
 
-    async def _apply(self, rows: Iterable[Change], seq: int, time_ms: int) -> None:
+    async def _apply(
+        self, rows: Iterable[Change], seq: int, time_ms: int, lower: Container[str] = ()
+    ) -> None:
         keys, args = batch_command(
-            self.prefix, "apply", self.epoch, seq, time_ms, self.mirrored_seq,
-            self.stale_after_ms, rows,
+            self.prefix, "apply", self.epoch, seq, time_ms, self.settled_seq,
+            self.stale_after_ms, rows, lower,
         )
-        connection = self._connection
-        command = _pack(("EVALSHA", self._batch_sha, len(keys), *keys, *args))
-        async with asyncio.timeout(self.timeout_seconds):
-            await connection.send_packed_command(command, check_health=False)
-            await connection.read_response()  # raises the script's error reply
+        await self._call(pack(("EVALSHA", self._batch_sha, len(keys), *keys, *args)))
         self._written_at = time.monotonic()
         self.stats.batches += 1
+
+    async def _call(self, command: bytes):
+        """Send one packed command on the mirror connection; return its reply (raises the
+        script's error reply).
+
+        A slow reply is not a partition. Past mirror_timeout_ms the mirror asks Redis for a
+        sign of life (PING on the probe connection), again every mirror_timeout_ms; it gives up
+        (:class:`_Silent`) when Redis has answered nothing at all for mirror_silence_ms_max, or
+        when the reply has not come within mirror_lag_ms_max although Redis answers pings (a
+        stuck connection). A refused or reset connection raises at once.
+        """
+        connection = self._connection
+
+        async def roundtrip():
+            await connection.send_packed_command(command, check_health=False)
+            return await connection.read_response()
+
+        reply = asyncio.ensure_future(roundtrip())
+        probe = None
+        sent = heard = time.monotonic()  # heard: the latest sign of life
+        give_up = sent + self.config.mirror_lag_ms_max / 1000
+        try:
+            while True:
+                now = time.monotonic()
+                wake = min(now + self.timeout_seconds, heard + self.silence_seconds, give_up)
+                waiting = {reply} if probe is None else {reply, probe}
+                done, _ = await asyncio.wait(
+                    waiting, timeout=max(wake - now, 0), return_when=asyncio.FIRST_COMPLETED
+                )
+                now = time.monotonic()
+                if not done and (now >= heard + self.silence_seconds or now >= give_up):
+                    # Before calling it silence: an answer may already wait in our socket while
+                    # our own loop was busy. Let the loop poll and run what is ready.
+                    for _ in range(3):
+                        await asyncio.sleep(0)
+                if reply.done():
+                    if now - sent > self.timeout_seconds:
+                        self.stats.slow_writes += 1
+                    return reply.result()
+                if probe is not None and probe.done():
+                    probe.result()  # a refused or reset connection is a fault now
+                    heard, probe = now, None
+                if now >= heard + self.silence_seconds:
+                    raise _Silent(
+                        "the Redis mirror is unreachable: no answer within "
+                        f"{self.config.mirror_silence_ms_max} ms (mirror_silence_ms_max)"
+                    )
+                if now >= give_up:
+                    raise _Silent(
+                        "the Redis mirror is lagging: a write had no reply within "
+                        f"{self.config.mirror_lag_ms_max} ms (mirror_lag_ms_max)"
+                    )
+                if probe is None and now - max(sent, heard) >= self.timeout_seconds:
+                    probe = asyncio.ensure_future(self._probe.ping())
+        finally:
+            for pending in (reply, probe):
+                if pending is not None and not pending.done():
+                    pending.cancel()
 
     async def _idle(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -425,8 +422,8 @@ class RedisMirror:
 
     def _on_durable(self, seq: int) -> None:
         # The log takes its next batch now: mirror alongside it (see wait), and mirror what
-        # nobody waits for (releases, expiries) once it is durable.
-        if self.ledger.seq > self.mirrored_seq:
+        # may only show once durable (releases, expiries, restocks).
+        if self._behind():
             self._kick()
 
     # -- failing closed and healing -----------------------------------------------------------
@@ -453,16 +450,17 @@ class RedisMirror:
         _settle(self._next, unavailable)
         self._inflight = self._next = None
 
-    def _connect(self):
+    def _connect(self, name: str = "reservd-mirror"):
         from redis.asyncio import Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
-        timeout = self.timeout_seconds
         return Redis.from_url(
             self.config.redis_url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+            # No read timeout of redis-py's own: a slow reply is not a failure (see _call),
+            # and every wait here is bounded explicitly.
+            socket_timeout=None,
+            socket_connect_timeout=self.silence_seconds,
             # redis-py's default retries a failed command three times with a backoff, which
             # stretches one timeout to seconds: fail at once, reconnecting is _run's job.
             retry=Retry(NoBackoff(), 0),
@@ -470,41 +468,43 @@ class RedisMirror:
             # connection idle for a second is only a backstop.
             health_check_interval=1,
             single_connection_client=True,
-            client_name="reservd-mirror",
+            client_name=name,
         )
 
     async def _drop_client(self) -> None:
         client, self._client = self._client, None
+        probe, self._probe = self._probe, None
         self._connection = None
-        if client is None:
-            return
-        try:
-            async with asyncio.timeout(self.timeout_seconds):
-                await client.aclose()
-        except Exception:
-            pass  # it is gone either way
+        for each in (client, probe):
+            if each is None:
+                continue
+            try:
+                async with asyncio.timeout(self.timeout_seconds):
+                    await each.aclose()
+            except Exception:
+                pass  # it is gone either way
 
     async def _resync(self) -> None:
         """Connect, bring Redis up to date (replay the ring, or rewrite every key), reopen."""
         started = time.monotonic()
         await self._drop_client()
         self._client = client = self._connect()
-        async with asyncio.timeout(self.timeout_seconds):
+        self._probe = self._connect("reservd-mirror-probe")
+        timeout = self.silence_seconds
+        async with asyncio.timeout(timeout):
             self._batch_sha = await client.script_load(BATCH_SCRIPT)
-        async with asyncio.timeout(self.timeout_seconds):
+        async with asyncio.timeout(timeout):
             self._epoch_sha = await client.script_load(EPOCH_SCRIPT)
         self._connection = client.connection
         assert self._connection is not None, "a single-connection client after a command"
-        async with asyncio.timeout(self.timeout_seconds):
+        async with asyncio.timeout(timeout):
             watermark = await client.hgetall(self.prefix + "watermark")
+        async with asyncio.timeout(timeout):
+            await self._probe.ping()  # connected before a slow write needs it
         how = self._resume(watermark)
         if how == "rewrite":
             await self._rewrite()
-        target, time_ms = self.ledger.seq, time.time_ns() // 1_000_000
-        while self.mirrored_seq < target:
-            await self._write_changes(target, time_ms)
-        if self._written_at < started:
-            await self._apply([], self.mirrored_seq, time.time_ns() // 1_000_000)
+        await self._write(self.ledger.seq)
         self._open = True
         self._lag_samples.clear()
         since = self.guard.since(SOURCE)
@@ -530,15 +530,15 @@ class RedisMirror:
         seq = int(watermark.get(b"seq", -1))
         if epoch != self.epoch or seq > self.ledger.seq or self._position < table.ring_tail:
             return "rewrite"
-        if seq >= self.mirrored_seq:
+        if seq >= self.settled_seq:
             return "replay"
         # Redis came back with less than it had acknowledged (an older snapshot or AOF).
         if seq >= self._rewrite_seq and self._retained_after(seq):
             log.warning(
                 "Redis lost mirrored changes: replaying them",
-                extra={"watermark_seq": seq, "mirrored_seq": self.mirrored_seq},
+                extra={"watermark_seq": seq, "settled_seq": self.settled_seq},
             )
-            self.mirrored_seq = seq
+            self.settled_seq = self.mirrored_seq = seq
             self._position = table.position_after(seq)
             return "replay"
         return "rewrite"
@@ -552,23 +552,33 @@ class RedisMirror:
         return bool(oldest) and oldest[0][0] <= seq
 
     async def _rewrite(self) -> None:
-        """Write every SKU's counters as of now in a new epoch, remove stock keys the table
-        does not have, then the watermark. Later changes follow by replay from ring_head."""
-        client, timeout = self._client, self.timeout_seconds
+        """Write every SKU's durable counters in a new epoch, remove the other stock keys, then
+        the watermark. A SKU with changes not durable yet is left out (its key removed: no
+        stock shown) until they are; later changes follow from the durable position."""
+        client, timeout = self._client, self.silence_seconds
         prefix = self.prefix
         async with asyncio.timeout(timeout):
             epoch = int(await client.evalsha(
                 self._epoch_sha, 2, prefix + "epoch", prefix + "watermark", self.epoch
             ))
         table = self.table
-        seq, position = self.ledger.seq, table.ring_head
-        time_ms = time.time_ns() // 1_000_000
-        rows = list(table.items())
         batch_max = self.config.mirror_batch_max
+        seq = self.ledger.seq
+        durable = min(self.ledger.log.durable_seq, seq)
+        if durable < seq and not self._retained_after(durable):
+            raise _Rebuild(
+                f"the log is {seq - durable} changes from durable, more than the change ring "
+                "holds (watch_ring_capacity)"
+            )
+        position = table.position_after(durable)
+        _, pending = read_entries(table, position, seq, batch_max)
+        skipped = {change[1] for change in pending}
+        time_ms = time.time_ns() // 1_000_000
+        rows = [row for row in table.items() if row[0] not in skipped]
         for start in range(0, len(rows), batch_max):
             keys, args = batch_command(
-                prefix, "rewrite", epoch, seq, 0, 0, self.stale_after_ms,
-                ((seq, sku, on_hand, reserved, committed)
+                prefix, "rewrite", epoch, durable, 0, 0, self.stale_after_ms,
+                ((durable, sku, on_hand, reserved, committed)
                  for sku, on_hand, reserved, committed in rows[start:start + batch_max]),
             )
             async with asyncio.timeout(timeout):
@@ -586,15 +596,19 @@ class RedisMirror:
                     await client.unlink(*stray)
             if cursor == 0:
                 break
-        keys, args = batch_command(prefix, "mark", epoch, seq, time_ms, 0, self.stale_after_ms, ())
+        keys, args = batch_command(
+            prefix, "mark", epoch, durable, time_ms, 0, self.stale_after_ms, ()
+        )
         async with asyncio.timeout(timeout):
             await client.evalsha(self._batch_sha, len(keys), *keys, *args)
         self._written_at = time.monotonic()
         self.epoch = epoch
-        self._rewrite_seq = self.mirrored_seq = seq
+        self._rewrite_seq = self.settled_seq = self.mirrored_seq = durable
         self._position = position
         self.stats.rewrites += 1
-        log.info("mirror rewritten", extra={"epoch": epoch, "seq": seq, "skus": len(rows)})
+        log.info("mirror rewritten", extra={
+            "epoch": epoch, "seq": durable, "skus": len(rows), "not_durable_skus": len(skipped)
+        })
 
     async def _watch_lag(self) -> None:
         """Fail closed when a change applied mirror_lag_ms_max ago is still not mirrored."""

@@ -2,6 +2,8 @@
 answers. It holds no business rule: outcomes come from reservd.ledger."""
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from reservd import validation
@@ -27,7 +29,8 @@ _STATUS = {
 class Durability:
     """Waits until a mutation may be acknowledged: its WAL record is durable and, for a grant
     (anything that makes stock less available), the Redis mirror holds it too. Both waits run
-    side by side: the mirror write is pipelined with the fsync."""
+    side by side: the mirror write is pipelined with the fsync. A grant waits for the mirror at
+    most ``mirror_grant_wait_ms_max`` (UNAVAILABLE beyond, without closing reservd)."""
 
     def __init__(self, log_, mirror=None) -> None:
         self.log = log_
@@ -44,10 +47,24 @@ class Durability:
             # fsync, and awaiting one after the other costs no extra latency.
             durable = log_.commit() if need_log else None
             mirrored = mirror.wait(seq) if need_mirror else None
+            if mirrored is not None:
+                mirror_deadline = asyncio.get_running_loop().time() + mirror.grant_wait_seconds
             if durable is not None:
                 await durable
             if mirrored is not None:
-                await mirrored
+                # asyncio.wait, not a timeout: the batch future is shared and cannot be cancelled.
+                remaining = mirror_deadline - asyncio.get_running_loop().time()
+                done, _ = await asyncio.wait({mirrored}, timeout=max(remaining, 0))
+                if not done:
+                    mirror.stats.grant_waits_exceeded += 1
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "not acknowledged: the Redis mirror did not confirm within "
+                        f"{round(mirror.grant_wait_seconds * 1000)} ms "
+                        "(mirror_grant_wait_ms_max; it is slow, not down); "
+                        "retry with the same id",
+                    )
+                mirrored.result()
         except MirrorUnavailable as error:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,

@@ -1,0 +1,189 @@
+"""What the Redis mirror writes: the Lua scripts that apply a batch, their arguments, and the
+per-SKU :func:`plan` that keeps Redis on the safe side of the truth across crashes.
+
+Pure functions and constants, no I/O: reservd.mirror owns the connection and sends them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Container, Iterable
+
+from reservd.table import Change, CounterTable
+
+# One batch, applied atomically. KEYS[1]: the watermark; KEYS[2..]: stock hashes.
+# ARGV: mode, epoch, seq, time_ms (0: leave the time), expected_seq, stale_after_ms, then six
+# per stock hash: rule, seq, on_hand, reserved, committed, available.
+#   apply:   refuse the whole batch unless the watermark is of this epoch and at least
+#            expected_seq (otherwise Redis lost what it held: reservd must rewrite everything);
+#            write each stock hash by its rule; move the watermark forward.
+#   rewrite: stock hashes only (a chunk of a full rewrite in a new epoch).
+#   mark:    the watermark only: the full rewrite is complete.
+# Rules: "newer": write when the stored version is older (the values are safe to show as they
+# are); "lower": write only over a hash of this epoch with an older version *and* more
+# available (the values are not durable yet: they may only take availability down).
+BATCH_SCRIPT = """
+local mode = ARGV[1]
+local epoch = tonumber(ARGV[2])
+local seq = tonumber(ARGV[3])
+local mark = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'time_ms')
+local mark_epoch = tonumber(mark[1])
+local mark_seq = tonumber(mark[2]) or -1
+if mode == 'apply' and (mark_epoch ~= epoch or mark_seq < tonumber(ARGV[5])) then
+  return redis.error_reply('RESERVD_LOST the watermark is at epoch ' .. tostring(mark[1]) ..
+    ' seq ' .. tostring(mark[2]) .. ', not epoch ' .. ARGV[2] .. ' seq >= ' .. ARGV[5])
+end
+if mark_epoch and mark_epoch > epoch then
+  return redis.error_reply('RESERVD_NEWER the watermark has epoch ' .. mark[1] ..
+    ', newer than ' .. ARGV[2] .. ': is another reservd mirroring under this prefix?')
+end
+local written = 0
+for i = 2, #KEYS do
+  local at = 6 + (i - 2) * 6
+  local version = tonumber(ARGV[at + 2])
+  local stored = redis.call('HMGET', KEYS[i], 'epoch', 'seq', 'available')
+  local stored_epoch = tonumber(stored[1])
+  if stored_epoch and stored_epoch > epoch then
+    return redis.error_reply('RESERVD_NEWER ' .. KEYS[i] .. ' has epoch ' .. stored[1] ..
+      ', newer than ' .. ARGV[2] .. ': is another reservd mirroring under this prefix?')
+  end
+  local older = (tonumber(stored[2]) or -1) < version
+  local write
+  if ARGV[at + 1] == 'lower' then
+    write = stored_epoch == epoch and older and
+      tonumber(ARGV[at + 6]) < (tonumber(stored[3]) or 0)
+  else
+    write = not stored_epoch or stored_epoch < epoch or older
+  end
+  if write then
+    redis.call('HSET', KEYS[i], 'on_hand', ARGV[at + 3], 'reserved', ARGV[at + 4],
+      'committed', ARGV[at + 5], 'available', ARGV[at + 6], 'seq', ARGV[at + 2],
+      'epoch', ARGV[2])
+    written = written + 1
+  end
+end
+if mode ~= 'rewrite' then
+  local time_ms = tonumber(ARGV[4])
+  local newer = mark_epoch ~= epoch or mark_seq < seq
+  if newer or (mark_seq == seq and (tonumber(mark[3]) or 0) < time_ms) then
+    local stamp = ARGV[4]
+    if time_ms == 0 then
+      stamp = mark[3] or '0'
+    end
+    redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'seq', ARGV[3], 'time_ms', stamp,
+      'stale_after_ms', ARGV[6])
+  end
+end
+return written
+"""
+
+# A new epoch, above the counter, the watermark and the caller's current epoch (Redis may have
+# lost the counter with the rest of its data while reservd still remembers its epoch).
+# KEYS[1]: the epoch counter; KEYS[2]: the watermark. ARGV[1]: the caller's epoch.
+EPOCH_SCRIPT = """
+local epoch = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'),
+  tonumber(redis.call('HGET', KEYS[2], 'epoch') or '0'), tonumber(ARGV[1])) + 1
+redis.call('SET', KEYS[1], epoch)
+return epoch
+"""
+
+def batch_command(
+    prefix: str, mode: str, epoch: int, seq: int, time_ms: int, expected_seq: int,
+    stale_after_ms: int, rows: Iterable[Change], lower: Container[str] = (),
+) -> tuple[list[str], list]:
+    """KEYS and ARGV of one :data:`BATCH_SCRIPT` call; ``rows`` as the change ring has them:
+    (seq, sku, on_hand, reserved, committed); the SKUs in ``lower`` are written by the "lower"
+    rule (not durable yet), the others by the "newer" rule."""
+    stock = prefix + "stock:"
+    keys = [prefix + "watermark"]
+    args: list = [mode, epoch, seq, time_ms, expected_seq, stale_after_ms]
+    for version, sku, on_hand, reserved, committed in rows:
+        keys.append(stock + sku)
+        args += (
+            "lower" if sku in lower else "newer", version, on_hand, reserved, committed,
+            on_hand - reserved - committed,
+        )
+    return keys, args
+
+
+def pack(arguments: Iterable[str | int]) -> bytes:
+    """One command in RESP, as redis-py's pack_command makes it, without its per-argument
+    cost (the mirror's hot path sends one per batch)."""
+    parts = [b""]
+    for argument in arguments:
+        data = argument.encode() if isinstance(argument, str) else b"%d" % argument
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    parts[0] = b"*%d\r\n" % (len(parts) - 1)
+    return b"".join(parts)
+
+
+def _available(change: Change) -> int:
+    return change[2] - change[3] - change[4]
+
+
+def read_entries(table: CounterTable, position: int, seq_max: int, read_max: int):
+    """Every ring entry from ``position`` up to ``seq_max``: (position after them, entries)."""
+    entries: list[Change] = []
+    while True:
+        position, changes = table.changes(position, read_max, seq_max)
+        entries += changes
+        if len(changes) < read_max:
+            return position, entries
+
+
+@dataclasses.dataclass
+class Plan:
+    """One mirror write: ``rows`` (one per SKU), the SKUs among them written by the "lower"
+    rule, and the ring position after the last durable entry read (where the next plan starts).
+    """
+
+    rows: list[Change]
+    lower: set[str]
+    settled_position: int
+    settled_entries: int  # durable entries read (changes mirrored for good)
+
+
+def plan(
+    table: CounterTable, position: int, durable_seq: int, target: int, read_max: int
+) -> Plan:
+    """What to write so that Redis shows every change up to ``target`` that lowers
+    availability, and never more available than any state a recovery could bring back.
+
+    ``position`` is the ring position of the first entry after the last durable sequence the
+    mirror wrote (every entry before it is in Redis, or superseded there by a lower one). The
+    entries from it up to ``target`` split at ``durable_seq``: per SKU, its *base* is its newest
+    durable entry, and its *pending* entries are the ones after (applied, not yet fsync'd). After
+    a crash the log holds the changes up to some sequence between ``durable_seq`` and
+    ``target`` (or beyond, with changes no write has covered), so per SKU the state a recovery
+    brings back is its base or one of its pending entries: the write shows their minimum.
+
+    - A SKU with a base: whichever of the base and its least-available pending entry has less
+      available (the newer on a tie), by the "newer" rule. Both the base and every pending
+      entry are >= it. Versions never go back: the base is newer than anything the previous
+      write could have chosen below it, and a pending entry stays chosen until one newer and
+      no higher replaces it.
+    - A SKU with pending entries only: its durable state is the one Redis already reflects
+      (Redis holds it or something lower), so its least-available pending entry is written by
+      the "lower" rule: only if it has less available than Redis holds.
+
+    Releases, expiries, commits of fewer units, restocks (anything that raises availability)
+    therefore reach Redis once durable; grants and stock taken down reach it ahead of the fsync.
+    """
+    settled_position, durable = read_entries(table, position, durable_seq, read_max)
+    _, pending = read_entries(table, settled_position, target, read_max)
+    base: dict[str, Change] = {change[1]: change for change in durable}
+    least: dict[str, Change] = {}
+    for change in pending:
+        sku = change[1]
+        current = least.get(sku)
+        if current is None or _available(change) <= _available(current):
+            least[sku] = change
+    rows: list[Change] = []
+    lower: set[str] = set()
+    for sku, change in base.items():
+        candidate = least.pop(sku, None)
+        if candidate is not None and _available(candidate) <= _available(change):
+            change = candidate
+        rows.append(change)
+    rows += least.values()
+    lower.update(least)
+    return Plan(rows, lower, settled_position, len(durable))
