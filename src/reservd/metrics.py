@@ -86,6 +86,15 @@ class Metrics:
                 "snapshot",
                 value=hub.detached,
             )
+            yield GaugeMetricFamily(
+                "reservd_watch_buffered_updates", "Updates waiting in the watchers' buffers",
+                value=hub.buffered,
+            )
+            yield CounterMetricFamily(
+                "reservd_watch_table_snapshots",
+                "Passes over the whole table for all-SKU watchers' snapshots (shared by them)",
+                value=hub.table_snapshots,
+            )
             yield CounterMetricFamily(
                 "reservd_watch_lapped",
                 "Watchers the change ring lapped (sent a snapshot instead)", value=hub.lapped,

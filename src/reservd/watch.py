@@ -96,6 +96,7 @@ class WatchHub:
         self._snapshot: _Snapshot | None = None
         # Counters read by the metrics (reservd_watch_*).
         self.lapped = 0
+        self.table_snapshots = 0
         self.updates = 0
         self.fanout_seconds = 0.0
 
@@ -106,6 +107,11 @@ class WatchHub:
     def detached(self) -> int:
         """Watchers off the fan-out: stalled, catching up or in a snapshot."""
         return len(self._watchers) - self._attached
+
+    @property
+    def buffered(self) -> int:
+        """Updates waiting in the watchers' buffers (each at most ``watch_buffer_updates_max``)."""
+        return sum(len(watcher.buffer) for watcher in self._watchers)
 
     # -- the durable side ---------------------------------------------------------------------
 
@@ -311,6 +317,7 @@ class WatchHub:
                     for sku, on_hand, reserved, committed in table.items()
                 ])
                 self._snapshot = snapshot
+                self.table_snapshots += 1
             seq, position, updates = snapshot.seq, snapshot.position, snapshot.updates
         else:
             seq, position = ledger.seq, table.ring_head
