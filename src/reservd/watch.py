@@ -74,6 +74,9 @@ class Watcher:
 
 
 class WatchHub:
+    """Every WatchStock stream of the daemon: ``open`` one, iterate ``updates_of`` it,
+    ``release`` it; the WAL calls ``on_durable`` after each durable batch."""
+
     def __init__(self, table: CounterTable, ledger, config: Config | None = None) -> None:
         config = config or Config()
         self.table = table
@@ -190,9 +193,8 @@ class WatchHub:
 
     def open(self, skus: frozenset[str] | None, from_sequence: int) -> Watcher:
         """A new watcher of ``skus`` (None: every SKU), after ``from_sequence`` (0: the current
-        state first). TooManyWatchers beyond ``watchers_max``."""
-        if self.closed:
-            raise TooManyWatchers("the daemon is stopping")
+        state first). TooManyWatchers beyond ``watchers_max``; once the hub is closed the
+        watcher's updates end at once."""
         if len(self._watchers) >= self.watchers_max:
             raise TooManyWatchers(
                 f"{len(self._watchers)} WatchStock streams are open, the bound "
