@@ -63,7 +63,8 @@ async def test_each_watcher_gets_exactly_the_updates_of_its_skus(tmp_path):
             for subset in subsets
         ]
         # The current state first, marked snapshot: then each stream is surely open.
-        assert sorted([(await everything.read()).sku for _ in range(41)]) == sorted(skus + ["fence"])
+        current = [await everything.read() for _ in range(41)]
+        assert sorted(u.sku for u in current) == sorted(skus + ["fence"])
         for subset, call in zip(subsets, calls):
             snapshot = [await call.read() for _ in range(len(subset) + 1)]
             assert all(u.snapshot for u in snapshot)

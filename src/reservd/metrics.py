@@ -104,7 +104,7 @@ class Metrics:
             )
             yield CounterMetricFamily(
                 "reservd_watch_fanout_seconds",
-                "Event-loop time spent handing durable changes to the attached watchers",
+                "CPU time of the event loop spent handing durable changes to the attached watchers",
                 value=hub.fanout_seconds,
             )
         stats = getattr(log_, "stats", None)
