@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from typing import AsyncIterator
 
 from reservd.config import Config
@@ -43,9 +44,10 @@ def _update(seq: int, sku: str, on_hand: int, reserved: int, committed: int,
 
 class _Snapshot:
     """The current state of every SKU at ``seq``, encoded once; the ring goes on at ``position``.
-    Shared by all the all-SKU watchers that need a snapshot while ``position`` is retained."""
+    Shared by all the all-SKU watchers that need a snapshot while one of them still streams it
+    and ``position`` is retained; freed when the last of them is done with it."""
 
-    __slots__ = ("seq", "position", "updates")
+    __slots__ = ("seq", "position", "updates", "__weakref__")
 
     def __init__(self, seq: int, position: int, updates: list[pb.StockUpdate]) -> None:
         self.seq = seq
@@ -96,7 +98,9 @@ class WatchHub:
         self._all: set[Watcher] = set()
         self._attached = 0
         self._durable: asyncio.Future | None = None
-        self._snapshot: _Snapshot | None = None
+        # Only the watchers streaming it keep it alive: at most one table copy at a time while
+        # the ring does not lap them.
+        self._snapshot: weakref.ref[_Snapshot] | None = None
         # Counters read by the metrics (reservd_watch_*).
         self.lapped = 0
         self.table_snapshots = 0
@@ -141,9 +145,6 @@ class WatchHub:
     def _fan_out(self) -> None:
         table = self.table
         by_sku, everyone, buffer_max = self._by_sku, self._all, self.buffer_max
-        snapshot = self._snapshot
-        if snapshot is not None and snapshot.position < table.ring_tail:
-            self._snapshot = None  # no watcher may start from it any more: free the copy
         if not by_sku and not everyone:
             # Nobody attached: detached watchers read on from their own positions.
             self.position = table.position_after(self.durable_seq)
@@ -312,14 +313,14 @@ class WatchHub:
         on after that state (which is durable before any of it is sent)."""
         table, ledger = self.table, self.ledger
         if watcher.skus is None:
-            snapshot = self._snapshot
+            snapshot = self._snapshot() if self._snapshot is not None else None
             if snapshot is None or snapshot.position < table.ring_tail:
                 seq = ledger.seq
                 snapshot = _Snapshot(seq, table.ring_head, [
                     _update(seq, sku, on_hand, reserved, committed, True)
                     for sku, on_hand, reserved, committed in table.items()
                 ])
-                self._snapshot = snapshot
+                self._snapshot = weakref.ref(snapshot)
                 self.table_snapshots += 1
             seq, position, updates = snapshot.seq, snapshot.position, snapshot.updates
         else:
