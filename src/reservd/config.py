@@ -32,6 +32,11 @@ class Config:
     shards: int = 64
     # Change ring read by WatchStock (and the mirror): entries, a power of two.
     watch_ring_capacity: int = 1 << 18
+    # Open WatchStock streams; beyond it WatchStock answers RESOURCE_EXHAUSTED.
+    watchers_max: int = 1_000
+    # Updates buffered per watcher, in updates (also the most one snapshot batch holds): a watcher
+    # whose client stops reading is parked at its ring position once its buffer is this full.
+    watch_buffer_updates_max: int = 1_024
     # Idempotency records of finished reservations and adjustments are kept this long / this many.
     retention_seconds: int = 86_400
     retained_max: int = 1_000_000

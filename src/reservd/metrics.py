@@ -25,11 +25,13 @@ class Metrics:
             "reservd_expired_reservations", "Holds released by expiry", registry=self.registry
         )
         self._sources: list = []
+        self._hub = None
         self.registry.register(self)
 
-    def watch(self, ledger, log_, guard, mirror=None, supervisor=None) -> None:
+    def watch(self, ledger, log_, guard, mirror=None, supervisor=None, hub=None) -> None:
         """Report these objects' state at each scrape."""
         self._sources = [ledger, log_, guard, mirror, supervisor]
+        self._hub = hub
 
     def collect(self):
         if not self._sources:
@@ -92,6 +94,36 @@ class Metrics:
                     "reservd_mirror_reopen_seconds_last",
                     "Closed to reopened, the latest time", value=stats.reopen_seconds_last,
                 )
+        hub = self._hub
+        if hub is not None:
+            yield GaugeMetricFamily("reservd_watchers", "Open WatchStock streams", value=len(hub))
+            yield GaugeMetricFamily(
+                "reservd_watchers_detached",
+                "Watchers off the fan-out: stalled (client not reading), catching up or in a "
+                "snapshot",
+                value=hub.detached,
+            )
+            yield GaugeMetricFamily(
+                "reservd_watch_buffered_updates", "Updates waiting in the watchers' buffers",
+                value=hub.buffered,
+            )
+            yield CounterMetricFamily(
+                "reservd_watch_table_snapshots",
+                "Passes over the whole table for all-SKU watchers' snapshots (shared by them)",
+                value=hub.table_snapshots,
+            )
+            yield CounterMetricFamily(
+                "reservd_watch_lapped",
+                "Watchers the change ring lapped (sent a snapshot instead)", value=hub.lapped,
+            )
+            yield CounterMetricFamily(
+                "reservd_watch_updates", "StockUpdates handed to watchers", value=hub.updates
+            )
+            yield CounterMetricFamily(
+                "reservd_watch_fanout_seconds",
+                "CPU time of the event loop spent handing durable changes to the attached watchers",
+                value=hub.fanout_seconds,
+            )
         stats = getattr(log_, "stats", None)
         if stats is not None:
             yield CounterMetricFamily(

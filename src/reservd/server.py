@@ -51,7 +51,7 @@ class Daemon:
         self.table = Table(shards=config.shards, ring_capacity=config.watch_ring_capacity)
         self.log = self._open_log()
         self.ledger = Ledger(self.table, self.log, self.clock, config)
-        self.hub = WatchHub(self.table, self.ledger)
+        self.hub = WatchHub(self.table, self.ledger, config)
         self.mirror = None
         if config.redis_url:
             from reservd.mirror import RedisMirror
@@ -93,7 +93,7 @@ class Daemon:
             self.hub.floor_seq = snapshot.seq
         assert self.ledger.seq == self.log.last_seq, (self.ledger.seq, self.log.last_seq)
         self.log.open()
-        self.hub.durable_seq = self.ledger.seq
+        self.hub.on_durable(self.ledger.seq)
         log.info(
             "recovered",
             extra={
@@ -163,7 +163,9 @@ class Daemon:
             if self.guard.grant_reason is None
             else health_pb2.HealthCheckResponse.NOT_SERVING,
         )
-        self.metrics.watch(self.ledger, self.log, self.guard, self.mirror, self.supervisor)
+        self.metrics.watch(
+            self.ledger, self.log, self.guard, self.mirror, self.supervisor, self.hub
+        )
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_port)
         self.supervisor.spawn(self._expire_loop(), "expiry")

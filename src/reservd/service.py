@@ -15,7 +15,7 @@ from reservd.v1 import reservd_pb2 as pb
 from reservd.v1 import reservd_pb2_grpc as pb_grpc
 from reservd.validation import Invalid
 from reservd.wal import WalFailed
-from reservd.watch import WatchHub
+from reservd.watch import TooManyWatchers, WatchHub
 
 _STATUS = {
     Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
@@ -264,12 +264,17 @@ class ReservationsService(pb_grpc.ReservationsServicer):
                     grpc.StatusCode.NOT_FOUND,
                     f"skus[{i}]: sku {skus[i]!r} is unknown: SetStock creates it",
                 )
-        async for batch in self.hub.updates(frozenset(skus) or None, request.from_sequence):
-            for sku, on_hand, reserved, committed, seq, snapshot in batch:
-                yield pb.StockUpdate(
-                    sku=sku, on_hand=on_hand, reserved=reserved, committed=committed,
-                    available=on_hand - reserved - committed, sequence=seq, snapshot=snapshot,
-                )
+        try:
+            watcher = self.hub.open(frozenset(skus) or None, request.from_sequence)
+        except TooManyWatchers as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"watchers: {error}")
+        try:
+            async for batch in self.hub.updates_of(watcher):
+                # The same StockUpdate objects go to every watcher of their SKU: built once.
+                for update in batch:
+                    yield update
+        finally:
+            self.hub.release(watcher)
 
 
 class AdminService(pb_grpc.AdminServicer):
