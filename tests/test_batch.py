@@ -240,7 +240,9 @@ async def test_a_mirror_partition_answers_each_grant_unavailable_and_the_retry_r
             got = [outcome(result) for result in response.results]
             for kind, (code, message) in got[:5]:
                 assert (kind, code) == ("error", grpc.StatusCode.UNAVAILABLE)
-                assert "the Redis mirror is unreachable" in message
+                # Usually "not acknowledged: the Redis mirror is unreachable"; on a loaded
+                # machine the guard may already be closed when the batch arrives.
+                assert "the Redis mirror is unreachable" in message, message
             assert got[5] == ("reservation", "RELEASED")
             await asyncio.wait_for(closed.wait(), 5)
             response = await server.reservations.Batch(ops(*grants))

@@ -32,32 +32,35 @@ _CODES = {code: status.value[0] for code, status in _STATUS.items()}
 _KINDS = "reserve, commit, extend, release, fulfil"
 
 
-def _error(code: int, message: str) -> pb.BatchResult:
-    return pb.BatchResult(error=pb.OpError(code=code, message=message))
+def _error(result: pb.BatchResult, code: int, message: str) -> None:
+    """Answer the op with an error (replacing whatever the result held)."""
+    error = result.error
+    error.code = code
+    error.message = message
 
 
-def reserve_response(outcome: ReserveOutcome) -> pb.ReserveResponse:
-    """The ReserveResponse of a ledger outcome (what the unary Reserve answers)."""
-    return pb.ReserveResponse(
-        granted=outcome.granted,
-        lines=[
-            pb.LineOutcome(sku=sku, requested=asked, granted=given, available=available)
-            for sku, asked, given, available in zip(
-                outcome.skus, outcome.requested, outcome.quantities, outcome.available
-            )
-        ],
-        expires_at_ms=outcome.expires_at_ms if outcome.state is State.HELD else 0,
-        state=outcome.state or 0,
-        sequence=outcome.seq,
-        replayed=outcome.replayed,
-    )
+def fill_reserve_response(response: pb.ReserveResponse, outcome: ReserveOutcome) -> None:
+    """Write a ledger outcome into ``response`` (what the unary Reserve answers). Filled in
+    place: building the nested messages from keyword arguments copies each one again, which
+    costs about twice as much."""
+    response.granted = outcome.granted
+    lines = response.lines
+    for sku, asked, given, available in zip(
+        outcome.skus, outcome.requested, outcome.quantities, outcome.available
+    ):
+        lines.add(sku=sku, requested=asked, granted=given, available=available)
+    if outcome.state is State.HELD:
+        response.expires_at_ms = outcome.expires_at_ms
+    response.state = outcome.state or 0
+    response.sequence = outcome.seq
+    response.replayed = outcome.replayed
 
 
 @dataclasses.dataclass(slots=True)
 class _Applied:
     """A batch applied in the ledger, waiting to become durable."""
 
-    results: list[pb.BatchResult]
+    response: pb.BatchResponse
     # (index in results, sequence, is a grant, the metric to count once acknowledged)
     logged: list[tuple[int, int, bool, object]]
     log_seq: int = 0  # the highest sequence any op needs durable
@@ -140,22 +143,25 @@ class BatchService:
 
     def _apply(self, ops) -> _Applied:
         """Validate and apply every op in order: synchronous, so no other call interleaves."""
-        applied = _Applied([], [])
+        applied = _Applied(pb.BatchResponse(), [])
         metrics = self.metrics
         metrics.batches.inc()
         metrics.batch_ops.inc(len(ops))
+        add = applied.response.results.add
         for index, op in enumerate(ops):
             kind = op.WhichOneof("op")
+            result = add()
             if kind == "reserve":
-                result = self._reserve(index, op.reserve, applied)
+                self._reserve(index, op.reserve, result, applied)
             elif kind is None:
-                result = _error(_INVALID, f"ops[{index}]: must set one of {_KINDS}")
+                _error(result, _INVALID, f"ops[{index}]: must set one of {_KINDS}")
             else:
-                result = self._reservation(index, kind, getattr(op, kind), applied)
-            applied.results.append(result)
+                self._reservation(index, kind, getattr(op, kind), result, applied)
         return applied
 
-    def _reserve(self, index: int, request: pb.ReserveRequest, applied: _Applied):
+    def _reserve(
+        self, index: int, request: pb.ReserveRequest, result: pb.BatchResult, applied: _Applied
+    ) -> None:
         limits, metrics = self.limits, self.metrics
         prefix = f"ops[{index}].reserve."
         try:
@@ -171,21 +177,25 @@ class BatchService:
             )
         except Invalid as error:
             metrics.reserve_rejected.inc()
-            return _error(_INVALID, str(error))
+            return _error(result, _INVALID, str(error))
         if self.guard.grant_reason is not None:
             metrics.reserve_unavailable.inc()
-            return _error(_UNAVAILABLE, f"reservations are closed: {self.guard.grant_reason}")
+            return _error(
+                result, _UNAVAILABLE, f"reservations are closed: {self.guard.grant_reason}"
+            )
         outcome = self.ledger.reserve(
             reservation_id, skus, quantities, channel, ttl_seconds, request.allow_partial
         )
         if isinstance(outcome, Rejection):
             metrics.reserve_rejected.inc()
-            return _error(_CODES[outcome.code], outcome.message)
+            return _error(result, _CODES[outcome.code], outcome.message)
         metric = metrics.reserve_granted if outcome.granted else metrics.reserve_sold_out
         self._needs(applied, outcome.seq, outcome.granted, metric)
-        return pb.BatchResult(reserve=reserve_response(outcome))
+        fill_reserve_response(result.reserve, outcome)
 
-    def _reservation(self, index: int, kind: str, request, applied: _Applied):
+    def _reservation(
+        self, index: int, kind: str, request, result: pb.BatchResult, applied: _Applied
+    ) -> None:
         limits = self.limits
         prefix = f"ops[{index}].{kind}."
         try:
@@ -206,9 +216,9 @@ class BatchService:
                     prefix + "ttl_seconds", request.ttl_seconds, limits
                 )
         except Invalid as error:
-            return _error(_INVALID, str(error))
+            return _error(result, _INVALID, str(error))
         if self.guard.write_reason is not None:
-            return _error(_UNAVAILABLE, f"writes are closed: {self.guard.write_reason}")
+            return _error(result, _UNAVAILABLE, f"writes are closed: {self.guard.write_reason}")
         ledger = self.ledger
         if kind == "commit":
             outcome = ledger.commit(reservation_id, lines)
@@ -219,15 +229,15 @@ class BatchService:
         else:
             outcome = ledger.fulfil(reservation_id)
         if isinstance(outcome, Rejection):
-            return _error(_CODES[outcome.code], outcome.message)
+            return _error(result, _CODES[outcome.code], outcome.message)
         self._needs(applied, outcome.seq, False, None)
-        return pb.BatchResult(reservation=_reservation_response(outcome))
+        result.reservation.CopyFrom(_reservation_response(outcome))
 
     @staticmethod
     def _needs(applied: _Applied, seq: int, grant: bool, metric) -> None:
-        """Record what op ``len(applied.results)`` must wait for before it is acknowledged."""
+        """Record what the last op added must wait for before it is acknowledged."""
         if seq:
-            applied.logged.append((len(applied.results), seq, grant, metric))
+            applied.logged.append((len(applied.response.results) - 1, seq, grant, metric))
             applied.log_seq = max(applied.log_seq, seq)
             if grant:
                 applied.grant_seq = max(applied.grant_seq, seq)
@@ -255,12 +265,12 @@ class BatchService:
                     f"not acknowledged: the Redis mirror is unreachable ({error}); "
                     "retry with the same id once it is back"
                 )
-        results = applied.results
+        results = applied.response.results
         for index, seq, grant, metric in applied.logged:
             if wal_error is not None and seq > log_.durable_seq:
-                results[index] = _error(_UNAVAILABLE, wal_error)
+                _error(results[index], _UNAVAILABLE, wal_error)
             elif mirror_error is not None and grant and seq > mirror.mirrored_seq:
-                results[index] = _error(_UNAVAILABLE, mirror_error)
+                _error(results[index], _UNAVAILABLE, mirror_error)
             elif metric is not None:
                 metric.inc()
-        return pb.BatchResponse(results=results)
+        return applied.response
