@@ -76,6 +76,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -203,7 +204,10 @@ class ServerProcess:
             env=self.env, text=True,
         )
         ready = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().run_in_executor(None, self._read, ready)
+        # Its own thread for the server's whole life: in the loop's default executor (a few
+        # workers on a small machine) six servers would take every worker and starve the rest.
+        threading.Thread(target=self._read, args=(ready,), daemon=True,
+                         name=f"{self.name}-stderr").start()
         try:
             await asyncio.wait_for(ready, START_TIMEOUT_SECONDS)
         except asyncio.TimeoutError:
