@@ -151,3 +151,30 @@ async def test_a_wal_failure_leaves_every_caller_of_the_batch_not_reserved(tmp_p
         for result in results:
             assert not result.granted
             assert result.error.code is grpc.StatusCode.UNAVAILABLE
+
+
+@aio
+async def test_batches_are_bounded_in_ops_and_in_bytes():
+    async with running() as server:
+        await server.set_stock("a", 10_000)
+        for ops_max, bytes_max in ((7, 1 << 20), (1000, 400)):
+            async with ReservdClient(
+                server.target, batching=True, batch_ops_max=ops_max, batch_bytes_max=bytes_max,
+                deadline_seconds=30,
+            ) as client:
+                sent: list[tuple[int, int]] = []
+                batch = client.batcher.batch_method
+
+                def recording(request, timeout, batch=batch, sent=sent):
+                    sent.append((len(request.ops), request.ByteSize()))
+                    return batch(request, timeout=timeout)
+
+                client.batcher.batch_method = recording
+                results = await asyncio.gather(
+                    *(client.reserve(f"{ops_max}-{i}", {"a": 1}) for i in range(50))
+                )
+                assert all(result.granted for result in results)
+                assert sum(count for count, _ in sent) == 50
+                assert all(count <= ops_max for count, _ in sent)
+                assert all(size <= bytes_max for _, size in sent)
+                assert len(sent) >= (8 if ops_max == 7 else 50 * 20 // 400)
