@@ -5,9 +5,10 @@ Full run (on a quiet machine; about 10-20 minutes on 2 cores, three times that w
 
     python bench/sidebyside.py --repeat 3
 
-Quick check that everything starts and answers:
+Quick check that everything starts and answers (--quick: 2,000 reservations a cell, no
+PostgreSQL, 30 s cap a cell):
 
-    python bench/sidebyside.py --ops 2000 --concurrency 16 64 --out /tmp/bench-quick
+    python bench/sidebyside.py --quick --out /tmp/bench-quick
 
 One asyncio client process on uvloop drives every system with the same work, without locust:
 per cell (system x workload x concurrency), --ops Reserve calls of one unit by --concurrency
@@ -26,8 +27,16 @@ Systems (--systems; a system that cannot start is skipped with the reason):
   reservd-memory  `reservd serve --in-memory`: no WAL (the cost of reservd's own code)
   reservd-wal     `reservd serve` with the WAL (group commit, fdatasync before each answer)
   reservd-mirror  WAL plus --redis-url to a redis-server of its own (appendfsync always)
+  reservd-batched         reservd-wal driven through the auto-batching client
+                          (ReservdClient(batching=True)): concurrent calls share Batch RPCs
+  reservd-batched-mirror  the same with the Redis mirror
+  reservd-batched-stream  reservd-wal, the same auto-batcher sending its batches over one
+                          BatchStream (8 batches in flight) instead of unary Batch calls
   redis-lua       a redis-server with appendonly yes and appendfsync always, and a Lua script
                   that checks, decrements and records the reservation id atomically
+  redis-lua-pipelined  the same server and script, the calls auto-pipelined the same way as
+                  reservd-batched: calls made while a pipeline is in flight share the next
+                  redis-py pipeline (up to 1,000 EVALSHA, 2 pipelines in flight)
   grpc-ceiling    bench/ceiling_server.py: reservd's API over a dict on grpc.aio + uvloop,
                   the ceiling of Python gRPC on this machine (client included)
   postgres        PostgreSQL (synchronous_commit on, fsync on) in a temporary cluster (initdb,
@@ -39,11 +48,13 @@ Systems (--systems; a system that cannot start is skipped with the reason):
 Reported per cell: reservations (Reserve answers) per second, granted share, p50/p99/p999
 latency in ms, oversold (units granted beyond units supplied, per SKU, as the client counted
 them; and `mismatch`, when the system's own final state disagrees with the client's count),
-errors, the CPU used by the server's processes and by this client (100 % = one core), and for
-reservd the WAL's fsyncs per second and records per fsync (from its metrics, scraped before
-and after). Then the ratios reservd / redis-lua and reservd / grpc-ceiling of reservations per
-second. Writes sidebyside.json and sidebyside-throughput.png, sidebyside-p99.png into --out
-(default bench-results/).
+errors, the CPU used by the server's processes and by this client (100 % = one core), the
+server's CPU microseconds per reservation, and for reservd the WAL's fsyncs per second and
+records per fsync (from its metrics, scraped before and after; Redis does not count its AOF
+fsyncs: under appendfsync always it writes and fsyncs once per event-loop turn, so a pipeline
+shares one, and PostgreSQL's group commit is not reported). Then the ratios of reservations
+per second against redis-lua, redis-lua-pipelined and grpc-ceiling. Writes sidebyside.json
+and sidebyside-throughput.png, sidebyside-p99.png into --out (default bench-results/).
 
 The client shares the machine with the server: on 2 cores, every figure here includes the
 client's own CPU (see `cli cpu`); compare systems with each other, not with other machines.
@@ -65,6 +76,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -74,14 +86,24 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from reservd.autobatch import AutoBatcher  # noqa: E402
+from reservd.client import ReservdClient  # noqa: E402
 from reservd.metrics import scrape  # noqa: E402
 from reservd.v1 import reservd_pb2 as pb  # noqa: E402
 from reservd.v1 import reservd_pb2_grpc as pb_grpc  # noqa: E402
 
 SYSTEMS = (
-    "reservd-memory", "reservd-wal", "reservd-mirror", "redis-lua", "grpc-ceiling", "postgres",
+    "reservd-memory", "reservd-wal", "reservd-mirror", "reservd-batched", "reservd-batched-mirror",
+    "reservd-batched-stream", "redis-lua", "redis-lua-pipelined", "grpc-ceiling", "postgres",
 )
-RESERVD_SYSTEMS = ("reservd-memory", "reservd-wal", "reservd-mirror")
+RESERVD_SYSTEMS = (
+    "reservd-memory", "reservd-wal", "reservd-mirror", "reservd-batched", "reservd-batched-mirror",
+    "reservd-batched-stream",
+)
+BATCHED_SYSTEMS = ("reservd-batched", "reservd-batched-mirror", "reservd-batched-stream")
+PIPELINE_OPS_MAX = 1_000
+PIPELINES_IN_FLIGHT_MAX = 2
+STREAM_BATCHES_IN_FLIGHT_MAX = 8
 WORKLOADS = ("hot", "steady")
 HOT_ON_HAND = 100
 HOT_RESTOCK_EVERY = 50  # Reserve calls
@@ -182,7 +204,10 @@ class ServerProcess:
             env=self.env, text=True,
         )
         ready = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().run_in_executor(None, self._read, ready)
+        # Its own thread for the server's whole life: in the loop's default executor (a few
+        # workers on a small machine) six servers would take every worker and starve the rest.
+        threading.Thread(target=self._read, args=(ready,), daemon=True,
+                         name=f"{self.name}-stderr").start()
         try:
             await asyncio.wait_for(ready, START_TIMEOUT_SECONDS)
         except asyncio.TimeoutError:
@@ -308,7 +333,7 @@ class GrpcSystem(System):
             else:
                 self.data_dir = Path(tempfile.mkdtemp(prefix="bench-reservd-"))
                 command += ["--data-dir", str(self.data_dir)]
-            if self.name == "reservd-mirror":
+            if self.name in ("reservd-mirror", "reservd-batched-mirror"):
                 # A Redis as durable as the redis-lua system's: the harder case for the mirror.
                 redis = await RedisServer("--appendonly", "yes", "--appendfsync", "always").start()
                 self.servers.append(redis)
@@ -320,6 +345,20 @@ class GrpcSystem(System):
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
         self.reservations = pb_grpc.ReservationsStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
+        self.client = None
+        if self.name in BATCHED_SYSTEMS:
+            # Its own channel, as a checkout service would have; restocks stay unary.
+            self.client = ReservdClient(
+                f"127.0.0.1:{server.port}", batching=True, deadline_seconds=CALL_TIMEOUT_SECONDS,
+                attempts_max=1,
+            )
+            if self.name == "reservd-batched-stream":
+                self.stream = StreamBatches(self.client.reservations)
+                self.client.batcher = AutoBatcher(
+                    self.stream, ops_max=self.client.batcher.ops_max,
+                    bytes_max=self.client.batcher.bytes_max,
+                    in_flight_max=STREAM_BATCHES_IN_FLIGHT_MAX,
+                )
 
     async def set_stock(self, stock: dict[str, int]) -> None:
         limit = asyncio.Semaphore(SEED_CONCURRENCY)
@@ -334,6 +373,13 @@ class GrpcSystem(System):
         await asyncio.gather(*(one(sku, on_hand) for sku, on_hand in stock.items()))
 
     async def reserve(self, reservation_id: str, sku: str, units: int) -> bool:
+        if self.client is not None:
+            result = await self.client.reserve(
+                reservation_id, ((sku, units),), ttl_seconds=TTL_SECONDS
+            )
+            if result.error is not None:
+                raise result.error
+            return result.granted
         response = await self.reservations.Reserve(
             pb.ReserveRequest(
                 reservation_id=reservation_id, lines=[pb.Line(sku=sku, quantity=units)],
@@ -359,13 +405,13 @@ class GrpcSystem(System):
         return taken
 
     def wal_counters(self) -> dict[str, float] | None:
-        if self.name not in ("reservd-wal", "reservd-mirror"):
+        if self.name in ("reservd-memory", "grpc-ceiling"):
             return None
         return scrape(self.metrics_port, prefix="reservd_wal_")
 
     def mirror_counters(self) -> dict[str, float] | None:
         """Fail-closed episodes and slow writes of the mirror (reservd-mirror only)."""
-        if self.name != "reservd-mirror":
+        if self.name not in ("reservd-mirror", "reservd-batched-mirror"):
             return None
         return scrape(self.metrics_port, prefix="reservd_mirror_")
 
@@ -376,12 +422,48 @@ class GrpcSystem(System):
                 if entry.get("msg") == "failing closed"]
 
     async def stop(self) -> None:
+        if getattr(self, "stream", None) is not None:
+            await self.stream.close()
+        if getattr(self, "client", None) is not None:
+            await self.client.close()
         if hasattr(self, "channel"):
             await self.channel.close()
         for server in reversed(self.servers):
             server.stop()
         if self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class StreamBatches:
+    """A Batch method over one BatchStream, for AutoBatcher: each request is written to the
+    stream and answered by the response in the same place (the server answers in order)."""
+
+    def __init__(self, stub) -> None:
+        self.call = stub.BatchStream()
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+        self.writing = asyncio.Lock()  # one write at a time, in the order of ``waiting``
+        self.reader = asyncio.ensure_future(self._read())
+
+    async def __call__(self, request: pb.BatchRequest, timeout: float | None = None):
+        future = asyncio.get_running_loop().create_future()
+        async with self.writing:
+            self.waiting.append(future)
+            await self.call.write(request)
+        return await future
+
+    async def _read(self) -> None:
+        try:
+            async for response in self.call:
+                self.waiting.popleft().set_result(response)
+            error: BaseException = ConnectionError("the BatchStream ended")
+        except grpc.aio.AioRpcError as rpc_error:
+            error = rpc_error
+        while self.waiting:
+            self.waiting.popleft().set_exception(error)
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await asyncio.gather(self.reader, return_exceptions=True)
 
 
 class RedisLua(System):
@@ -431,6 +513,58 @@ class RedisLua(System):
             await self.pool.disconnect()
         if hasattr(self, "server"):
             self.server.stop()
+
+
+class RedisPipelined(RedisLua):
+    """The Lua reserve script, auto-pipelined like reservd's batching client: calls made while
+    PIPELINES_IN_FLIGHT_MAX pipelines are in flight share the next one (redis-py pipeline,
+    transaction=False: one round trip, each EVALSHA still atomic on its own)."""
+
+    name = "redis-lua-pipelined"
+
+    async def start(self) -> None:
+        await super().start()
+        self.sha = await self.client.script_load(REDIS_RESERVE)
+        self.pending: list[tuple[str, str, int, asyncio.Future]] = []
+        self.in_flight = 0
+        self.flush_scheduled = False
+        self.sending: set[asyncio.Task] = set()
+
+    async def reserve(self, reservation_id: str, sku: str, units: int) -> bool:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.pending.append((f"stock:{sku}", f"reservation:{reservation_id}", units, future))
+        if not self.flush_scheduled and self.in_flight < PIPELINES_IN_FLIGHT_MAX:
+            self.flush_scheduled = True
+            loop.call_soon(self.flush)
+        return await future != 0
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        while self.pending and self.in_flight < PIPELINES_IN_FLIGHT_MAX:
+            calls = self.pending[:PIPELINE_OPS_MAX]
+            del self.pending[:PIPELINE_OPS_MAX]
+            self.in_flight += 1
+            task = asyncio.ensure_future(self.send(calls))
+            self.sending.add(task)
+            task.add_done_callback(self.sending.discard)
+
+    async def send(self, calls: list) -> None:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for stock_key, reservation_key, units, _ in calls:
+                pipe.evalsha(self.sha, 2, stock_key, reservation_key, units)
+            answers = await pipe.execute(raise_on_error=False)
+        except Exception as error:
+            answers = [error] * len(calls)
+        finally:
+            self.in_flight -= 1
+            self.flush()
+        for (*_, future), answer in zip(calls, answers):
+            if isinstance(answer, Exception):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
 
 
 class Postgres(System):
@@ -539,6 +673,8 @@ class Postgres(System):
 def make_system(name: str, concurrency_max: int) -> System:
     if name == "redis-lua":
         return RedisLua()
+    if name == "redis-lua-pipelined":
+        return RedisPipelined()
     if name == "postgres":
         return Postgres(concurrency_max)
     return GrpcSystem(name)
@@ -658,6 +794,8 @@ async def run_cell(system: System, workload: str, concurrency: int, args,
         "server_cpu_percent": round(100 * server_cpu / elapsed, 1) if server_cpu is not None
         else None,
         "client_cpu_percent": round(100 * client_cpu / elapsed, 1),
+        "server_cpu_us_per_op": round(1e6 * server_cpu / answered, 1)
+        if server_cpu is not None and answered else None,
         "fsyncs_per_second": None, "records_per_fsync": None,
     }
     if wal_before is not None and wal_after is not None:
@@ -706,9 +844,10 @@ def _cell(value, digits: int = 1) -> str:
 
 
 def print_tables(results: list[dict], skipped: dict[str, str], args) -> list[dict]:
-    header = (f"{'conc':>5} {'system':<15} {'res/s':>9} {'granted':>8} {'p50 ms':>8} "
+    header = (f"{'conc':>5} {'system':<22} {'res/s':>9} {'granted':>8} {'p50 ms':>8} "
               f"{'p99 ms':>8} {'p999 ms':>8} {'oversold':>8} {'mismatch':>8} {'errors':>6} "
-              f"{'srv cpu':>8} {'cli cpu':>8} {'fsync/s':>8} {'rec/fsync':>9} {'spread':>7}")
+              f"{'srv cpu':>8} {'cli cpu':>8} {'us/op':>6} {'fsync/s':>8} {'rec/fsync':>9} "
+              f"{'spread':>7}")
     for workload in args.workloads:
         rows = [row for row in results if row["workload"] == workload]
         if not rows:
@@ -717,12 +856,13 @@ def print_tables(results: list[dict], skipped: dict[str, str], args) -> list[dic
         print(header)
         for row in sorted(rows, key=lambda r: (r["concurrency"], SYSTEMS.index(r["system"]))):
             print(
-                f"{row['concurrency']:>5} {row['system']:<15} "
+                f"{row['concurrency']:>5} {row['system']:<22} "
                 f"{row['reservations_per_second']:>9.0f} {row['granted_share']:>8.0%} "
                 f"{row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} {row['p999_ms']:>8.2f} "
                 f"{row['oversold']:>8} {row['mismatch']:>8} {row['errors']:>6} "
                 f"{_cell(row['server_cpu_percent'], 0) + '%':>8} "
                 f"{_cell(row['client_cpu_percent'], 0) + '%':>8} "
+                f"{_cell(row.get('server_cpu_us_per_op'), 0):>6} "
                 f"{_cell(row['fsyncs_per_second'], 0):>8} {_cell(row['records_per_fsync']):>9} "
                 f"{_cell(row['spread'] * 100 if row['runs'] > 1 and row['spread'] else None, 0):>7}"
                 + ("  (time cap)" if row["capped"] else "")
@@ -734,7 +874,7 @@ def print_tables(results: list[dict], skipped: dict[str, str], args) -> list[dic
     ratios = []
     columns = [(w, c) for w in args.workloads for c in args.concurrency]
     for mine in RESERVD_SYSTEMS:
-        for other in ("redis-lua", "grpc-ceiling"):
+        for other in ("redis-lua", "redis-lua-pipelined", "grpc-ceiling"):
             values = {}
             for workload, concurrency in columns:
                 a = by_key.get((mine, workload, concurrency))
@@ -748,9 +888,9 @@ def print_tables(results: list[dict], skipped: dict[str, str], args) -> list[dic
     if ratios:
         names = [f"{w}/{c}" for w, c in columns]
         print("\nreservations per second, ratio (workload/concurrency)")
-        print(f"{'':<30}" + "".join(f"{name:>11}" for name in names))
+        print(f"{'':<46}" + "".join(f"{name:>11}" for name in names))
         for ratio in ratios:
-            print(f"{ratio['ratio']:<30}"
+            print(f"{ratio['ratio']:<46}"
                   + "".join(f"{_cell(ratio.get(name), 2):>11}" for name in names))
     return ratios
 
@@ -856,7 +996,7 @@ async def main(args) -> int:
                         result["repeat"] = repeat
                         runs.append(result)
                         print(
-                            f"{system.name:<15} {workload:<7} {concurrency:>4}: "
+                            f"{system.name:<22} {workload:<7} {concurrency:>4}: "
                             f"{result['reservations_per_second']:>8.0f} res/s, "
                             f"p99 {result['p99_ms']:.2f} ms, oversold {result['oversold']}",
                             flush=True,
@@ -885,14 +1025,22 @@ def parse(argv: list[str] | None = None):
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--concurrency", nargs="+", type=int, default=[16, 64, 256])
-    parser.add_argument("--ops", type=int, default=20_000, help="reservations a cell")
+    parser.add_argument("--ops", type=int, default=None,
+                        help="reservations a cell (default 20,000; 2,000 with --quick)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="unmeasured reservations before each cell (default ops/10, <= 1000)")
     parser.add_argument("--cell-seconds", type=float, default=120, help="time cap of a cell")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each cell; the table shows the median run and the spread")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
+    parser.add_argument("--quick", action="store_true",
+                        help="2,000 reservations a cell, a 30 s cap, no PostgreSQL")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.cell_seconds = min(args.cell_seconds, 30)
+        args.systems = [name for name in args.systems if name != "postgres"]
+    if args.ops is None:
+        args.ops = 2_000 if args.quick else 20_000
     if args.warmup is None:
         args.warmup = min(1000, args.ops // 10)
     args.concurrency = sorted(set(args.concurrency))

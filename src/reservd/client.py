@@ -1,30 +1,28 @@
 """Async Python client for checkout services. It fails closed: a Reserve that ends in a deadline,
 UNAVAILABLE or any other error is *not reserved*; retries reuse the same reservation_id, so a
-retry of a grant that did land returns that grant instead of taking more stock."""
+retry of a grant that did land returns that grant instead of taking more stock.
+
+With ``batching=True`` the mutations (reserve, commit, extend, release, fulfil) made concurrently
+on one client are coalesced into Batch RPCs (reservd.autobatch): each caller still gets exactly
+its own answer, with the same fail-closed rules."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import random
 import time
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 
+from reservd.autobatch import AutoBatcher, ReservdError
 from reservd.v1 import reservd_pb2 as pb
 from reservd.v1 import reservd_pb2_grpc as pb_grpc
 
 # Worth retrying: the server did not (or may not have) answered. Everything else is final.
 _TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
-
-class ReservdError(Exception):
-    """A call that did not succeed: ``code`` is the gRPC status, ``details`` the server's words."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
+__all__ = ["ReservdClient", "ReservdError", "ReserveResult"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -42,7 +40,12 @@ def _lines(lines: dict[str, int] | Iterable[tuple[str, int]]) -> list[pb.Line]:
 
 
 class ReservdClient:
-    """One channel to reservd. ``deadline_seconds`` bounds each call including its retries."""
+    """One channel to reservd. ``deadline_seconds`` bounds each call including its retries.
+
+    ``batching``: coalesce concurrent mutations into Batch RPCs of at most ``batch_ops_max``
+    ops and ``batch_bytes_max`` bytes, with at most ``batches_in_flight_max`` RPCs at once; a
+    call made while they are all in flight joins the next batch, a lone call goes at once.
+    """
 
     def __init__(
         self,
@@ -51,6 +54,10 @@ class ReservdClient:
         deadline_seconds: float = 2.0,
         attempts_max: int = 3,
         backoff_seconds_max: float = 0.2,
+        batching: bool = False,
+        batch_ops_max: int = 1_000,
+        batch_bytes_max: int = 512 << 10,
+        batches_in_flight_max: int = 2,
     ) -> None:
         self.channel = grpc.aio.insecure_channel(target)
         self.reservations = pb_grpc.ReservationsStub(self.channel)
@@ -58,6 +65,14 @@ class ReservdClient:
         self.deadline_seconds = deadline_seconds
         self.attempts_max = attempts_max
         self.backoff_seconds_max = backoff_seconds_max
+        self.batcher = (
+            AutoBatcher(
+                self.reservations.Batch, ops_max=batch_ops_max, bytes_max=batch_bytes_max,
+                in_flight_max=batches_in_flight_max,
+            )
+            if batching
+            else None
+        )
 
     async def close(self) -> None:
         await self.channel.close()
@@ -70,17 +85,31 @@ class ReservdClient:
 
     async def _call(self, method, request):
         """Call with retries on transient failures, all within one deadline."""
+        return await self._retrying(lambda end: method(request, timeout=end - time.monotonic()))
+
+    async def _mutate(self, kind: str, method, request):
+        """A mutation: through the auto-batcher when batching, else its unary RPC."""
+        if self.batcher is None:
+            return await self._call(method, request)
+        op = pb.BatchOp(**{kind: request})
+        size = op.ByteSize()
+        return await self._retrying(lambda end: self.batcher.submit(op, size, end))
+
+    async def _retrying(self, attempt_once: Callable[[float], Awaitable]):
+        """``attempt_once(end)`` (monotonic seconds) until it succeeds, fails for good, or the
+        attempts or the deadline run out. The same request every time: retries are idempotent."""
         end = time.monotonic() + self.deadline_seconds
         attempt = 0
         while True:
             attempt += 1
-            remaining = end - time.monotonic()
             try:
-                if remaining <= 0:
+                if end - time.monotonic() <= 0:
                     raise ReservdError(grpc.StatusCode.DEADLINE_EXCEEDED, "client deadline")
-                return await method(request, timeout=remaining)
+                return await attempt_once(end)
             except grpc.aio.AioRpcError as error:
                 failure = ReservdError(error.code(), error.details() or "")
+            except ReservdError as error:
+                failure = error
             if failure.code not in _TRANSIENT or attempt >= self.attempts_max:
                 raise failure
             backoff = min(self.backoff_seconds_max, 0.01 * 2**attempt) * random.random()
@@ -104,7 +133,7 @@ class ReservdClient:
             ttl_seconds=ttl_seconds, allow_partial=allow_partial,
         )
         try:
-            response = await self._call(self.reservations.Reserve, request)
+            response = await self._mutate("reserve", self.reservations.Reserve, request)
         except ReservdError as error:
             return ReserveResult(False, None, error)
         return ReserveResult(response.granted, response, None)
@@ -113,19 +142,19 @@ class ReservdClient:
         self, reservation_id: str, lines: dict[str, int] | None = None
     ) -> pb.ReservationResponse:
         request = pb.CommitRequest(reservation_id=reservation_id, lines=_lines(lines or {}))
-        return await self._call(self.reservations.Commit, request)
+        return await self._mutate("commit", self.reservations.Commit, request)
 
     async def extend(self, reservation_id: str, ttl_seconds: int) -> pb.ReservationResponse:
         request = pb.ExtendRequest(reservation_id=reservation_id, ttl_seconds=ttl_seconds)
-        return await self._call(self.reservations.Extend, request)
+        return await self._mutate("extend", self.reservations.Extend, request)
 
     async def release(self, reservation_id: str) -> pb.ReservationResponse:
         request = pb.ReleaseRequest(reservation_id=reservation_id)
-        return await self._call(self.reservations.Release, request)
+        return await self._mutate("release", self.reservations.Release, request)
 
     async def fulfil(self, reservation_id: str) -> pb.ReservationResponse:
         request = pb.FulfilRequest(reservation_id=reservation_id)
-        return await self._call(self.reservations.Fulfil, request)
+        return await self._mutate("fulfil", self.reservations.Fulfil, request)
 
     async def get_reservation(self, reservation_id: str) -> pb.ReservationResponse:
         request = pb.GetReservationRequest(reservation_id=reservation_id)

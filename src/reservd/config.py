@@ -20,6 +20,10 @@ class Limits:
     ttl_seconds_max: int = 86_400
     watch_skus_max: int = 10_000
     get_skus_max: int = 1_000
+    # Ops in one Batch (or one BatchStream message), and batches of one stream awaiting their
+    # durability at once (the stream stops reading beyond it).
+    batch_ops_max: int = 1_000
+    batch_stream_in_flight_max: int = 16
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -21,6 +21,13 @@ class Metrics:
         self.reserve_sold_out = reserve.labels("sold_out")
         self.reserve_rejected = reserve.labels("rejected")
         self.reserve_unavailable = reserve.labels("unavailable")
+        self.batches = Counter(
+            "reservd_batches", "Batch requests (unary or one message of a stream)",
+            registry=self.registry,
+        )
+        self.batch_ops = Counter(
+            "reservd_batch_ops", "Ops received in batches", registry=self.registry
+        )
         self.expired = Counter(
             "reservd_expired_reservations", "Holds released by expiry", registry=self.registry
         )

@@ -115,6 +115,17 @@ class ReservationsService(pb_grpc.ReservationsServicer):
         self.hub = hub
         self.limits = limits
         self.metrics = metrics
+        # Imported here: reservd.batch builds on this module's translation helpers.
+        from reservd.batch import BatchService
+
+        self.batches = BatchService(ledger, durability, guard, limits, metrics)
+
+    async def Batch(self, request: pb.BatchRequest, context) -> pb.BatchResponse:
+        return await self.batches.batch(request, context)
+
+    async def BatchStream(self, requests, context):
+        async for response in self.batches.stream(requests, context):
+            yield response
 
     async def Reserve(self, request: pb.ReserveRequest, context) -> pb.ReserveResponse:
         limits = self.limits

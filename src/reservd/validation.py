@@ -71,14 +71,18 @@ def lines(field: str, request_lines, limits: Limits, *, zero_allowed: bool = Fal
         raise Invalid(field, "must have at least one line")
     if count > limits.lines_max:
         raise Invalid(field, f"must have at most {limits.lines_max} lines, not {count}")
-    skus = tuple(
-        text(f"{field}[{i}].sku", line.sku, limits.id_bytes_max)
-        for i, line in enumerate(request_lines)
-    )
-    quantities = tuple(
-        quantity(f"{field}[{i}].quantity", line.quantity, limits, zero_allowed=zero_allowed)
-        for i, line in enumerate(request_lines)
-    )
+    skus = tuple([line.sku for line in request_lines])
+    quantities = tuple([line.quantity for line in request_lines])
+    # The hot path (every Reserve, every op of a Batch) checks without building a field name;
+    # only a line that may be wrong goes through text()/quantity() for the exact message.
+    bytes_max, low = limits.id_bytes_max, 0 if zero_allowed else 1
+    for i, sku in enumerate(skus):
+        if not sku or len(sku) * 4 > bytes_max or not sku.isprintable():
+            text(f"{field}[{i}].sku", sku, bytes_max)
+    high = limits.quantity_max
+    for i, value in enumerate(quantities):
+        if not low <= value <= high:
+            quantity(f"{field}[{i}].quantity", value, limits, zero_allowed=zero_allowed)
     if count > 1 and len(set(skus)) != count:
         seen: set[str] = set()
         for i, sku in enumerate(skus):
