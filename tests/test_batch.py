@@ -87,7 +87,9 @@ async def test_mixed_valid_and_invalid_ops_each_answered_as_unary_nothing_else_c
         for index, (code, message) in enumerate(expected_invalid, start=1):
             kind = invalid[index - 1][0]
             assert got[index] == ("error", (code, f"ops[{index}].{kind}.{message}"))
-        assert got[7] == ("error", (grpc.StatusCode.NOT_FOUND, "sku 'nope' is unknown"))
+        assert got[7] == (
+            "error", (grpc.StatusCode.NOT_FOUND, "ops[7].reserve.lines[1].sku: sku 'nope' is unknown")
+        )
         assert got[8] == ("reserve", False)
         assert response.results[8].reserve.lines[0].available == 3
         assert got[9] == ("error", (grpc.StatusCode.NOT_FOUND, "reservation 'missing' is unknown"))

@@ -197,7 +197,7 @@ def _machine(table_class):
             outcome = self.ledger.adjust_stock(f"adj{self.adjustments}", sku, delta, None, "")
             if not 0 <= self.model.stock[sku][0] + delta <= ON_HAND_MAX:
                 assert isinstance(outcome, Rejection) and outcome.code is Code.FAILED_PRECONDITION
-                assert outcome.message.startswith("delta: "), outcome
+                assert outcome.field == "delta", outcome
             else:
                 self.model.stock[sku][0] += delta
                 assert outcome.on_hand == self.model.stock[sku][0]
@@ -378,9 +378,9 @@ def test_adjust_stock_keeps_on_hand_within_its_bound():
     ledger = Ledger(Table(), RecordingLog(), ManualClock(), CONFIG)
     ledger.set_stock("count-1", "d", ON_HAND_MAX, None, "")
     refused = ledger.adjust_stock("more", "d", 1, None, "")
-    assert refused.code is Code.FAILED_PRECONDITION and refused.message.startswith("delta: ")
+    assert refused.code is Code.FAILED_PRECONDITION and refused.text().startswith("delta: ")
     refused = ledger.adjust_stock("less", "d", -ON_HAND_MAX - 1, None, "")
-    assert refused.code is Code.FAILED_PRECONDITION and refused.message.startswith("delta: ")
+    assert refused.code is Code.FAILED_PRECONDITION and refused.text().startswith("delta: ")
     assert ledger.seq == 1 and ledger.table.counters(ledger.table.lookup("d"))[0] == ON_HAND_MAX
     assert ledger.adjust_stock("some", "d", -ON_HAND_MAX, None, "").on_hand == 0
 
@@ -421,7 +421,7 @@ def test_a_replayed_reserve_answers_what_the_reservation_is_now(end):
 def test_an_unknown_sku_names_its_line():
     ledger = _stocked_ledger()
     refused = ledger.reserve("r", ("a", "nope"), (1, 1), "", 60, False)
-    assert refused.code is Code.NOT_FOUND and refused.message.startswith("lines[1].sku: ")
+    assert refused.code is Code.NOT_FOUND and refused.text().startswith("lines[1].sku: ")
 
 
 def test_an_extend_that_changes_nothing_logs_nothing():

@@ -188,7 +188,7 @@ class BatchService:
         )
         if isinstance(outcome, Rejection):
             metrics.reserve_rejected.inc()
-            return _error(result, _CODES[outcome.code], outcome.message)
+            return _error(result, _CODES[outcome.code], outcome.text(prefix))
         metric = metrics.reserve_granted if outcome.granted else metrics.reserve_sold_out
         self._needs(applied, outcome.seq, outcome.granted, metric)
         fill_reserve_response(result.reserve, outcome)
@@ -210,10 +210,8 @@ class BatchService:
                     )
                     lines = dict(zip(skus, quantities))
             elif kind == "extend":
-                if request.ttl_seconds == 0:
-                    raise Invalid(prefix + "ttl_seconds", "must be given (seconds from now)")
                 ttl_seconds = validation.ttl_seconds(
-                    prefix + "ttl_seconds", request.ttl_seconds, limits
+                    prefix + "ttl_seconds", request.ttl_seconds, limits, default_allowed=False
                 )
         except Invalid as error:
             return _error(result, _INVALID, str(error))
@@ -229,7 +227,7 @@ class BatchService:
         else:
             outcome = ledger.fulfil(reservation_id)
         if isinstance(outcome, Rejection):
-            return _error(result, _CODES[outcome.code], outcome.message)
+            return _error(result, _CODES[outcome.code], outcome.text(prefix))
         self._needs(applied, outcome.seq, False, None)
         result.reservation.CopyFrom(_reservation_response(outcome))
 

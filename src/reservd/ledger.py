@@ -62,8 +62,17 @@ class Code(enum.Enum):
 
 
 class Rejection(NamedTuple):
+    """A refused request: ``code``, the rule it broke, and the request ``field`` it names
+    (empty when it concerns the request as a whole)."""
+
     code: Code
     message: str
+    field: str = ""
+
+    def text(self, prefix: str = "") -> str:
+        """The answer's message: ``field: message``, the field under ``prefix`` (a batch's
+        ``ops[3].reserve.``)."""
+        return f"{prefix}{self.field}: {self.message}" if self.field else self.message
 
 
 class Reservation(NamedTuple):
@@ -186,7 +195,7 @@ class Ledger:
         if status == RESERVE_UNKNOWN_SKU:
             line = handles.index(-1)
             return Rejection(
-                Code.NOT_FOUND, f"lines[{line}].sku: sku {skus[line]!r} is unknown"
+                Code.NOT_FOUND, f"sku {skus[line]!r} is unknown", f"lines[{line}].sku"
             )
         if status == RESERVE_INSUFFICIENT:
             return ReserveOutcome(
@@ -389,19 +398,19 @@ class Ledger:
         if kind is RecordType.ADJUST_STOCK and on_hand + value < 0:
             return Rejection(
                 Code.FAILED_PRECONDITION,
-                f"delta: {value} would make on_hand of sku {sku!r} {on_hand + value} (< 0)",
+                f"{value} would make on_hand of sku {sku!r} {on_hand + value} (< 0)", "delta",
             )
         on_hand_max = self.config.limits.on_hand_max
         if kind is RecordType.ADJUST_STOCK and on_hand + value > on_hand_max:
             return Rejection(
                 Code.FAILED_PRECONDITION,
-                f"delta: {value} would make on_hand of sku {sku!r} {on_hand + value} "
-                f"(> on_hand_max {on_hand_max})",
+                f"{value} would make on_hand of sku {sku!r} {on_hand + value} "
+                f"(> on_hand_max {on_hand_max})", "delta",
             )
         if kind is RecordType.SET_STOCK and not 0 <= value <= on_hand_max:
             return Rejection(
                 Code.FAILED_PRECONDITION,
-                f"on_hand: {value} is not within [0, on_hand_max {on_hand_max}]",
+                f"{value} is not within [0, on_hand_max {on_hand_max}]", "on_hand",
             )
         refused = self._unwritable()
         if refused is not None:

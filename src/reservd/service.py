@@ -76,7 +76,7 @@ class Durability:
 
 
 async def _reject(context, rejection: Rejection) -> None:
-    await context.abort(_STATUS[rejection.code], rejection.message)
+    await context.abort(_STATUS[rejection.code], rejection.text())
 
 
 async def _invalid(context, error: Invalid) -> None:

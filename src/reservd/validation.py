@@ -28,6 +28,8 @@ def text(field: str, value: str, bytes_max: int, *, required: bool = True) -> st
         if required:
             raise Invalid(field, "must not be empty")
         return value
+    if _is_clean(value, bytes_max):
+        return value
     # UTF-8 takes at most 4 bytes a character: only long strings need encoding to measure.
     if len(value) * 4 > bytes_max and len(value.encode()) > bytes_max:
         raise Invalid(field, f"must be at most {bytes_max} bytes (UTF-8)")
@@ -40,6 +42,19 @@ def text(field: str, value: str, bytes_max: int, *, required: bool = True) -> st
             field, f"must be in Unicode normal form NFC: {value!r} is not (normalise it first)"
         )
     return value
+
+
+def _is_clean(value: str, bytes_max: int) -> bool:
+    """Whether a non-empty ``value`` passes every rule of :func:`text`: the common case, checked
+    without building a field name or a message."""
+    return (
+        value.isprintable()
+        # UTF-8 takes at most 4 bytes a character: only long strings need encoding to measure.
+        and (len(value) * 4 <= bytes_max or len(value.encode()) <= bytes_max)
+        and not value[0].isspace()
+        and not value[-1].isspace()
+        and (value.isascii() or unicodedata.is_normalized("NFC", value))
+    )
 
 
 def quantity(field: str, value: int, limits: Limits, *, zero_allowed: bool = False) -> int:
@@ -77,7 +92,7 @@ def lines(field: str, request_lines, limits: Limits, *, zero_allowed: bool = Fal
     # only a line that may be wrong goes through text()/quantity() for the exact message.
     bytes_max, low = limits.id_bytes_max, 0 if zero_allowed else 1
     for i, sku in enumerate(skus):
-        if not sku or len(sku) * 4 > bytes_max or not sku.isprintable():
+        if not sku or not _is_clean(sku, bytes_max):
             text(f"{field}[{i}].sku", sku, bytes_max)
     high = limits.quantity_max
     for i, value in enumerate(quantities):
