@@ -638,7 +638,7 @@ async def _paused(client: aioredis.Redis, milliseconds: int, mode: str) -> None:
     assert await client.execute_command("CLIENT", "PAUSE", milliseconds, mode)
 
 
-@pytest.mark.parametrize("mode, pause_ms", [("WRITE", 700), ("ALL", 600)])
+@pytest.mark.parametrize("mode, pause_ms", [("WRITE", 1_500), ("ALL", 1_200)])
 @aio
 async def test_a_slow_redis_does_not_close(tmp_path, redis_server, mode, pause_ms):
     """A write answered after mirror_timeout_ms, by a Redis that answers pings (WRITE) or that

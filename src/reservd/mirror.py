@@ -190,9 +190,9 @@ class RedisMirror:
     # -- the hot path -------------------------------------------------------------------------
 
     def wait(self, seq: int) -> asyncio.Future:
-        """A future resolved once Redis holds every change up to ``seq``, rejected with
-        MirrorUnavailable if the mirror is (or goes) down first. Waiters share one future per
-        batch."""
+        """A future resolved once Redis holds every grant up to ``seq`` (shows no more
+        available than the table after it), rejected with MirrorUnavailable if the mirror is
+        (or goes) down first. Waiters share one future per batch."""
         loop = asyncio.get_running_loop()
         if seq <= self.mirrored_seq:
             future = loop.create_future()
