@@ -77,6 +77,10 @@ class MirrorUnavailable(Exception):
     """The mirror cannot hold a grant now: Redis is unreachable or lagging."""
 
 
+class MirrorSlow(MirrorUnavailable):
+    """The mirror did not hold a grant within mirror_grant_wait_ms_max (reservd stays open)."""
+
+
 class _Rebuild(Exception):
     """The mirror's place in the change ring was overwritten: only a full rewrite can help."""
 
@@ -192,7 +196,8 @@ class RedisMirror:
     def wait(self, seq: int) -> asyncio.Future:
         """A future resolved once Redis holds every grant up to ``seq`` (shows no more
         available than the table after it), rejected with MirrorUnavailable if the mirror is
-        (or goes) down first. Waiters share one future per batch."""
+        (or goes) down first, or with MirrorSlow after mirror_grant_wait_ms_max. Waiters of
+        one batch share one write; each gets its own future (its own deadline)."""
         loop = asyncio.get_running_loop()
         if seq <= self.mirrored_seq:
             future = loop.create_future()
@@ -206,7 +211,7 @@ class RedisMirror:
             batch = self._inflight
             if batch is None:
                 batch = self._inflight = SharedFuture(loop=loop)
-            return batch
+            return self._bounded(batch)
         batch = self._next
         if batch is None:
             batch = self._next = SharedFuture(loop=loop)
@@ -215,7 +220,31 @@ class RedisMirror:
             # (_on_durable): the grant is not held up, and Redis gets fewer, larger writes.
             if self.ledger.log.durable_seq >= seq - 1:
                 self._kick()
-        return batch
+        return self._bounded(batch)
+
+    def _bounded(self, batch: asyncio.Future) -> asyncio.Future:
+        """This waiter's future: the batch's outcome, or MirrorSlow after
+        mirror_grant_wait_ms_max (the batch goes on; cancelling this future leaves it alone)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def expire() -> None:
+            if not future.done():
+                self.stats.grant_waits_exceeded += 1
+                _settle(future, MirrorSlow(
+                    f"it did not confirm within {self.config.mirror_grant_wait_ms_max} ms "
+                    "(mirror_grant_wait_ms_max): slow, not down"
+                ))
+
+        timer = loop.call_later(self.grant_wait_seconds, expire)
+
+        def copy(done: asyncio.Future) -> None:
+            timer.cancel()
+            if not future.done():
+                _settle(future, done.exception())
+
+        batch.add_done_callback(copy)
+        return future
 
     @property
     def closed_since(self) -> float | None:
@@ -230,6 +259,8 @@ class RedisMirror:
         self.ledger.log.add_durable_listener(self._on_durable)
         try:
             await self._resync()
+        except AssertionError:
+            raise  # a bug of ours: fatal, not a Redis fault
         except Exception as error:  # fail closed on anything; the task retries
             self._fail(error)
             await self._drop_client()
@@ -239,7 +270,7 @@ class RedisMirror:
         self._tasks = [spawn(self._run(), "mirror"), spawn(self._watch_lag(), "mirror-lag")]
 
     async def close(self) -> None:
-        """Stop; mirror what is left if Redis answers (bounded by mirror_timeout_ms)."""
+        """Stop; mirror what is left if Redis answers (bounded by mirror_silence_ms_max)."""
         self._closing = True
         for task in self._tasks:
             task.cancel()
@@ -267,6 +298,8 @@ class RedisMirror:
             if not self._open:
                 try:
                     await self._resync()
+                except AssertionError:
+                    raise  # a bug of ours: the supervisor stops the daemon
                 except Exception as error:  # fail closed on anything, and retry
                     self._fail(error)
                     await self._drop_client()
@@ -276,6 +309,8 @@ class RedisMirror:
                 retry_seconds = config.mirror_retry_ms_min / 1000
             try:
                 await self._flush()
+            except AssertionError:
+                raise  # a bug of ours: the supervisor stops the daemon
             except Exception as error:
                 self._fail(error)
             await self._drop_client()

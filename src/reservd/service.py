@@ -2,14 +2,12 @@
 answers. It holds no business rule: outcomes come from reservd.ledger."""
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 
 from reservd import validation
 from reservd.config import Limits
 from reservd.guard import Guard
-from reservd.mirror import MirrorUnavailable
+from reservd.mirror import MirrorSlow, MirrorUnavailable
 from reservd.ledger import Code, Ledger, Rejection, Reservation, ReservationOutcome, State
 from reservd.v1 import reservd_pb2 as pb
 from reservd.v1 import reservd_pb2_grpc as pb_grpc
@@ -46,25 +44,16 @@ class Durability:
             # Both are started before either is awaited: the mirror write runs alongside the
             # fsync, and awaiting one after the other costs no extra latency.
             durable = log_.commit() if need_log else None
-            mirrored = mirror.wait(seq) if need_mirror else None
-            if mirrored is not None:
-                mirror_deadline = asyncio.get_running_loop().time() + mirror.grant_wait_seconds
+            mirrored = mirror.wait(seq) if need_mirror else None  # bounded by grant wait
             if durable is not None:
                 await durable
             if mirrored is not None:
-                # asyncio.wait, not a timeout: the batch future is shared and cannot be cancelled.
-                remaining = mirror_deadline - asyncio.get_running_loop().time()
-                done, _ = await asyncio.wait({mirrored}, timeout=max(remaining, 0))
-                if not done:
-                    mirror.stats.grant_waits_exceeded += 1
-                    await context.abort(
-                        grpc.StatusCode.UNAVAILABLE,
-                        "not acknowledged: the Redis mirror did not confirm within "
-                        f"{round(mirror.grant_wait_seconds * 1000)} ms "
-                        "(mirror_grant_wait_ms_max; it is slow, not down); "
-                        "retry with the same id",
-                    )
-                mirrored.result()
+                await mirrored
+        except MirrorSlow as error:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"not acknowledged: the Redis mirror is slow ({error}); retry with the same id",
+            )
         except MirrorUnavailable as error:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
