@@ -42,7 +42,7 @@ from reservd.wal.format import (
     snapshot_name,
 )
 from reservd.wal.log import WalStats, WriteAheadLog
-from reservd.wal.tools import VerifyReport, dump, read, verify
+from reservd.wal.tools import VerifyReport, dump, read, require_data_directory, verify
 from reservd.walfile import OS_FILES, FileLayer
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "dump",
     "encode_frame",
     "read",
+    "require_data_directory",
     "segment_name",
     "snapshot_name",
     "verify",

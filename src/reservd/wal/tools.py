@@ -60,14 +60,22 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _data_directory(directory: Path, files: FileLayer) -> None:
-    """Raise NotADataDirectory unless ``directory`` holds a lock, a segment or a snapshot."""
+def _listdir(directory: Path, files: FileLayer) -> list[str]:
+    """The names in ``directory``; NotADataDirectory if it is missing or a file."""
     try:
-        names = files.listdir(directory)
+        return files.listdir(directory)
     except FileNotFoundError:
         raise NotADataDirectory(directory, "it does not exist") from None
     except NotADirectoryError:
         raise NotADataDirectory(directory, "it is a file; give the directory holding it") from None
+
+
+def require_data_directory(
+    directory: str | os.PathLike[str], files: FileLayer = OS_FILES
+) -> None:
+    """Raise NotADataDirectory unless ``directory`` holds a lock, a segment or a snapshot."""
+    directory = Path(directory)
+    names = _listdir(directory, files)
     if not any(
         name == LOCK_NAME or _SEGMENT_NAME.fullmatch(name) or _SNAPSHOT_NAME.fullmatch(name)
         for name in names
@@ -88,7 +96,7 @@ def read(
     (when it is ok) the newest snapshot and the records after it, as recovery would hand them
     out (a torn tail is left out, not trimmed). Raises NotADataDirectory."""
     directory = Path(directory)
-    _data_directory(directory, files)
+    require_data_directory(directory, files)
     try:
         found = _inspect(directory, files)
     except WalCorruption as error:
@@ -116,10 +124,10 @@ def dump(
     """Print every record of every segment, one tab-separated line each: seq, type, length,
     crc, segment, offset, payload hex prefix. Snapshots and bad frames are ``#`` comment lines;
     after a bad frame the dump resumes at the next valid frame. Returns the records printed.
-    Raises NotADataDirectory."""
+    Raises NotADataDirectory for a missing path or a file; an empty directory has no records.
+    """
     directory = Path(directory)
-    _data_directory(directory, files)
-    names = sorted(files.listdir(directory))
+    names = sorted(_listdir(directory, files))
     for name in names:
         if _SNAPSHOT_NAME.fullmatch(name):
             try:
