@@ -288,6 +288,7 @@ def _wal(args) -> int:
     from reservd import recovery, wal
 
     if args.wal_command == "dump":
+        wal.require_data_directory(args.directory)
         wal.dump(args.directory, sys.stdout)
         return 0
     report = recovery.verify(args.directory)

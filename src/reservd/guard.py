@@ -29,9 +29,15 @@ class Guard:
     def trip(self, source: str, message: str, *, blocks_writes: bool = False) -> None:
         if source in self._trips and self._trips[source][0] == message:
             return
-        since = self._trips[source][1] if source in self._trips else time.time()
+        tripped = self._trips.get(source)
+        since = tripped[1] if tripped is not None else time.time()
         self._trips[source] = (message, since, blocks_writes)
-        log.error("failing closed", extra={"source": source, "why": message, "since": since})
+        # One line when a source closes; a new reason while it stays closed (a retry that
+        # timed out after one that was refused) is not news to the operator.
+        level = logging.ERROR if tripped is None else logging.DEBUG
+        log.log(
+            level, "failing closed", extra={"source": source, "why": message, "since": since}
+        )
         self._update()
 
     def clear(self, source: str) -> None:
