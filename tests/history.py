@@ -167,6 +167,8 @@ def read_wal(*directories: Path) -> dict[int, tuple[RecordType, Any]]:
     twice must hold the same bytes (ValueError otherwise)."""
     found: dict[int, tuple[int, bytes]] = {}
     for directory in directories:
+        if not any(Path(directory).glob("wal-*.log")):
+            continue  # nothing to read (dump refuses a directory that is not a data dir)
         out = io.StringIO()
         wal.dump(directory, out, payload_prefix_bytes=1 << 30)
         for line in out.getvalue().splitlines():
