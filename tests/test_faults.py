@@ -71,7 +71,7 @@ async def _await_health(channel: grpc.aio.Channel, want: int, checks_max: int = 
 async def _reserve_error(stub, rid: str, sku: str) -> grpc.aio.AioRpcError | None:
     """Reserve one unit; the error, or None if it was acknowledged."""
     try:
-        await stub.Reserve(cart(rid, (sku, 1), ttl_seconds=3600), timeout=5)
+        await stub.Reserve(cart(rid, (sku, 1), ttl_seconds=3600), timeout=30)
     except grpc.aio.AioRpcError as error:
         return error
     return None
@@ -382,7 +382,7 @@ def test_fdatasync_eio_in_a_running_daemon_fails_closed_and_loses_nothing(tmp_pa
             release = None
             acked = [rid for rid, outcome in outcomes.items() if outcome[0] == "acked"]
             try:
-                await stub.Release(pb.ReleaseRequest(reservation_id=acked[0]), timeout=5)
+                await stub.Release(pb.ReleaseRequest(reservation_id=acked[0]), timeout=30)
             except grpc.aio.AioRpcError as error:
                 release = error
             return {
@@ -845,7 +845,7 @@ class Watcher:
     async def read(self, count: int) -> list[tuple]:
         got = []
         for _ in range(count):
-            update = await asyncio.wait_for(self.call.read(), 5)
+            update = await asyncio.wait_for(self.call.read(), 60)
             assert update is not grpc.aio.EOF
             got.append(_update(update))
         self.seen += got
