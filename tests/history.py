@@ -6,9 +6,9 @@ checker *reads* it from the answers and verifies it:
 
 (a) real-time order: if call A completed before call B was invoked, seq(A) < seq(B);
 (b) replaying the mutations in sequence order on :class:`history_model.Model` (plain Python,
-    written from the README and the shared rules, not from the ledger) gives exactly the answers every
-    client saw, and the final GetStock/GetReservation state; a sold-out answer (it has no seq)
-    must match the model at one sequence point its call could have observed;
+    written from the README and the shared rules, not from the ledger) gives exactly the
+    answers every client saw, and the final GetStock/GetReservation state; a sold-out answer
+    (it has no seq) must match the model at one sequence point its call could have observed;
 (c) a call that errored or timed out is absent or present as a whole: the sequences nobody was
     acknowledged for are filled from the write-ahead log, whose every record must be an expiry
     that was due, or exactly the command of a call whose outcome the client never learned.
@@ -19,11 +19,13 @@ Typical use::
     recorder = Recorder()
     await recorder.call(client, "reserve", stub.Reserve, request)
     ...
-    report = check(recorder.ops, wal=read_wal(data_dir), final=await final_state(...))
+    final = await read_final_state(stub, skus, reservation_ids, seq=daemon.ledger.seq)
+    report = check(recorder.ops, wal=read_wal(data_dir), final=final)
     assert report.ok, report
 """
 from __future__ import annotations
 
+import asyncio
 import bisect
 import dataclasses
 import io
@@ -33,7 +35,7 @@ from typing import Any, Iterable
 
 import grpc
 
-from history_model import Model
+from history_model import EXPIRED, RELEASED, Model
 
 from reservd import records, wal
 from reservd.records import RecordType
@@ -120,9 +122,6 @@ class Recorder:
         op.response = response
         return response
 
-    def acknowledged(self) -> int:
-        return sum(op.acked for op in self.ops)
-
 
 @dataclasses.dataclass
 class FinalState:
@@ -137,8 +136,6 @@ class FinalState:
 async def read_final_state(stub, skus: Iterable[str], reservation_ids: Iterable[str],
                            seq: int | None = None) -> FinalState:
     """Read every SKU and reservation through a ReservationsStub (256 calls at a time)."""
-    import asyncio
-
     skus = sorted(set(skus))
     stock = {}
     for start in range(0, len(skus), 500):
@@ -170,6 +167,8 @@ def read_wal(*directories: Path) -> dict[int, tuple[RecordType, Any]]:
     twice must hold the same bytes (ValueError otherwise)."""
     found: dict[int, tuple[int, bytes]] = {}
     for directory in directories:
+        if not any(Path(directory).glob("wal-*.log")):
+            continue  # nothing to read (dump refuses a directory that is not a data dir)
         out = io.StringIO()
         wal.dump(directory, out, payload_prefix_bytes=1 << 30)
         for line in out.getvalue().splitlines():
@@ -353,6 +352,9 @@ def check(ops: list[Op], wal: dict[int, tuple[RecordType, Any]] | None = None,
                     "for (invented, partial, or a definite error that was applied)")
                 return
             candidates.remove(match)
+            if seq <= lo[id(match)]:
+                bad(f"real-time order: seq {seq} of {match} was invoked after seq "
+                    f"{lo[id(match)]} completed")
             report.indefinite_present += 1
             report.indefinite_present_reserves += kind == "reserve"
             op = match
@@ -388,7 +390,7 @@ def check(ops: list[Op], wal: dict[int, tuple[RecordType, Any]] | None = None,
             continue
         response = op.response
         if response.replayed:
-            _check_replay(model, op, bad)
+            _check_replay(model, op, lo.get(id(op), 0), hi.get(id(op), last_seq), bad)
         elif op.kind == "reserve" and not response.granted:
             why = _check_sold_out(model, op, lo.get(id(op), 0), hi.get(id(op), last_seq))
             if why and _before_a_crash(op, new, sorted(crashes_ns)):
@@ -472,8 +474,10 @@ def _compare(op: Op, expected: dict) -> str:
     )
 
 
-def _check_replay(model: Model, op: Op, bad) -> None:
-    """A replayed answer repeats an earlier mutation of the same id: its seq must be one."""
+def _check_replay(model: Model, op: Op, lo: int, hi: int, bad) -> None:
+    """A replayed answer repeats an earlier outcome for the same id as it stood when the call
+    was served, at one seq in [lo, hi]: the reservation's latest seq and state then (and for a
+    Reserve, granted as long as the hold was not released or expired)."""
     response = op.response
     if op.kind in ("set_stock", "adjust_stock"):
         entry = model.adjustments.get(op.key)
@@ -491,15 +495,29 @@ def _check_replay(model: Model, op: Op, bad) -> None:
     if current is None:
         bad(f"replayed a reservation the model never granted: {op}")
         return
-    if response.sequence not in current.seqs:
-        bad(f"replayed with seq {response.sequence}, not one of {op.key!r}'s {current.seqs}: {op}")
-    if op.kind == "reserve":
-        if not response.granted or current.request != _request_tuple(op.request):
-            bad(f"replayed reserve does not repeat the grant: {op}")
-        held = dict(current.lines)
+    if op.kind == "reserve" and current.request != _request_tuple(op.request):
+        bad(f"replayed a reserve with another payload: {op}")
+        return
+    start = bisect.bisect_right(current.seqs, lo)
+    points = {max(lo, current.seqs[0]), *current.seqs[start:bisect.bisect_right(current.seqs, hi)]}
+    for point in points:
+        seq, state = current.at(point)
+        if (seq, state) != (response.sequence, response.state):
+            continue
+        if op.kind != "reserve":
+            return
+        # A released or expired hold is no longer granted (quantities 0): a retry never takes
+        # a lost hold for a live one. Otherwise the answer repeats the grant.
+        live = state not in (RELEASED, EXPIRED)
+        held = dict(current.lines) if live else {}
         granted = tuple(line.granted for line in response.lines)
-        if granted != tuple(held.get(sku, 0) for sku in current.request[0]):
-            bad(f"replayed grant {granted}, the model holds {current.lines}: {op}")
+        if response.granted == live and granted == tuple(
+            held.get(sku, 0) for sku in current.request[0]
+        ):
+            return
+    bad(f"replayed seq {response.sequence}, state {response.state}, granted "
+        f"{response.granted}: {op.key!r} had no such outcome between seq {lo} and {hi} "
+        f"(its seqs {current.seqs}, states {current.states}): {op}")
 
 
 def _before_a_crash(op: Op, new: list[Op], crashes_ns: list[int]) -> bool:

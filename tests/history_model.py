@@ -21,6 +21,12 @@ class _Reservation:
     state: int
     expires_at_ms: int
     seqs: list[int]  # every mutation of this reservation, in order
+    states: list[int]  # the state after each of them
+
+    def at(self, seq: int) -> tuple[int, int] | None:
+        """(latest mutation seq, state) as of ``seq``; None before it was granted."""
+        index = bisect.bisect_right(self.seqs, seq) - 1
+        return None if index < 0 else (self.seqs[index], self.states[index])
 
     def answer_lines(self) -> tuple[tuple[str, int], ...]:
         if self.committed is not None:
@@ -85,7 +91,7 @@ class Model:
             self.stock[sku][1] += quantity
         self.reservations[reservation_id] = _Reservation(
             request, [(s, q) for s, q in zip(skus, granted) if q], None, HELD, expires_at_ms,
-            [seq],
+            [seq], [HELD],
         )
         self._changed(seq, [s for s, q in zip(skus, granted) if q])
         return {
@@ -126,6 +132,7 @@ class Model:
             row[2] += quantity
         current.committed, current.state = committed, COMMITTED
         current.seqs.append(seq)
+        current.states.append(current.state)
         self._changed(seq, [sku for sku, _ in current.lines])
         return self._answer(current)
 
@@ -137,6 +144,7 @@ class Model:
             return f"extend shortened {reservation_id!r}"
         current.expires_at_ms = expires_at_ms
         current.seqs.append(seq)
+        current.states.append(current.state)
         return self._answer(current)
 
     def apply_release(self, seq, reservation_id, expire: bool = False, at_ms=None):
@@ -153,6 +161,7 @@ class Model:
                 self.stock[sku][2] -= current.committed[index]
         current.state = EXPIRED if expire else RELEASED
         current.seqs.append(seq)
+        current.states.append(current.state)
         self._changed(seq, [sku for sku, _ in current.lines])
         return self._answer(current)
 
@@ -167,6 +176,7 @@ class Model:
             row[0] -= min(quantity, row[0])  # the parcel left; on_hand never goes below 0
         current.state = FULFILLED
         current.seqs.append(seq)
+        current.states.append(current.state)
         self._changed(seq, [sku for sku, _ in current.lines])
         return self._answer(current)
 

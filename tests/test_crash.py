@@ -92,7 +92,7 @@ async def _worker(stub, recorder: Recorder, worker: int, cycle: int, rng: random
                 reservation_id=rid, ttl_seconds=3600,
                 lines=[pb.Line(sku=sku, quantity=rng.randint(1, 2)) for sku in skus],
             )
-            response = await recorder.call(client, "reserve", stub.Reserve, request, timeout=5)
+            response = await recorder.call(client, "reserve", stub.Reserve, request, timeout=30)
             if response is None:
                 return
             if response.granted:
@@ -109,7 +109,7 @@ async def _worker(stub, recorder: Recorder, worker: int, cycle: int, rng: random
             "fulfil": (stub.Fulfil, pb.FulfilRequest),
         }[kind]
         response = await recorder.call(client, kind, method, request_type(reservation_id=rid),
-                                       timeout=5)
+                                       timeout=30)
         if response is None:
             return
         if response.state in (HELD, COMMITTED):

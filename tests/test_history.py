@@ -320,7 +320,7 @@ BROKEN = {
     "before its expiry": lambda: _expired_at(_T0_MS + 59_999),
     "which the model never had": lambda: _edited(
         lambda o, log, f: setattr(o[2].response.lines[0], "available", 6)),
-    "replayed with seq": lambda: _edited(_replay_with_seq(1)),
+    "had no such outcome": lambda: _edited(_replay_with_seq(1)),
     "final stock": lambda: _edited(lambda o, log, f: f.stock.update(s=(10, 1, 3))),
     "final state of 'b'": lambda: _edited(
         lambda o, log, f: f.reservations.update(b=(1, (("s", 8),)))),

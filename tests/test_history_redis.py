@@ -16,7 +16,7 @@ from redisserver import RedisServer, require_redis_server
 from reservd.v1 import reservd_pb2 as pb
 
 SKUS = ("alpha", "beta", "gamma", "delta")
-SUPPLY = 30
+SUPPLY = 200
 CLIENTS = 16
 OPS_PER_CLIENT_MAX = 2_000
 ACKED_BEFORE_FAULT = 150
