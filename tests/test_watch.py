@@ -7,6 +7,7 @@ import random
 import time
 
 import grpc
+from prometheus_client import generate_latest
 
 from conftest import aio, cart, running, test_config
 from reservd.v1 import reservd_pb2 as pb
@@ -141,6 +142,8 @@ async def test_watchers_beyond_the_bound_get_resource_exhausted_naming_it():
         except grpc.aio.AioRpcError as error:
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "watchers_max is 3" in error.details()
+        scraped = generate_latest(server.daemon.metrics.registry).decode()
+        assert "\nreservd_watchers 3.0\n" in scraped
         calls[0].cancel()
         hub = server.daemon.hub
         await until(lambda: len(hub) == 2, "the cancelled stream released")
