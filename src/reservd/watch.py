@@ -85,6 +85,11 @@ class WatchHub:
         self.ledger = ledger
         self.watchers_max = config.watchers_max
         self.buffer_max = config.watch_buffer_updates_max
+        if self.watchers_max < 0 or self.buffer_max < 1:
+            raise ValueError(
+                f"watchers_max must be >= 0 (not {self.watchers_max}) and "
+                f"watch_buffer_updates_max >= 1 (not {self.buffer_max})"
+            )
         self.durable_seq = ledger.seq
         # Sequences at or below this may be missing from the ring (it starts after recovery's
         # snapshot, if any).
