@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 
 import grpc
+from prometheus_client import generate_latest
 
-from conftest import aio, cart, running, test_config
+from conftest import aio, cart, eventually, running, test_config
 from reservd.v1 import reservd_pb2 as pb
 from reservd.v1 import reservd_pb2_grpc as pb_grpc
 
 WAIT_SECONDS = 30
-
-
-async def until(predicate, what: str, seconds: float = WAIT_SECONDS) -> None:
-    """Wait for daemon state no event announces (a stream blocked in gRPC's flow control),
-    looking every few milliseconds, for at most ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def fields(update: pb.StockUpdate) -> tuple:
@@ -103,7 +93,7 @@ async def test_each_watcher_gets_exactly_the_updates_of_its_skus(tmp_path):
             call.cancel()
         everything.cancel()
         hub = server.daemon.hub
-        await until(lambda: len(hub) == 0, "every stream released")
+        await eventually(lambda: len(hub) == 0, "every stream released")
         assert hub.buffered == 0
 
 
@@ -114,7 +104,7 @@ async def test_only_durable_changes_are_streamed():
         call = server.reservations.WatchStock(pb.WatchStockRequest(skus=["d"]))
         assert (await call.read()).snapshot
         hub, ledger = server.daemon.hub, server.daemon.ledger
-        await until(lambda: hub.detached == 0, "the watcher attached")
+        await eventually(lambda: hub.detached == 0, "the watcher attached")
         updates_before, position_before = hub.updates, hub.position
         outcome = ledger.reserve("not-yet", ("d",), (2,), "", 600, False)
         for _ in range(20):
@@ -141,9 +131,11 @@ async def test_watchers_beyond_the_bound_get_resource_exhausted_naming_it():
         except grpc.aio.AioRpcError as error:
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "watchers_max is 3" in error.details()
+        scraped = generate_latest(server.daemon.metrics.registry).decode()
+        assert "\nreservd_watchers 3.0\n" in scraped
         calls[0].cancel()
         hub = server.daemon.hub
-        await until(lambda: len(hub) == 2, "the cancelled stream released")
+        await eventually(lambda: len(hub) == 2, "the cancelled stream released")
         again = server.reservations.WatchStock(pb.WatchStockRequest(skus=["c"]))
         assert (await again.read()).snapshot
         for call in (*calls[1:], again):
@@ -160,13 +152,13 @@ async def _stall(server, stalled_call, sku: str, reader_seen: list, prefix: str)
         applied += 200
         await server.daemon.log.commit()
         # The reading watcher drains; the stalled one moves only while gRPC takes its messages.
-        await until(lambda: len(reader_seen) >= applied, "the reader keeps up")
+        await eventually(lambda: len(reader_seen) >= applied, "the reader keeps up")
         if hub.detached == 1:
             position = next(w.position for w in hub._watchers if not w.attached)
             reserve_directly(server, sku, 200, f"{prefix}-{batch}-probe")
             applied += 200
             await server.daemon.log.commit()
-            await until(lambda: len(reader_seen) >= applied, "the reader keeps up")
+            await eventually(lambda: len(reader_seen) >= applied, "the reader keeps up")
             if hub.detached == 1 and next(
                 w.position for w in hub._watchers if not w.attached
             ) == position:
@@ -207,7 +199,7 @@ async def test_a_stalled_stream_costs_nothing_and_does_not_stop_the_others():
         reserve_directly(server, "s", 1_000, "more")
         applied += 1_000
         await server.daemon.log.commit()
-        await until(lambda: len(seen) >= applied, "the reader keeps up")
+        await eventually(lambda: len(seen) >= applied, "the reader keeps up")
         assert hub.updates - updates_before == 1_000
         assert hub.buffered <= 2 * buffer_max
         assert [u.reserved for u in seen] == list(range(1, applied + 1))
@@ -216,7 +208,7 @@ async def test_a_stalled_stream_costs_nothing_and_does_not_stop_the_others():
         assert [u.reserved for u in late] == list(range(1, applied + 1))
         assert not any(u.snapshot for u in late)
         assert hub.lapped == 0
-        await until(lambda: hub.detached == 0, "the stalled watcher re-attached")
+        await eventually(lambda: hub.detached == 0, "the stalled watcher re-attached")
         last = await server.reservations.Reserve(cart("after", ("s", 1)))
         update = await asyncio.wait_for(stalled.read(), WAIT_SECONDS)
         assert (update.sequence, update.reserved) == (last.sequence, applied + 1)
@@ -246,7 +238,7 @@ async def test_a_lapped_stalled_stream_gets_a_snapshot_then_continues():
             reserve_directly(server, "s", 1_000, f"lap-{batch}")
             applied += 1_000
             await server.daemon.log.commit()
-            await until(lambda: len(seen) >= applied, "the reader keeps up")
+            await eventually(lambda: len(seen) >= applied, "the reader keeps up")
         assert hub.lapped == 0, "only the stalled watcher falls behind, and it is parked"
         recount = await server.admin.SetStock(
             pb.SetStockRequest(sku="t", on_hand=9, adjustment_id="t-9")
@@ -287,7 +279,7 @@ async def test_lapped_all_sku_watchers_share_one_pass_over_the_table():
             assert all(u.snapshot for u in first) and sorted(u.sku for u in first) == skus
         passes = hub.table_snapshots
         assert 1 <= passes <= 3  # one each, or shared by those that overlapped
-        await until(lambda: hub.detached == 0, "every watcher attached")
+        await eventually(lambda: hub.detached == 0, "every watcher attached")
         ledger = server.daemon.ledger
         for i in range(200):  # more than the ring holds, in one durable batch
             assert ledger.reserve(f"lap-{i}", (skus[i],), (1,), "", 600, False).granted

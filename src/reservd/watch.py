@@ -85,6 +85,11 @@ class WatchHub:
         self.ledger = ledger
         self.watchers_max = config.watchers_max
         self.buffer_max = config.watch_buffer_updates_max
+        if self.watchers_max < 0 or self.buffer_max < 1:
+            raise ValueError(
+                f"watchers_max must be >= 0 (not {self.watchers_max}) and "
+                f"watch_buffer_updates_max >= 1 (not {self.buffer_max})"
+            )
         self.durable_seq = ledger.seq
         # Sequences at or below this may be missing from the ring (it starts after recovery's
         # snapshot, if any).
@@ -125,10 +130,14 @@ class WatchHub:
     def on_durable(self, seq: int) -> None:
         """The log made everything up to ``seq`` durable: hand it to the attached watchers."""
         self.durable_seq = seq
-        # CPU time of this thread, not wall time: on a busy machine the loop may be preempted.
-        started = time.thread_time()
-        self._fan_out()
-        self.fanout_seconds += time.thread_time() - started
+        if self._attached:
+            # CPU time of this thread, not wall time: on a busy machine the loop may be preempted.
+            started = time.thread_time()
+            self._fan_out()
+            self.fanout_seconds += time.thread_time() - started
+        else:
+            # Nobody attached: detached watchers read on from their own positions.
+            self.position = self.table.position_after(seq)
         durable, self._durable = self._durable, None
         if durable is not None and not durable.done():
             durable.set_result(None)
@@ -145,10 +154,6 @@ class WatchHub:
     def _fan_out(self) -> None:
         table = self.table
         by_sku, everyone, buffer_max = self._by_sku, self._all, self.buffer_max
-        if not by_sku and not everyone:
-            # Nobody attached: detached watchers read on from their own positions.
-            self.position = table.position_after(self.durable_seq)
-            return
         if self.position < table.ring_tail:
             # More became durable at once than the ring holds: every attached watcher is lapped.
             for watcher in list(everyone) + list({w for ws in by_sku.values() for w in ws}):
