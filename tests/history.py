@@ -196,7 +196,6 @@ class Report:
     acknowledged: int = 0
     mutations: int = 0  # acknowledged calls that took a new seq
     sold_out: int = 0
-    sold_out_saw_lost: int = 0  # sold-out answers that saw a grant the next crash lost
     replayed: int = 0
     indefinite: int = 0  # errored or timed out without a definite answer
     indefinite_present: int = 0  # ... of which the log holds the whole command
@@ -212,7 +211,7 @@ class Report:
     def __str__(self) -> str:
         head = (
             f"{self.ops} ops, {self.acknowledged} acknowledged, {self.mutations} mutations, "
-            f"{self.sold_out} sold out ({self.sold_out_saw_lost} saw a write a crash lost), "
+            f"{self.sold_out} sold out, "
             f"{self.replayed} replayed, {self.indefinite} indefinite "
             f"({self.indefinite_present} present), {self.expiries} expiries, "
             f"last seq {self.last_seq}: "
@@ -279,13 +278,8 @@ def _real_time_bounds(ops: list[Op], new: list[Op], last_seq: int) -> tuple[dict
 
 
 def check(ops: list[Op], wal: dict[int, tuple[RecordType, Any]] | None = None,
-          final: FinalState | None = None, crashes_ns: Iterable[int] = ()) -> Report:
-    """Check a recorded history (see the module docstring); the report lists violations.
-
-    ``crashes_ns``: when the daemon died (kill -9, power loss), monotonic ns, taken once it was
-    surely dead. A sold-out answer is not logged and does not wait for the log, so it may have
-    seen a grant that was applied but lost in the next crash; one that matches no logged state
-    is excused (and counted) only if no mutation was acknowledged between it and that crash."""
+          final: FinalState | None = None) -> Report:
+    """Check a recorded history (see the module docstring); the report lists violations."""
     report = Report(ops=len(ops))
     bad = report.violations.append
     new: list[Op] = []
@@ -392,10 +386,10 @@ def check(ops: list[Op], wal: dict[int, tuple[RecordType, Any]] | None = None,
         if response.replayed:
             _check_replay(model, op, lo.get(id(op), 0), hi.get(id(op), last_seq), bad)
         elif op.kind == "reserve" and not response.granted:
+            # A sold-out answer waits for the grants it saw to be durable, so none of them can
+            # be lost to a crash after it: it must agree with the model like any other answer.
             why = _check_sold_out(model, op, lo.get(id(op), 0), hi.get(id(op), last_seq))
-            if why and _before_a_crash(op, new, sorted(crashes_ns)):
-                report.sold_out_saw_lost += 1
-            elif why:
+            if why:
                 bad(why)
 
     if final is not None and (final.seq is None or final.seq > last_seq or final.seq == 0):
@@ -518,17 +512,6 @@ def _check_replay(model: Model, op: Op, lo: int, hi: int, bad) -> None:
     bad(f"replayed seq {response.sequence}, state {response.state}, granted "
         f"{response.granted}: {op.key!r} had no such outcome between seq {lo} and {hi} "
         f"(its seqs {current.seqs}, states {current.states}): {op}")
-
-
-def _before_a_crash(op: Op, new: list[Op], crashes_ns: list[int]) -> bool:
-    """Whether a crash followed ``op`` with no mutation acknowledged in between (so what op saw
-    may have been lost with the log's unwritten tail)."""
-    index = bisect.bisect_right(crashes_ns, op.completed_ns)
-    if index == len(crashes_ns):
-        return False
-    crash_ns = crashes_ns[index]
-    return not any(op.completed_ns < other.invoked_ns and other.completed_ns < crash_ns
-                   for other in new)
 
 
 def _check_sold_out(model: Model, op: Op, lo: int, hi: int) -> str:

@@ -233,18 +233,16 @@ async def _power_loss_round(
     finally:
         # Abandon it: in-flight calls are cut off, and nothing reaches the disk any more.
         await daemon.stop(grace_seconds=0)
-    crash_ns = time.monotonic_ns()
     kept = files.power_loss(rng if tear else None)
     reservation_ids = {op.key for op in recorder.ops if op.kind != "set_stock"}
     async with running(test_config(data_dir=data)) as server:
         final = await read_final_state(server.reservations, SUPPLIED, reservation_ids,
                                        seq=server.daemon.ledger.seq)
-    report = check(recorder.ops, wal=read_wal(data, files.archive), final=final,
-                   crashes_ns=[crash_ns])
+    report = check(recorder.ops, wal=read_wal(data, files.archive), final=final)
     figures = {
         "cut": f"{cut}: {power_cut.fired[0] if power_cut.fired else None}",
         "acked": report.acknowledged, "indefinite": report.indefinite,
-        "present": report.indefinite_present, "sold_out_saw_lost": report.sold_out_saw_lost,
+        "present": report.indefinite_present,
         "torn_bytes": sum(kept.values()), "recovered_seq": final.seq,
     }
     return report.violations, figures

@@ -307,7 +307,6 @@ async def scenario(name, tmp_path, server, proxy, monitor, fault, heal) -> None:
         load = Load(node.target)
         load.start()
         await _granted(load, STEADY_GRANTS)
-        granted_before = len(load.grants)
 
         faulted = time.monotonic()
         await fault()

@@ -190,7 +190,8 @@ class BatchService:
             metrics.reserve_rejected.inc()
             return _error(result, _CODES[outcome.code], outcome.text(prefix))
         metric = metrics.reserve_granted if outcome.granted else metrics.reserve_sold_out
-        self._needs(applied, outcome.seq, outcome.granted, metric)
+        # Sold out waits for the grants it saw (as the unary Reserve does).
+        self._needs(applied, outcome.seq or self.ledger.seq, outcome.granted, metric)
         fill_reserve_response(result.reserve, outcome)
 
     def _reservation(

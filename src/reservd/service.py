@@ -146,8 +146,11 @@ class ReservationsService(pb_grpc.ReservationsServicer):
         if isinstance(outcome, Rejection):
             self.metrics.reserve_rejected.inc()
             await _reject(context, outcome)
-        if outcome.seq:
-            await self.durability.wait(outcome.seq, context, grant=outcome.granted)
+        # A sold-out answer logs nothing, but it saw grants that may not be durable yet: it waits
+        # for them, or a crash could lose the grants that made the buyer hear "sold out".
+        seq = outcome.seq or self.ledger.seq
+        if seq:
+            await self.durability.wait(seq, context, grant=outcome.granted)
         if outcome.granted:
             self.metrics.reserve_granted.inc()
         else:
