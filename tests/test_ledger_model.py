@@ -276,6 +276,9 @@ def _machine(table_class):
                 for r in self.model.reservations.values()
             )
             assert self.ledger.live == live
+            held = sum(r["state"] is State.HELD for r in self.model.reservations.values())
+            assert self.ledger.held == held
+            assert self.ledger.deadline_entries <= 2 * held + 64
             for rid, r in self.model.reservations.items():
                 assert self.ledger.reservations[rid].state is r["state"], rid
 
@@ -436,6 +439,34 @@ def test_an_extend_that_changes_nothing_logs_nothing():
     later = ledger.extend("r", 300)
     assert not later.replayed and later.seq == ledger.seq and len(log.records) == records + 1
     assert later.reservation.expires_at_ms == clock.now_ms() + 300_000
+
+
+def test_the_expiry_heap_is_bounded_by_the_held_reservations():
+    """Commit, release and extend used to leave their heap entries behind: rate x TTL."""
+    from reservd.table import Table
+
+    clock = ManualClock()
+    ledger = Ledger(Table(), RecordingLog(), clock, Config())
+    ledger.set_stock("count-c", "c", 1_000_000, None, "")
+    peak = 0
+    for i in range(6_000):
+        assert ledger.reserve(f"r{i}", ("c",), (1,), "", 3_600, False).granted
+        if i % 3 == 0:
+            ledger.commit(f"r{i}", None)
+        elif i % 3 == 1:
+            ledger.release(f"r{i}")
+        for _ in range(i % 4):
+            clock.advance(1_000)
+            ledger.extend(f"r{i}" if i % 3 == 2 else f"r{i - 1}", 3_600)
+        assert ledger.deadline_entries <= 2 * ledger.held + 64, (i, ledger.held)
+        peak = max(peak, ledger.deadline_entries)
+    assert ledger.held == 2_000 and peak <= 4_064
+    for i in range(2, 6_000, 3):
+        ledger.release(f"r{i}")
+        assert ledger.deadline_entries <= 2 * ledger.held + 64
+    assert ledger.held == 0 and ledger.deadline_entries <= 64
+    clock.advance(7_200_000)
+    assert ledger.expire_due(1 << 30) == 0 and ledger.deadline_entries == 0
 
 
 def test_a_snapshot_of_many_chunks_restores_the_same_state():

@@ -30,6 +30,7 @@ log = logging.getLogger("reservd.ledger")
 SNAPSHOT_FORMAT = 2
 _SNAPSHOT_CHUNK_ROWS = 4096
 _CHUNK = struct.Struct("<I")
+_DEADLINES_SLACK = 64
 _ENCODERS = {
     RecordType.COMMIT: records.encode_commit,
     RecordType.EXTEND: records.encode_extend,
@@ -149,7 +150,12 @@ class Ledger:
         self.reservations: dict[str, Reservation] = {}
         self.adjustments: dict[str, _Adjustment] = {}
         self.live = 0  # held + committed
-        self._deadlines: list[tuple[int, str]] = []  # heap; stale entries skipped on pop
+        self.held = 0
+        # A heap of (expires_at_ms, reservation_id). An entry goes stale when its hold ends or
+        # moves; stale entries are skipped on pop and dropped by a rebuild once they outnumber
+        # the held reservations, so the heap stays within 2 * held + _DEADLINES_SLACK entries
+        # (O(1) amortised: a rebuild costs what the stale entries it drops cost to make).
+        self._deadlines: list[tuple[int, str]] = []
         self._finished: collections.deque[tuple[int, bool, str]] = collections.deque()
 
     # -- Reservations ------------------------------------------------------------------------
@@ -343,6 +349,32 @@ class Ledger:
 
     def next_deadline_ms(self) -> int | None:
         return self._deadlines[0][0] if self._deadlines else None
+
+    @property
+    def deadline_entries(self) -> int:
+        """Entries in the expiry heap (stale ones included): at most 2 * held + 64."""
+        return len(self._deadlines)
+
+    def _hold_ended_or_moved(self) -> None:
+        """A hold's heap entry just went stale: drop stale entries once they outnumber the
+        held reservations."""
+        deadlines = self._deadlines
+        if len(deadlines) <= 2 * self.held + _DEADLINES_SLACK:
+            return
+        reservations = self.reservations
+        kept: dict[str, int] = {}
+        for expires_at_ms, reservation_id in deadlines:
+            current = reservations.get(reservation_id)
+            if (
+                current is not None
+                and current.state is State.HELD
+                and current.expires_at_ms == expires_at_ms
+            ):
+                kept[reservation_id] = expires_at_ms
+        # In place: expire_due holds a reference to the list while it pops.
+        deadlines[:] = [(at_ms, reservation_id) for reservation_id, at_ms in kept.items()]
+        heapq.heapify(deadlines)
+        assert len(self._deadlines) == self.held, (len(self._deadlines), self.held)
 
     # -- Stock ---------------------------------------------------------------------------------
 
@@ -539,6 +571,7 @@ class Ledger:
             )
             if state is State.HELD:
                 self._deadlines.append((expires_at_ms, reservation_id))
+                self.held += 1
             if state in (State.HELD, State.COMMITTED):
                 self.live += 1
             else:
@@ -654,6 +687,7 @@ class Ledger:
         )
         heapq.heappush(self._deadlines, (command.expires_at_ms, command.reservation_id))
         self.live += 1
+        self.held += 1
 
     def _apply_commit(self, command: records.Commit, seq: int) -> Reservation:
         current = self.reservations[command.reservation_id]
@@ -661,6 +695,8 @@ class Ledger:
         self.table.commit(current.handles, current.quantities, command.committed, seq)
         updated = current._replace(state=State.COMMITTED, committed=command.committed, seq=seq)
         self.reservations[command.reservation_id] = updated
+        self.held -= 1
+        self._hold_ended_or_moved()
         return updated
 
     def _apply_extend(self, command: records.Extend, seq: int) -> Reservation:
@@ -668,7 +704,10 @@ class Ledger:
         assert current.state is State.HELD, f"extend of {current.state.name} {current}"
         updated = current._replace(expires_at_ms=command.expires_at_ms, seq=seq)
         self.reservations[command.reservation_id] = updated
-        heapq.heappush(self._deadlines, (command.expires_at_ms, command.reservation_id))
+        # Logs written before no-op extends were skipped may hold one that moves nothing.
+        if command.expires_at_ms != current.expires_at_ms:
+            heapq.heappush(self._deadlines, (command.expires_at_ms, command.reservation_id))
+            self._hold_ended_or_moved()
         return updated
 
     def _apply_release(self, command: records.Finish, seq: int) -> Reservation:
@@ -698,6 +737,9 @@ class Ledger:
         self._finished.append((at_ms, False, current.reservation_id))
         self.live -= 1
         assert self.live >= 0
+        if current.state is State.HELD:
+            self.held -= 1
+            self._hold_ended_or_moved()
         return updated
 
     def _apply_stock(

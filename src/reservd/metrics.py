@@ -55,6 +55,14 @@ class Metrics:
             "reservd_skus", "SKUs in the counter table", value=len(ledger.table)
         )
         yield GaugeMetricFamily(
+            "reservd_held_reservations", "Held (uncommitted) reservations", value=ledger.held
+        )
+        yield GaugeMetricFamily(
+            "reservd_expiry_heap_entries",
+            "Entries in the expiry heap, stale ones included (at most 2 x held + 64)",
+            value=ledger.deadline_entries,
+        )
+        yield GaugeMetricFamily(
             "reservd_fail_closed", "1 while reservations are refused",
             value=0 if guard.grant_reason is None else 1,
         )
