@@ -469,6 +469,34 @@ def test_the_expiry_heap_is_bounded_by_the_held_reservations():
     assert ledger.expire_due(1 << 30) == 0 and ledger.deadline_entries == 0
 
 
+def test_the_idempotency_window_is_a_time_and_retained_max_refuses_new_work():
+    """A count cap used to forget released ids early, and a retry then reserved twice."""
+    from reservd.table import Table
+
+    clock = ManualClock()
+    config = Config(retention_seconds=60, retained_max=4)
+    ledger = Ledger(Table(), RecordingLog(), clock, config)
+    ledger.set_stock("count-a", "a", 100, None, "")
+    for i in range(3):
+        assert ledger.reserve(f"r{i}", ("a",), (1,), "", 600, False).granted
+        ledger.release(f"r{i}")
+    assert ledger.retained == 4 and ledger.retained_adjustments == 1
+    refused = ledger.reserve("r9", ("a",), (1,), "", 600, False)
+    assert refused.code is Code.RESOURCE_EXHAUSTED and "retained_max" in refused.message
+    refused = ledger.adjust_stock("more", "a", 1, None, "")
+    assert refused.code is Code.RESOURCE_EXHAUSTED and "retained_max" in refused.message
+    clock.advance(59_000)
+    ledger.expire_due(1 << 30)
+    retry = ledger.reserve("r0", ("a",), (1,), "", 600, False)  # still remembered: no new hold
+    assert retry.replayed and not retry.granted and retry.state is State.RELEASED
+    assert ledger.table.counters(ledger.table.lookup("a")) == (100, 0, 0)
+    assert ledger.retained_oldest_seconds() == 59
+    clock.advance(1_000)
+    ledger.expire_due(1 << 30)  # 60 s old now: forgotten, and new work is taken again
+    assert ledger.retained == 0 and ledger.retained_oldest_seconds() == 0
+    assert ledger.reserve("r9", ("a",), (1,), "", 600, False).granted
+
+
 def test_a_snapshot_of_many_chunks_restores_the_same_state():
     from reservd.table import Table
 
@@ -496,6 +524,9 @@ def test_a_snapshot_of_many_chunks_restores_the_same_state():
         again = restored.reservations[reservation_id]
         assert again._replace(handles=reservation.handles) == reservation
     assert restored.adjustments == ledger.adjustments
+    assert (restored.retained, restored.retained_adjustments, restored.held) == (
+        ledger.retained, ledger.retained_adjustments, ledger.held
+    )
     clock.advance(3_600_000)
     assert restored.expire_due(1 << 30) and ledger.expire_due(1 << 30)
     assert sorted(restored.table.items()) == sorted(ledger.table.items())

@@ -156,7 +156,10 @@ class Ledger:
         # the held reservations, so the heap stays within 2 * held + _DEADLINES_SLACK entries
         # (O(1) amortised: a rebuild costs what the stale entries it drops cost to make).
         self._deadlines: list[tuple[int, str]] = []
+        # Idempotency records of finished reservations and adjustments, oldest first:
+        # (finished_at_ms, is_adjustment, id). Forgotten only once retention_seconds old.
         self._finished: collections.deque[tuple[int, bool, str]] = collections.deque()
+        self.retained_adjustments = 0
 
     # -- Reservations ------------------------------------------------------------------------
 
@@ -186,7 +189,7 @@ class Ledger:
                 self._expire(existing, self.clock.now_ms())
                 existing = self.reservations[reservation_id]
             return self._replayed_reserve(existing)
-        refused = self._unwritable()
+        refused = self._unwritable() or self._retention_full()
         if refused is not None:
             return refused
         if self.live >= self.config.reservations_max:
@@ -418,6 +421,9 @@ class Ledger:
                     f"adjustment {adjustment_id!r} exists with a different payload",
                 )
             return previous.outcome._replace(replayed=True)
+        refused = self._retention_full()
+        if refused is not None:
+            return refused
         handle = self.table.lookup(sku)
         if handle < 0 and kind is RecordType.ADJUST_STOCK:
             return Rejection(Code.NOT_FOUND, f"sku {sku!r} is unknown: SetStock creates it")
@@ -552,6 +558,7 @@ class Ledger:
                         finished_at_ms,
                     )
                     self._finished.append((finished_at_ms, True, adjustment_id))
+                    self.retained_adjustments += 1
             else:
                 raise ValueError(f"unknown snapshot chunk {kind!r}")
         if seq is None:
@@ -620,6 +627,30 @@ class Ledger:
             return self._apply_expire(command, seq)
         assert kind in (RecordType.SET_STOCK, RecordType.ADJUST_STOCK), kind
         return self._apply_stock(kind, command, seq)
+
+    def _retention_full(self) -> Rejection | None:
+        """New reservations and adjustments are refused rather than forgetting an idempotency
+        record before its retention_seconds: a retry after an early forget would apply twice.
+        (Holds that finish meanwhile are still retained: at most retained_max + live.)"""
+        if len(self._finished) < self.config.retained_max:
+            return None
+        return Rejection(
+            Code.RESOURCE_EXHAUSTED,
+            f"{len(self._finished)} finished reservations and adjustments are kept for their "
+            f"{self.config.retention_seconds} s idempotency window: retained_max reached "
+            f"(raise retained_max or lower retention_seconds)",
+        )
+
+    @property
+    def retained(self) -> int:
+        """Idempotency records kept: finished reservations plus adjustments."""
+        return len(self._finished)
+
+    def retained_oldest_seconds(self) -> float:
+        """Age of the oldest idempotency record kept (0 when none), in seconds."""
+        if not self._finished:
+            return 0.0
+        return max(0, self.clock.now_ms() - self._finished[0][0]) / 1000
 
     def _find(self, reservation_id: str, action: str) -> Reservation | Rejection:
         current = self.reservations.get(reservation_id)
@@ -761,17 +792,18 @@ class Ledger:
             (kind, command.sku, command.value, command.expected_on_hand), outcome, command.at_ms
         )
         self._finished.append((command.at_ms, True, command.adjustment_id))
+        self.retained_adjustments += 1
         return outcome
 
     def _prune(self, now_ms: int) -> None:
-        """Forget idempotency records older than retention_seconds, or beyond retained_max."""
+        """Forget idempotency records older than retention_seconds (and only those: the window
+        is the promise; retained_max refuses new work instead of cutting it)."""
         horizon_ms = now_ms - self.config.retention_seconds * 1000
         finished = self._finished
-        while finished and (
-            finished[0][0] <= horizon_ms or len(finished) > self.config.retained_max
-        ):
+        while finished and finished[0][0] <= horizon_ms:
             at_ms, is_adjustment, key = finished.popleft()
             if is_adjustment:
+                self.retained_adjustments -= 1
                 entry = self.adjustments.get(key)
                 if entry is not None and entry.finished_at_ms == at_ms:
                     del self.adjustments[key]
