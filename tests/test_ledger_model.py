@@ -497,6 +497,30 @@ def test_the_idempotency_window_is_a_time_and_retained_max_refuses_new_work():
     assert ledger.reserve("r9", ("a",), (1,), "", 600, False).granted
 
 
+def test_deadlines_wait_for_the_millisecond_and_drop_stale_entries():
+    from reservd.expiry import Deadlines
+
+    standing = {"a": 5_100, "b": 5_900, "c": 7_000}
+    deadlines = Deadlines()
+    for key, at_ms in standing.items():
+        deadlines.push(at_ms, key)
+    deadlines.push(5_100, "b")  # b moved from 5.100 to 5.900: a stale duplicate in second 5
+    assert deadlines.next_deadline_ms(standing.get) == 5_100
+    assert deadlines.due(5_500, 10, standing.get) == ["a"]  # b is due only at 5.900
+    assert deadlines.due(5_900, 10, standing.get) == ["b"]
+    del standing["a"], standing["b"]
+    assert deadlines.due(6_999, 10, standing.get) == [] and len(deadlines) == 1
+    standing["d"] = 7_500
+    deadlines.push(7_500, "d")
+    assert deadlines.due(8_000, 1, standing.get) in (["c"], ["d"])
+    assert len(deadlines.due(8_000, 1, standing.get)) == 1 and len(deadlines) == 0
+    for i in range(10):
+        deadlines.push(9_000 + i, "e")
+    standing["e"] = 9_009
+    deadlines.compact(standing.get)
+    assert len(deadlines) == 1 and deadlines.next_deadline_ms(standing.get) == 9_009
+
+
 def test_a_snapshot_of_many_chunks_restores_the_same_state():
     from reservd.table import Table
 

@@ -12,9 +12,7 @@ invariant raises AssertionError and stops the daemon, and recovery takes over.
 """
 from __future__ import annotations
 
-import collections
 import enum
-import heapq
 import logging
 import pickle
 import struct
@@ -22,7 +20,11 @@ from typing import NamedTuple, Protocol, Sequence
 
 from reservd import records
 from reservd.config import Config
+from reservd.expiry import Deadlines
 from reservd.records import RecordType
+from reservd.store import (
+    Adjustment, AdjustmentStore, Fifo, Reservation, ReservationStore, State, StockOutcome,
+)
 from reservd.table import RESERVE_INSUFFICIENT, RESERVE_UNKNOWN_SKU, CounterTable
 
 log = logging.getLogger("reservd.ledger")
@@ -40,16 +42,6 @@ _ENCODERS = {
     RecordType.SET_STOCK: records.encode_stock,
     RecordType.ADJUST_STOCK: records.encode_stock,
 }
-
-
-class State(enum.IntEnum):
-    """A reservation's life; numbers match reservd.v1.ReservationState."""
-
-    HELD = 1
-    COMMITTED = 2
-    RELEASED = 3
-    EXPIRED = 4
-    FULFILLED = 5
 
 
 class Code(enum.Enum):
@@ -76,23 +68,6 @@ class Rejection(NamedTuple):
         return f"{prefix}{self.field}: {self.message}" if self.field else self.message
 
 
-class Reservation(NamedTuple):
-    """One reservation. Immutable: a change replaces it, so a shallow copy of the ledger's
-    dict is a consistent snapshot."""
-
-    reservation_id: str
-    channel: str
-    request: tuple  # (skus, requested, channel, ttl_seconds, allow_partial): the idempotency key
-    skus: tuple[str, ...]  # lines that hold units (granted > 0)
-    handles: tuple[int, ...]
-    quantities: tuple[int, ...]  # units held or, once committed, units granted
-    committed: tuple[int, ...] | None
-    state: State
-    expires_at_ms: int
-    seq: int  # sequence of the latest mutation of this reservation
-    finished_at_ms: int
-
-
 class ReserveOutcome(NamedTuple):
     granted: bool
     skus: tuple[str, ...]
@@ -109,23 +84,6 @@ class ReservationOutcome(NamedTuple):
     reservation: Reservation
     seq: int  # the mutation to wait for before answering (0: nothing to wait for)
     replayed: bool
-
-
-class StockOutcome(NamedTuple):
-    sku: str
-    on_hand: int
-    reserved: int
-    committed: int
-    previous_on_hand: int
-    shortfall: int
-    seq: int
-    replayed: bool
-
-
-class _Adjustment(NamedTuple):
-    request: tuple
-    outcome: StockOutcome
-    finished_at_ms: int
 
 
 class Log(Protocol):
@@ -147,19 +105,20 @@ class Ledger:
         self.clock = clock
         self.config = config
         self.seq = log_.last_seq
-        self.reservations: dict[str, Reservation] = {}
-        self.adjustments: dict[str, _Adjustment] = {}
+        # Mappings of compact records, decoded on access (reservd.store).
+        self.reservations = ReservationStore(table)
+        self.adjustments = AdjustmentStore(table)
         self.live = 0  # held + committed
         self.held = 0
-        # A heap of (expires_at_ms, reservation_id). An entry goes stale when its hold ends or
-        # moves; stale entries are skipped on pop and dropped by a rebuild once they outnumber
-        # the held reservations, so the heap stays within 2 * held + _DEADLINES_SLACK entries
-        # (O(1) amortised: a rebuild costs what the stale entries it drops cost to make).
-        self._deadlines: list[tuple[int, str]] = []
-        # Idempotency records of finished reservations and adjustments, oldest first:
-        # (finished_at_ms, is_adjustment, id). Forgotten only once retention_seconds old.
-        self._finished: collections.deque[tuple[int, bool, str]] = collections.deque()
-        self.retained_adjustments = 0
+        # Held reservations' ids by expiry second. An entry goes stale when its hold ends or
+        # moves; stale entries are dropped once they outnumber the held reservations, so there
+        # are at most 2 * held + _DEADLINES_SLACK entries (O(1) amortised: dropping costs what
+        # making the stale entries cost).
+        self._deadlines = Deadlines()
+        # Idempotency records of finished reservations and of adjustments, oldest first.
+        # Forgotten only once retention_seconds old.
+        self._finished = Fifo()
+        self._adjusted = Fifo()
 
     # -- Reservations ------------------------------------------------------------------------
 
@@ -330,54 +289,38 @@ class Ledger:
 
     def expire_due(self, limit: int) -> int:
         """Expire up to ``limit`` held reservations whose deadline has passed; returns the last
-        sequence used (0 if none). O(log n) per expiry: a heap, never a scan."""
+        sequence used (0 if none). O(1) amortised per expiry (reservd.expiry), never a scan."""
         if self._unwritable() is not None:
             return 0
         now_ms = self.clock.now_ms()
-        deadlines = self._deadlines
         last_seq = 0
-        while deadlines and deadlines[0][0] <= now_ms and limit > 0:
-            expires_at_ms, reservation_id = heapq.heappop(deadlines)
-            current = self.reservations.get(reservation_id)
-            if (
-                current is None
-                or current.state is not State.HELD
-                or current.expires_at_ms != expires_at_ms
-            ):
-                continue  # committed, released or extended since: a stale heap entry
-            last_seq = self._expire(current, now_ms)
-            limit -= 1
+        for reservation_id in self._deadlines.due(now_ms, limit, self._deadline_of):
+            last_seq = self._expire(self.reservations[reservation_id], now_ms)
         self._prune(now_ms)
         return last_seq
 
+    def _deadline_of(self, reservation_id: str) -> int | None:
+        current = self.reservations.get(reservation_id)
+        if current is None or current.state is not State.HELD:
+            return None
+        return current.expires_at_ms
+
     def next_deadline_ms(self) -> int | None:
-        return self._deadlines[0][0] if self._deadlines else None
+        """The earliest deadline of a held reservation (unix ms), or None."""
+        return self._deadlines.next_deadline_ms(self._deadline_of)
 
     @property
     def deadline_entries(self) -> int:
-        """Entries in the expiry heap (stale ones included): at most 2 * held + 64."""
+        """Entries in the expiry buckets (stale ones included): at most 2 * held + 64."""
         return len(self._deadlines)
 
     def _hold_ended_or_moved(self) -> None:
-        """A hold's heap entry just went stale: drop stale entries once they outnumber the
+        """A hold's expiry entry just went stale: drop stale entries once they outnumber the
         held reservations."""
-        deadlines = self._deadlines
-        if len(deadlines) <= 2 * self.held + _DEADLINES_SLACK:
+        if len(self._deadlines) <= 2 * self.held + _DEADLINES_SLACK:
             return
-        reservations = self.reservations
-        kept: dict[str, int] = {}
-        for expires_at_ms, reservation_id in deadlines:
-            current = reservations.get(reservation_id)
-            if (
-                current is not None
-                and current.state is State.HELD
-                and current.expires_at_ms == expires_at_ms
-            ):
-                kept[reservation_id] = expires_at_ms
-        # In place: expire_due holds a reference to the list while it pops.
-        deadlines[:] = [(at_ms, reservation_id) for reservation_id, at_ms in kept.items()]
-        heapq.heapify(deadlines)
-        assert len(self._deadlines) == self.held, (len(self._deadlines), self.held)
+        self._deadlines.compact(self._deadline_of)
+        assert len(self._deadlines) <= self.held, (len(self._deadlines), self.held)
 
     # -- Stock ---------------------------------------------------------------------------------
 
@@ -500,8 +443,10 @@ class Ledger:
         """
         seq = self.seq
         stock = list(self.table.items())
-        reservations = list(self.reservations.values())
-        adjustments = list(self.adjustments.items())
+        reservations = self.reservations.raw()
+        adjustments = self.adjustments.raw()
+        decode_reservation = self.reservations.decode
+        decode_adjustment = self.adjustments.decode
 
         def encode() -> bytes:
             out = bytearray()
@@ -518,13 +463,19 @@ class Ledger:
                 put("reservations", [
                     (r.reservation_id, r.channel, r.request, r.skus, r.quantities, r.committed,
                      int(r.state), r.expires_at_ms, r.seq, r.finished_at_ms)
-                    for r in reservations[start : start + _SNAPSHOT_CHUNK_ROWS]
+                    for r in (
+                        decode_reservation(reservation_id, data)
+                        for reservation_id, data in reservations[start : start + _SNAPSHOT_CHUNK_ROWS]
+                    )
                 ])
             for start in range(0, len(adjustments), _SNAPSHOT_CHUNK_ROWS):
                 put("adjustments", [
                     (adjustment_id, a.request[0].value, a.request[1:], tuple(a.outcome),
                      a.finished_at_ms)
-                    for adjustment_id, a in adjustments[start : start + _SNAPSHOT_CHUNK_ROWS]
+                    for adjustment_id, a in (
+                        (adjustment_id, decode_adjustment(data))
+                        for adjustment_id, data in adjustments[start : start + _SNAPSHOT_CHUNK_ROWS]
+                    )
                 ])
             return bytes(out)
 
@@ -553,18 +504,17 @@ class Ledger:
                 self._restore_reservations(rows)
             elif kind == "adjustments":
                 for adjustment_id, record_type, request_tail, outcome, finished_at_ms in rows:
-                    self.adjustments[adjustment_id] = _Adjustment(
+                    self.adjustments[adjustment_id] = Adjustment(
                         (RecordType(record_type), *request_tail), StockOutcome(*outcome),
                         finished_at_ms,
                     )
-                    self._finished.append((finished_at_ms, True, adjustment_id))
-                    self.retained_adjustments += 1
+                    self._adjusted.append(finished_at_ms, adjustment_id)
             else:
                 raise ValueError(f"unknown snapshot chunk {kind!r}")
         if seq is None:
             raise ValueError("snapshot has no header")
-        heapq.heapify(self._deadlines)
-        self._finished = collections.deque(sorted(self._finished))
+        self._finished.sort()
+        self._adjusted.sort()
         self.seq = seq
 
     def _restore_reservations(self, rows: list) -> None:
@@ -577,12 +527,12 @@ class Ledger:
                 quantities, committed, state, expires_at_ms, seq, finished_at_ms,
             )
             if state is State.HELD:
-                self._deadlines.append((expires_at_ms, reservation_id))
+                self._deadlines.push(expires_at_ms, reservation_id)
                 self.held += 1
             if state in (State.HELD, State.COMMITTED):
                 self.live += 1
             else:
-                self._finished.append((finished_at_ms, False, reservation_id))
+                self._finished.append(finished_at_ms, reservation_id)
 
     # -- Internals ------------------------------------------------------------------------------
 
@@ -632,11 +582,11 @@ class Ledger:
         """New reservations and adjustments are refused rather than forgetting an idempotency
         record before its retention_seconds: a retry after an early forget would apply twice.
         (Holds that finish meanwhile are still retained: at most retained_max + live.)"""
-        if len(self._finished) < self.config.retained_max:
+        if self.retained < self.config.retained_max:
             return None
         return Rejection(
             Code.RESOURCE_EXHAUSTED,
-            f"{len(self._finished)} finished reservations and adjustments are kept for their "
+            f"{self.retained} finished reservations and adjustments are kept for their "
             f"{self.config.retention_seconds} s idempotency window: retained_max reached "
             f"(raise retained_max or lower retention_seconds)",
         )
@@ -644,13 +594,19 @@ class Ledger:
     @property
     def retained(self) -> int:
         """Idempotency records kept: finished reservations plus adjustments."""
-        return len(self._finished)
+        return len(self._finished) + len(self._adjusted)
+
+    @property
+    def retained_adjustments(self) -> int:
+        return len(self._adjusted)
 
     def retained_oldest_seconds(self) -> float:
         """Age of the oldest idempotency record kept (0 when none), in seconds."""
-        if not self._finished:
+        oldest = [at_ms for at_ms in (self._finished.oldest_ms(), self._adjusted.oldest_ms())
+                  if at_ms is not None]
+        if not oldest:
             return 0.0
-        return max(0, self.clock.now_ms() - self._finished[0][0]) / 1000
+        return max(0, self.clock.now_ms() - min(oldest)) / 1000
 
     def _find(self, reservation_id: str, action: str) -> Reservation | Rejection:
         current = self.reservations.get(reservation_id)
@@ -716,7 +672,7 @@ class Ledger:
             command.reservation_id, command.channel, request, skus, handles, quantities, None,
             State.HELD, command.expires_at_ms, seq, 0,
         )
-        heapq.heappush(self._deadlines, (command.expires_at_ms, command.reservation_id))
+        self._deadlines.push(command.expires_at_ms, command.reservation_id)
         self.live += 1
         self.held += 1
 
@@ -737,7 +693,7 @@ class Ledger:
         self.reservations[command.reservation_id] = updated
         # Logs written before no-op extends were skipped may hold one that moves nothing.
         if command.expires_at_ms != current.expires_at_ms:
-            heapq.heappush(self._deadlines, (command.expires_at_ms, command.reservation_id))
+            self._deadlines.push(command.expires_at_ms, command.reservation_id)
             self._hold_ended_or_moved()
         return updated
 
@@ -765,7 +721,7 @@ class Ledger:
     def _finish(self, current: Reservation, state: State, at_ms: int, seq: int) -> Reservation:
         updated = current._replace(state=state, seq=seq, finished_at_ms=at_ms)
         self.reservations[current.reservation_id] = updated
-        self._finished.append((at_ms, False, current.reservation_id))
+        self._finished.append(at_ms, current.reservation_id)
         self.live -= 1
         assert self.live >= 0
         if current.state is State.HELD:
@@ -788,11 +744,10 @@ class Ledger:
             command.sku, on_hand, reserved, committed, previous,
             max(0, reserved + committed - on_hand), seq, False,
         )
-        self.adjustments[command.adjustment_id] = _Adjustment(
+        self.adjustments[command.adjustment_id] = Adjustment(
             (kind, command.sku, command.value, command.expected_on_hand), outcome, command.at_ms
         )
-        self._finished.append((command.at_ms, True, command.adjustment_id))
-        self.retained_adjustments += 1
+        self._adjusted.append(command.at_ms, command.adjustment_id)
         return outcome
 
     def _prune(self, now_ms: int) -> None:
@@ -800,16 +755,16 @@ class Ledger:
         is the promise; retained_max refuses new work instead of cutting it)."""
         horizon_ms = now_ms - self.config.retention_seconds * 1000
         finished = self._finished
-        while finished and finished[0][0] <= horizon_ms:
-            at_ms, is_adjustment, key = finished.popleft()
-            if is_adjustment:
-                self.retained_adjustments -= 1
-                entry = self.adjustments.get(key)
-                if entry is not None and entry.finished_at_ms == at_ms:
-                    del self.adjustments[key]
-            else:
-                entry = self.reservations.get(key)
-                if entry is not None and entry.finished_at_ms == at_ms and entry.state in (
-                    State.RELEASED, State.EXPIRED, State.FULFILLED
-                ):
-                    del self.reservations[key]
+        while len(finished) and finished.oldest_ms() <= horizon_ms:
+            at_ms, key = finished.popleft()
+            entry = self.reservations.get(key)
+            if entry is not None and entry.finished_at_ms == at_ms and entry.state in (
+                State.RELEASED, State.EXPIRED, State.FULFILLED
+            ):
+                del self.reservations[key]
+        adjusted = self._adjusted
+        while len(adjusted) and adjusted.oldest_ms() <= horizon_ms:
+            at_ms, key = adjusted.popleft()
+            entry = self.adjustments.get(key)
+            if entry is not None and entry.finished_at_ms == at_ms:
+                del self.adjustments[key]

@@ -79,8 +79,8 @@ class Metrics:
             "reservd_held_reservations", "Held (uncommitted) reservations", value=ledger.held
         )
         yield GaugeMetricFamily(
-            "reservd_expiry_heap_entries",
-            "Entries in the expiry heap, stale ones included (at most 2 x held + 64)",
+            "reservd_expiry_entries",
+            "Entries in the expiry buckets, stale ones included (at most 2 x held + 64)",
             value=ledger.deadline_entries,
         )
         yield GaugeMetricFamily(
