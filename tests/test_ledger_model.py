@@ -521,6 +521,67 @@ def test_deadlines_wait_for_the_millisecond_and_drop_stale_entries():
     assert len(deadlines) == 1 and deadlines.next_deadline_ms(standing.get) == 9_009
 
 
+def test_a_format_2_snapshot_still_restores():
+    """Data directories written before the struct codec (pickled chunks) still recover."""
+    import pickle
+    import struct
+
+    from reservd import state_codec
+    from reservd.records import RecordType
+    from reservd.table import Table
+
+    def chunk(kind, rows):
+        data = pickle.dumps((kind, rows), protocol=5)
+        return struct.pack("<I", len(data)) + data
+
+    payload = b"".join([
+        chunk("header", [2, 7]),
+        chunk("stock", [("a", 10, 2, 3), ("b", 5, 0, 0)]),
+        chunk("reservations", [
+            ("held", "web", (("a",), (2,), "web", 60, False), ("a",), (2,), None, 1, 90_000, 5, 0),
+            ("paid", "", (("a", "b"), (3, 1), "", 60, True), ("a",), (3,), (3,), 2, 80_000, 6, 0),
+            ("gone", "", (("a",), (1,), "", 60, False), ("a",), (1,), None, 3, 70_000, 4, 1_000),
+        ]),
+        chunk("adjustments", [(
+            "count-a", int(RecordType.SET_STOCK), ("a", 10, None),
+            ("a", 10, 0, 0, 0, 0, 1, False), 500,
+        )]),
+    ])
+    ledger = Ledger(Table(), RecordingLog(), ManualClock(), CONFIG)
+    ledger.restore(payload)
+    assert ledger.seq == 7 and (ledger.live, ledger.held, ledger.retained) == (2, 1, 2)
+    assert ledger.reservations["paid"].committed == (3,)
+    assert ledger.reservations["paid"].request == (("a", "b"), (3, 1), "", 60, True)
+    assert ledger.adjustments["count-a"].outcome.on_hand == 10
+    seq, encode = ledger.snapshot_state()
+    encoded = encode()
+    assert encoded.startswith(state_codec.MAGIC)
+    again = Ledger(Table(), RecordingLog(), ManualClock(), CONFIG)
+    again.restore(encoded)
+    assert dict(again.reservations.items()) == {
+        rid: r._replace(handles=again.reservations[rid].handles)
+        for rid, r in ledger.reservations.items()
+    }
+    assert dict(again.adjustments.items()) == dict(ledger.adjustments.items())
+
+
+def test_a_damaged_or_newer_snapshot_is_refused_with_a_clear_error():
+    import struct
+
+    from reservd import state_codec
+    from reservd.table import Table
+
+    ledger = _stocked_ledger()
+    ledger.reserve("r", ("a",), (1,), "", 60, False)
+    _, encode = ledger.snapshot_state()
+    payload = encode()
+    with pytest.raises(ValueError, match="truncated"):
+        Ledger(Table(), RecordingLog(), ManualClock(), CONFIG).restore(payload[:-3])
+    newer = payload[:8] + struct.pack("<I", state_codec.FORMAT + 1) + payload[12:]
+    with pytest.raises(ValueError, match="newer reservd"):
+        Ledger(Table(), RecordingLog(), ManualClock(), CONFIG).restore(newer)
+
+
 def test_a_snapshot_of_many_chunks_restores_the_same_state():
     from reservd.table import Table
 

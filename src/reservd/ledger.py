@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import enum
 import logging
-import pickle
-import struct
 from typing import NamedTuple, Protocol, Sequence
 
-from reservd import records
+from reservd import records, state_codec
 from reservd.config import Config
 from reservd.expiry import Deadlines
 from reservd.records import RecordType
@@ -29,9 +27,6 @@ from reservd.table import RESERVE_INSUFFICIENT, RESERVE_UNKNOWN_SKU, CounterTabl
 
 log = logging.getLogger("reservd.ledger")
 
-SNAPSHOT_FORMAT = 2
-_SNAPSHOT_CHUNK_ROWS = 4096
-_CHUNK = struct.Struct("<I")
 _DEADLINES_SLACK = 64
 _ENCODERS = {
     RecordType.COMMIT: records.encode_commit,
@@ -436,10 +431,9 @@ class Ledger:
 
     def snapshot_state(self):
         """Capture the state after ``self.seq`` now (cheap copies, no encoding); returns
-        (seq, encode) where ``encode()`` builds the bytes and may run in a worker thread.
-
-        The encoding is a sequence of pickled chunks of builtin types (never our classes), each
-        prefixed by its length: pickling a chunk at a time lets the event loop run in between.
+        (seq, encode) where ``encode()`` builds the bytes (reservd.state_codec) and may run in
+        a worker thread: the copied records are immutable, and handles and channel indexes
+        never change meaning.
         """
         seq = self.seq
         stock = list(self.table.items())
@@ -448,91 +442,62 @@ class Ledger:
         decode_reservation = self.reservations.decode
         decode_adjustment = self.adjustments.decode
 
+        def reservation_rows():
+            for reservation_id, data in reservations:
+                r = decode_reservation(reservation_id, data)
+                yield (
+                    r.reservation_id, r.channel, r.request, r.skus, r.quantities, r.committed,
+                    int(r.state), r.expires_at_ms, r.seq, r.finished_at_ms,
+                )
+
+        def adjustment_rows():
+            for adjustment_id, data in adjustments:
+                a = decode_adjustment(data)
+                yield (
+                    adjustment_id, int(a.request[0]), a.request[1:], tuple(a.outcome),
+                    a.finished_at_ms,
+                )
+
         def encode() -> bytes:
-            out = bytearray()
-
-            def put(kind: str, rows: list) -> None:
-                data = pickle.dumps((kind, rows), protocol=5)
-                out.extend(_CHUNK.pack(len(data)))
-                out.extend(data)
-
-            put("header", [SNAPSHOT_FORMAT, seq])
-            for start in range(0, len(stock), _SNAPSHOT_CHUNK_ROWS):
-                put("stock", stock[start : start + _SNAPSHOT_CHUNK_ROWS])
-            for start in range(0, len(reservations), _SNAPSHOT_CHUNK_ROWS):
-                put("reservations", [
-                    (r.reservation_id, r.channel, r.request, r.skus, r.quantities, r.committed,
-                     int(r.state), r.expires_at_ms, r.seq, r.finished_at_ms)
-                    for r in (
-                        decode_reservation(reservation_id, data)
-                        for reservation_id, data in reservations[start : start + _SNAPSHOT_CHUNK_ROWS]
-                    )
-                ])
-            for start in range(0, len(adjustments), _SNAPSHOT_CHUNK_ROWS):
-                put("adjustments", [
-                    (adjustment_id, a.request[0].value, a.request[1:], tuple(a.outcome),
-                     a.finished_at_ms)
-                    for adjustment_id, a in (
-                        (adjustment_id, decode_adjustment(data))
-                        for adjustment_id, data in adjustments[start : start + _SNAPSHOT_CHUNK_ROWS]
-                    )
-                ])
-            return bytes(out)
+            return state_codec.encode(seq, stock, reservation_rows(), adjustment_rows())
 
         return seq, encode
 
     def restore(self, payload: bytes) -> None:
-        """Load a snapshot into an empty ledger (before replaying the records after it)."""
+        """Load a snapshot into an empty ledger (before replaying the records after it).
+        ValueError for a snapshot that does not parse."""
         assert not self.reservations and len(self.table) == 0, "restore into a fresh ledger"
-        view = memoryview(payload)
-        offset = 0
-        seq = None
-        while offset < len(view):
-            (length,) = _CHUNK.unpack_from(view, offset)
-            offset += _CHUNK.size
-            # Snapshots are our own checksummed files holding only builtin types.
-            kind, rows = pickle.loads(view[offset : offset + length])
-            offset += length
-            if kind == "header":
-                if rows[0] != SNAPSHOT_FORMAT:
-                    raise ValueError(f"snapshot format {rows[0]} is not {SNAPSHOT_FORMAT}")
-                seq = rows[1]
-            elif kind == "stock":
-                for sku, on_hand, reserved, committed in rows:
-                    self.table.restore(sku, on_hand, reserved, committed)
-            elif kind == "reservations":
-                self._restore_reservations(rows)
-            elif kind == "adjustments":
-                for adjustment_id, record_type, request_tail, outcome, finished_at_ms in rows:
-                    self.adjustments[adjustment_id] = Adjustment(
-                        (RecordType(record_type), *request_tail), StockOutcome(*outcome),
-                        finished_at_ms,
-                    )
-                    self._adjusted.append(finished_at_ms, adjustment_id)
+        seq, rows = state_codec.decode(payload)
+        lookup = self.table.lookup
+        for kind, row in rows:
+            if kind == state_codec.STOCK:
+                self.table.restore(*row)
+            elif kind == state_codec.RESERVATION:
+                (reservation_id, channel, request, skus, quantities, committed, state_value,
+                 expires_at_ms, reservation_seq, finished_at_ms) = row
+                state = State(state_value)
+                self.reservations[reservation_id] = Reservation(
+                    reservation_id, channel, request, skus, tuple(lookup(sku) for sku in skus),
+                    quantities, committed, state, expires_at_ms, reservation_seq,
+                    finished_at_ms,
+                )
+                if state is State.HELD:
+                    self._deadlines.push(expires_at_ms, reservation_id)
+                    self.held += 1
+                if state in (State.HELD, State.COMMITTED):
+                    self.live += 1
+                else:
+                    self._finished.append(finished_at_ms, reservation_id)
             else:
-                raise ValueError(f"unknown snapshot chunk {kind!r}")
-        if seq is None:
-            raise ValueError("snapshot has no header")
+                adjustment_id, record_type, request_tail, outcome, finished_at_ms = row
+                self.adjustments[adjustment_id] = Adjustment(
+                    (RecordType(record_type), *request_tail), StockOutcome(*outcome),
+                    finished_at_ms,
+                )
+                self._adjusted.append(finished_at_ms, adjustment_id)
         self._finished.sort()
         self._adjusted.sort()
         self.seq = seq
-
-    def _restore_reservations(self, rows: list) -> None:
-        lookup = self.table.lookup
-        for (reservation_id, channel, request, skus, quantities, committed, state_value,
-             expires_at_ms, seq, finished_at_ms) in rows:
-            state = State(state_value)
-            self.reservations[reservation_id] = Reservation(
-                reservation_id, channel, request, skus, tuple(lookup(sku) for sku in skus),
-                quantities, committed, state, expires_at_ms, seq, finished_at_ms,
-            )
-            if state is State.HELD:
-                self._deadlines.push(expires_at_ms, reservation_id)
-                self.held += 1
-            if state in (State.HELD, State.COMMITTED):
-                self.live += 1
-            else:
-                self._finished.append(finished_at_ms, reservation_id)
 
     # -- Internals ------------------------------------------------------------------------------
 
