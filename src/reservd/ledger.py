@@ -300,6 +300,10 @@ class Ledger:
             return None
         return current.expires_at_ms
 
+    def get(self, reservation_id: str) -> Reservation | None:
+        """The reservation as it stands (a view decoded from its compact record), or None."""
+        return self.reservations.get(reservation_id)
+
     def next_deadline_ms(self) -> int | None:
         """The earliest deadline of a held reservation (unix ms), or None."""
         return self._deadlines.next_deadline_ms(self._deadline_of)

@@ -45,6 +45,9 @@ class State(enum.IntEnum):
     FULFILLED = 5
 
 
+_STATES = (None, *State)  # state number -> State, without Enum.__call__ per decode
+
+
 class Reservation(NamedTuple):
     """One reservation, as decoded from its record. Immutable: a change stores a new one."""
 
@@ -86,6 +89,11 @@ class ReservationStore(MutableMapping):
         self._records: dict[str, bytes] = {}
         self._channels: list[str] = []
         self._channel_index: dict[str, int] = {}
+        # The last record decoded and its view: a mutation reads the same record two or three
+        # times (find, apply, answer). Records are immutable, so identity is enough. One
+        # attribute holding a pair, read and replaced whole: snapshot encoding decodes in a
+        # worker thread.
+        self._cached: tuple[bytes | None, Reservation | None] = (None, None)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -128,11 +136,6 @@ class ReservationStore(MutableMapping):
 
     def _encode(self, reservation: Reservation) -> bytes:
         skus, requested, channel, ttl_seconds, allow_partial = reservation.request
-        granted = dict(zip(reservation.skus, reservation.quantities))
-        committed = (
-            dict(zip(reservation.skus, reservation.committed))
-            if reservation.committed is not None else {}
-        )
         flags = (_ALLOW_PARTIAL if allow_partial else 0) | (
             _COMMITTED if reservation.committed is not None else 0
         )
@@ -142,17 +145,33 @@ class ReservationStore(MutableMapping):
                 reservation.expires_at_ms, reservation.seq, reservation.finished_at_ms,
             )
         ]
-        held = dict(zip(reservation.skus, reservation.handles))
+        committed = reservation.committed or (0,) * len(reservation.skus)
+        if reservation.skus == skus:  # every line holds units: the common case
+            pack = _LINE.pack
+            parts.extend(
+                pack(handle, asked, given, moved)
+                for handle, asked, given, moved in zip(
+                    reservation.handles, requested, reservation.quantities, committed
+                )
+            )
+            return b"".join(parts)
+        held = {
+            sku: line
+            for sku, *line in zip(
+                reservation.skus, reservation.handles, reservation.quantities, committed
+            )
+        }
         lookup = self._table.lookup
         for sku, asked in zip(skus, requested):
-            handle = held.get(sku)
-            if handle is None:
-                handle = lookup(sku)
+            handle, given, moved = held.get(sku) or (lookup(sku), 0, 0)
             assert handle >= 0, f"reservation {reservation.reservation_id!r}: unknown sku {sku!r}"
-            parts.append(_LINE.pack(handle, asked, granted.get(sku, 0), committed.get(sku, 0)))
+            parts.append(_LINE.pack(handle, asked, given, moved))
         return b"".join(parts)
 
     def decode(self, reservation_id: str, data: bytes) -> Reservation:
+        cached_data, cached_view = self._cached
+        if data is cached_data and cached_view.reservation_id == reservation_id:
+            return cached_view
         (state, flags, count, channel_index, ttl_seconds, expires_at_ms, seq,
          finished_at_ms) = _RESERVATION.unpack_from(data)
         sku_of = self._table.sku
@@ -170,13 +189,15 @@ class ReservationStore(MutableMapping):
                 committed.append(moved)
         assert len(skus) == count, (reservation_id, len(skus), count)
         channel = self._channels[channel_index]
-        return Reservation(
+        view = Reservation(
             reservation_id, channel,
             (tuple(skus), tuple(requested), channel, ttl_seconds, bool(flags & _ALLOW_PARTIAL)),
             tuple(held_skus), tuple(handles), tuple(granted),
             tuple(committed) if flags & _COMMITTED else None,
-            State(state), expires_at_ms, seq, finished_at_ms,
+            _STATES[state], expires_at_ms, seq, finished_at_ms,
         )
+        self._cached = (data, view)
+        return view
 
 
 class AdjustmentStore(MutableMapping):
