@@ -276,6 +276,9 @@ def _machine(table_class):
                 for r in self.model.reservations.values()
             )
             assert self.ledger.live == live
+            held = sum(r["state"] is State.HELD for r in self.model.reservations.values())
+            assert self.ledger.held == held
+            assert self.ledger.deadline_entries <= 2 * held + 64
             for rid, r in self.model.reservations.items():
                 assert self.ledger.reservations[rid].state is r["state"], rid
 
@@ -438,6 +441,147 @@ def test_an_extend_that_changes_nothing_logs_nothing():
     assert later.reservation.expires_at_ms == clock.now_ms() + 300_000
 
 
+def test_the_expiry_heap_is_bounded_by_the_held_reservations():
+    """Commit, release and extend used to leave their heap entries behind: rate x TTL."""
+    from reservd.table import Table
+
+    clock = ManualClock()
+    ledger = Ledger(Table(), RecordingLog(), clock, Config())
+    ledger.set_stock("count-c", "c", 1_000_000, None, "")
+    peak = 0
+    for i in range(6_000):
+        assert ledger.reserve(f"r{i}", ("c",), (1,), "", 3_600, False).granted
+        if i % 3 == 0:
+            ledger.commit(f"r{i}", None)
+        elif i % 3 == 1:
+            ledger.release(f"r{i}")
+        for _ in range(i % 4):
+            clock.advance(1_000)
+            ledger.extend(f"r{i}" if i % 3 == 2 else f"r{i - 1}", 3_600)
+        assert ledger.deadline_entries <= 2 * ledger.held + 64, (i, ledger.held)
+        peak = max(peak, ledger.deadline_entries)
+    assert ledger.held == 2_000 and peak <= 4_064
+    for i in range(2, 6_000, 3):
+        ledger.release(f"r{i}")
+        assert ledger.deadline_entries <= 2 * ledger.held + 64
+    assert ledger.held == 0 and ledger.deadline_entries <= 64
+    clock.advance(7_200_000)
+    assert ledger.expire_due(1 << 30) == 0 and ledger.deadline_entries == 0
+
+
+def test_the_idempotency_window_is_a_time_and_retained_max_refuses_new_work():
+    """A count cap used to forget released ids early, and a retry then reserved twice."""
+    from reservd.table import Table
+
+    clock = ManualClock()
+    config = Config(retention_seconds=60, retained_max=4)
+    ledger = Ledger(Table(), RecordingLog(), clock, config)
+    ledger.set_stock("count-a", "a", 100, None, "")
+    for i in range(3):
+        assert ledger.reserve(f"r{i}", ("a",), (1,), "", 600, False).granted
+        ledger.release(f"r{i}")
+    assert ledger.retained == 4 and ledger.retained_adjustments == 1
+    refused = ledger.reserve("r9", ("a",), (1,), "", 600, False)
+    assert refused.code is Code.RESOURCE_EXHAUSTED and "retained_max" in refused.message
+    refused = ledger.adjust_stock("more", "a", 1, None, "")
+    assert refused.code is Code.RESOURCE_EXHAUSTED and "retained_max" in refused.message
+    clock.advance(59_000)
+    ledger.expire_due(1 << 30)
+    retry = ledger.reserve("r0", ("a",), (1,), "", 600, False)  # still remembered: no new hold
+    assert retry.replayed and not retry.granted and retry.state is State.RELEASED
+    assert ledger.table.counters(ledger.table.lookup("a")) == (100, 0, 0)
+    assert ledger.retained_oldest_seconds() == 59
+    clock.advance(1_000)
+    ledger.expire_due(1 << 30)  # 60 s old now: forgotten, and new work is taken again
+    assert ledger.retained == 0 and ledger.retained_oldest_seconds() == 0
+    assert ledger.reserve("r9", ("a",), (1,), "", 600, False).granted
+
+
+def test_deadlines_wait_for_the_millisecond_and_drop_stale_entries():
+    from reservd.expiry import Deadlines
+
+    standing = {"a": 5_100, "b": 5_900, "c": 7_000}
+    deadlines = Deadlines()
+    for key, at_ms in standing.items():
+        deadlines.push(at_ms, key)
+    deadlines.push(5_100, "b")  # b moved from 5.100 to 5.900: a stale duplicate in second 5
+    assert deadlines.next_deadline_ms(standing.get) == 5_100
+    assert deadlines.due(5_500, 10, standing.get) == ["a"]  # b is due only at 5.900
+    assert deadlines.due(5_900, 10, standing.get) == ["b"]
+    del standing["a"], standing["b"]
+    assert deadlines.due(6_999, 10, standing.get) == [] and len(deadlines) == 1
+    standing["d"] = 7_500
+    deadlines.push(7_500, "d")
+    assert deadlines.due(8_000, 1, standing.get) in (["c"], ["d"])
+    assert len(deadlines.due(8_000, 1, standing.get)) == 1 and len(deadlines) == 0
+    for i in range(10):
+        deadlines.push(9_000 + i, "e")
+    standing["e"] = 9_009
+    deadlines.compact(standing.get)
+    assert len(deadlines) == 1 and deadlines.next_deadline_ms(standing.get) == 9_009
+
+
+def test_a_format_2_snapshot_still_restores():
+    """Data directories written before the struct codec (pickled chunks) still recover."""
+    import pickle
+    import struct
+
+    from reservd import state_codec
+    from reservd.records import RecordType
+    from reservd.table import Table
+
+    def chunk(kind, rows):
+        data = pickle.dumps((kind, rows), protocol=5)
+        return struct.pack("<I", len(data)) + data
+
+    payload = b"".join([
+        chunk("header", [2, 7]),
+        chunk("stock", [("a", 10, 2, 3), ("b", 5, 0, 0)]),
+        chunk("reservations", [
+            ("held", "web", (("a",), (2,), "web", 60, False), ("a",), (2,), None, 1, 90_000, 5, 0),
+            ("paid", "", (("a", "b"), (3, 1), "", 60, True), ("a",), (3,), (3,), 2, 80_000, 6, 0),
+            ("gone", "", (("a",), (1,), "", 60, False), ("a",), (1,), None, 3, 70_000, 4, 1_000),
+        ]),
+        chunk("adjustments", [(
+            "count-a", int(RecordType.SET_STOCK), ("a", 10, None),
+            ("a", 10, 0, 0, 0, 0, 1, False), 500,
+        )]),
+    ])
+    ledger = Ledger(Table(), RecordingLog(), ManualClock(), CONFIG)
+    ledger.restore(payload)
+    assert ledger.seq == 7 and (ledger.live, ledger.held, ledger.retained) == (2, 1, 2)
+    assert ledger.reservations["paid"].committed == (3,)
+    assert ledger.reservations["paid"].request == (("a", "b"), (3, 1), "", 60, True)
+    assert ledger.adjustments["count-a"].outcome.on_hand == 10
+    seq, encode = ledger.snapshot_state()
+    encoded = encode()
+    assert encoded.startswith(state_codec.MAGIC)
+    again = Ledger(Table(), RecordingLog(), ManualClock(), CONFIG)
+    again.restore(encoded)
+    assert dict(again.reservations.items()) == {
+        rid: r._replace(handles=again.reservations[rid].handles)
+        for rid, r in ledger.reservations.items()
+    }
+    assert dict(again.adjustments.items()) == dict(ledger.adjustments.items())
+
+
+def test_a_damaged_or_newer_snapshot_is_refused_with_a_clear_error():
+    import struct
+
+    from reservd import state_codec
+    from reservd.table import Table
+
+    ledger = _stocked_ledger()
+    ledger.reserve("r", ("a",), (1,), "", 60, False)
+    _, encode = ledger.snapshot_state()
+    payload = encode()
+    with pytest.raises(ValueError, match="truncated"):
+        Ledger(Table(), RecordingLog(), ManualClock(), CONFIG).restore(payload[:-3])
+    newer = payload[:8] + struct.pack("<I", state_codec.FORMAT + 1) + payload[12:]
+    with pytest.raises(ValueError, match="newer reservd"):
+        Ledger(Table(), RecordingLog(), ManualClock(), CONFIG).restore(newer)
+
+
 def test_a_snapshot_of_many_chunks_restores_the_same_state():
     from reservd.table import Table
 
@@ -465,6 +609,9 @@ def test_a_snapshot_of_many_chunks_restores_the_same_state():
         again = restored.reservations[reservation_id]
         assert again._replace(handles=reservation.handles) == reservation
     assert restored.adjustments == ledger.adjustments
+    assert (restored.retained, restored.retained_adjustments, restored.held) == (
+        ledger.retained, ledger.retained_adjustments, ledger.held
+    )
     clock.advance(3_600_000)
     assert restored.expire_due(1 << 30) and ledger.expire_due(1 << 30)
     assert sorted(restored.table.items()) == sorted(ledger.table.items())

@@ -41,9 +41,11 @@ class Config:
     # Updates buffered per watcher, in updates (also the most one snapshot batch holds): a watcher
     # whose client stops reading is parked at its ring position once its buffer is this full.
     watch_buffer_updates_max: int = 1_024
-    # Idempotency records of finished reservations and adjustments are kept this long / this many.
+    # Idempotency records of finished reservations and adjustments are kept retention_seconds
+    # (the promise); at retained_max of them, new reservations and adjustments are refused
+    # (RESOURCE_EXHAUSTED) instead of forgetting a record early.
     retention_seconds: int = 86_400
-    retained_max: int = 1_000_000
+    retained_max: int = 20_000_000
     # Live (held or committed) reservations; Reserve answers RESOURCE_EXHAUSTED beyond it.
     reservations_max: int = 5_000_000
     expiry_tick_ms: int = 100

@@ -12,24 +12,22 @@ invariant raises AssertionError and stops the daemon, and recovery takes over.
 """
 from __future__ import annotations
 
-import collections
 import enum
-import heapq
 import logging
-import pickle
-import struct
 from typing import NamedTuple, Protocol, Sequence
 
-from reservd import records
+from reservd import records, state_codec
 from reservd.config import Config
+from reservd.expiry import Deadlines
 from reservd.records import RecordType
+from reservd.store import (
+    Adjustment, AdjustmentStore, Fifo, Reservation, ReservationStore, State, StockOutcome,
+)
 from reservd.table import RESERVE_INSUFFICIENT, RESERVE_UNKNOWN_SKU, CounterTable
 
 log = logging.getLogger("reservd.ledger")
 
-SNAPSHOT_FORMAT = 2
-_SNAPSHOT_CHUNK_ROWS = 4096
-_CHUNK = struct.Struct("<I")
+_DEADLINES_SLACK = 64
 _ENCODERS = {
     RecordType.COMMIT: records.encode_commit,
     RecordType.EXTEND: records.encode_extend,
@@ -39,16 +37,6 @@ _ENCODERS = {
     RecordType.SET_STOCK: records.encode_stock,
     RecordType.ADJUST_STOCK: records.encode_stock,
 }
-
-
-class State(enum.IntEnum):
-    """A reservation's life; numbers match reservd.v1.ReservationState."""
-
-    HELD = 1
-    COMMITTED = 2
-    RELEASED = 3
-    EXPIRED = 4
-    FULFILLED = 5
 
 
 class Code(enum.Enum):
@@ -75,23 +63,6 @@ class Rejection(NamedTuple):
         return f"{prefix}{self.field}: {self.message}" if self.field else self.message
 
 
-class Reservation(NamedTuple):
-    """One reservation. Immutable: a change replaces it, so a shallow copy of the ledger's
-    dict is a consistent snapshot."""
-
-    reservation_id: str
-    channel: str
-    request: tuple  # (skus, requested, channel, ttl_seconds, allow_partial): the idempotency key
-    skus: tuple[str, ...]  # lines that hold units (granted > 0)
-    handles: tuple[int, ...]
-    quantities: tuple[int, ...]  # units held or, once committed, units granted
-    committed: tuple[int, ...] | None
-    state: State
-    expires_at_ms: int
-    seq: int  # sequence of the latest mutation of this reservation
-    finished_at_ms: int
-
-
 class ReserveOutcome(NamedTuple):
     granted: bool
     skus: tuple[str, ...]
@@ -108,23 +79,6 @@ class ReservationOutcome(NamedTuple):
     reservation: Reservation
     seq: int  # the mutation to wait for before answering (0: nothing to wait for)
     replayed: bool
-
-
-class StockOutcome(NamedTuple):
-    sku: str
-    on_hand: int
-    reserved: int
-    committed: int
-    previous_on_hand: int
-    shortfall: int
-    seq: int
-    replayed: bool
-
-
-class _Adjustment(NamedTuple):
-    request: tuple
-    outcome: StockOutcome
-    finished_at_ms: int
 
 
 class Log(Protocol):
@@ -146,11 +100,20 @@ class Ledger:
         self.clock = clock
         self.config = config
         self.seq = log_.last_seq
-        self.reservations: dict[str, Reservation] = {}
-        self.adjustments: dict[str, _Adjustment] = {}
+        # Mappings of compact records, decoded on access (reservd.store).
+        self.reservations = ReservationStore(table)
+        self.adjustments = AdjustmentStore(table)
         self.live = 0  # held + committed
-        self._deadlines: list[tuple[int, str]] = []  # heap; stale entries skipped on pop
-        self._finished: collections.deque[tuple[int, bool, str]] = collections.deque()
+        self.held = 0
+        # Held reservations' ids by expiry second. An entry goes stale when its hold ends or
+        # moves; stale entries are dropped once they outnumber the held reservations, so there
+        # are at most 2 * held + _DEADLINES_SLACK entries (O(1) amortised: dropping costs what
+        # making the stale entries cost).
+        self._deadlines = Deadlines()
+        # Idempotency records of finished reservations and of adjustments, oldest first.
+        # Forgotten only once retention_seconds old.
+        self._finished = Fifo()
+        self._adjusted = Fifo()
 
     # -- Reservations ------------------------------------------------------------------------
 
@@ -180,7 +143,7 @@ class Ledger:
                 self._expire(existing, self.clock.now_ms())
                 existing = self.reservations[reservation_id]
             return self._replayed_reserve(existing)
-        refused = self._unwritable()
+        refused = self._unwritable() or self._retention_full()
         if refused is not None:
             return refused
         if self.live >= self.config.reservations_max:
@@ -321,28 +284,42 @@ class Ledger:
 
     def expire_due(self, limit: int) -> int:
         """Expire up to ``limit`` held reservations whose deadline has passed; returns the last
-        sequence used (0 if none). O(log n) per expiry: a heap, never a scan."""
+        sequence used (0 if none). O(1) amortised per expiry (reservd.expiry), never a scan."""
         if self._unwritable() is not None:
             return 0
         now_ms = self.clock.now_ms()
-        deadlines = self._deadlines
         last_seq = 0
-        while deadlines and deadlines[0][0] <= now_ms and limit > 0:
-            expires_at_ms, reservation_id = heapq.heappop(deadlines)
-            current = self.reservations.get(reservation_id)
-            if (
-                current is None
-                or current.state is not State.HELD
-                or current.expires_at_ms != expires_at_ms
-            ):
-                continue  # committed, released or extended since: a stale heap entry
-            last_seq = self._expire(current, now_ms)
-            limit -= 1
+        for reservation_id in self._deadlines.due(now_ms, limit, self._deadline_of):
+            last_seq = self._expire(self.reservations[reservation_id], now_ms)
         self._prune(now_ms)
         return last_seq
 
+    def _deadline_of(self, reservation_id: str) -> int | None:
+        current = self.reservations.get(reservation_id)
+        if current is None or current.state is not State.HELD:
+            return None
+        return current.expires_at_ms
+
+    def get(self, reservation_id: str) -> Reservation | None:
+        """The reservation as it stands (a view decoded from its compact record), or None."""
+        return self.reservations.get(reservation_id)
+
     def next_deadline_ms(self) -> int | None:
-        return self._deadlines[0][0] if self._deadlines else None
+        """The earliest deadline of a held reservation (unix ms), or None."""
+        return self._deadlines.next_deadline_ms(self._deadline_of)
+
+    @property
+    def deadline_entries(self) -> int:
+        """Entries in the expiry buckets (stale ones included): at most 2 * held + 64."""
+        return len(self._deadlines)
+
+    def _hold_ended_or_moved(self) -> None:
+        """A hold's expiry entry just went stale: drop stale entries once they outnumber the
+        held reservations."""
+        if len(self._deadlines) <= 2 * self.held + _DEADLINES_SLACK:
+            return
+        self._deadlines.compact(self._deadline_of)
+        assert len(self._deadlines) <= self.held, (len(self._deadlines), self.held)
 
     # -- Stock ---------------------------------------------------------------------------------
 
@@ -386,6 +363,9 @@ class Ledger:
                     f"adjustment {adjustment_id!r} exists with a different payload",
                 )
             return previous.outcome._replace(replayed=True)
+        refused = self._retention_full()
+        if refused is not None:
+            return refused
         handle = self.table.lookup(sku)
         if handle < 0 and kind is RecordType.ADJUST_STOCK:
             return Rejection(Code.NOT_FOUND, f"sku {sku!r} is unknown: SetStock creates it")
@@ -455,94 +435,73 @@ class Ledger:
 
     def snapshot_state(self):
         """Capture the state after ``self.seq`` now (cheap copies, no encoding); returns
-        (seq, encode) where ``encode()`` builds the bytes and may run in a worker thread.
-
-        The encoding is a sequence of pickled chunks of builtin types (never our classes), each
-        prefixed by its length: pickling a chunk at a time lets the event loop run in between.
+        (seq, encode) where ``encode()`` builds the bytes (reservd.state_codec) and may run in
+        a worker thread: the copied records are immutable, and handles and channel indexes
+        never change meaning.
         """
         seq = self.seq
         stock = list(self.table.items())
-        reservations = list(self.reservations.values())
-        adjustments = list(self.adjustments.items())
+        reservations = self.reservations.raw()
+        adjustments = self.adjustments.raw()
+        decode_reservation = self.reservations.decode
+        decode_adjustment = self.adjustments.decode
+
+        def reservation_rows():
+            for reservation_id, data in reservations:
+                r = decode_reservation(reservation_id, data)
+                yield (
+                    r.reservation_id, r.channel, r.request, r.skus, r.quantities, r.committed,
+                    int(r.state), r.expires_at_ms, r.seq, r.finished_at_ms,
+                )
+
+        def adjustment_rows():
+            for adjustment_id, data in adjustments:
+                a = decode_adjustment(data)
+                yield (
+                    adjustment_id, int(a.request[0]), a.request[1:], tuple(a.outcome),
+                    a.finished_at_ms,
+                )
 
         def encode() -> bytes:
-            out = bytearray()
-
-            def put(kind: str, rows: list) -> None:
-                data = pickle.dumps((kind, rows), protocol=5)
-                out.extend(_CHUNK.pack(len(data)))
-                out.extend(data)
-
-            put("header", [SNAPSHOT_FORMAT, seq])
-            for start in range(0, len(stock), _SNAPSHOT_CHUNK_ROWS):
-                put("stock", stock[start : start + _SNAPSHOT_CHUNK_ROWS])
-            for start in range(0, len(reservations), _SNAPSHOT_CHUNK_ROWS):
-                put("reservations", [
-                    (r.reservation_id, r.channel, r.request, r.skus, r.quantities, r.committed,
-                     int(r.state), r.expires_at_ms, r.seq, r.finished_at_ms)
-                    for r in reservations[start : start + _SNAPSHOT_CHUNK_ROWS]
-                ])
-            for start in range(0, len(adjustments), _SNAPSHOT_CHUNK_ROWS):
-                put("adjustments", [
-                    (adjustment_id, a.request[0].value, a.request[1:], tuple(a.outcome),
-                     a.finished_at_ms)
-                    for adjustment_id, a in adjustments[start : start + _SNAPSHOT_CHUNK_ROWS]
-                ])
-            return bytes(out)
+            return state_codec.encode(seq, stock, reservation_rows(), adjustment_rows())
 
         return seq, encode
 
     def restore(self, payload: bytes) -> None:
-        """Load a snapshot into an empty ledger (before replaying the records after it)."""
+        """Load a snapshot into an empty ledger (before replaying the records after it).
+        ValueError for a snapshot that does not parse."""
         assert not self.reservations and len(self.table) == 0, "restore into a fresh ledger"
-        view = memoryview(payload)
-        offset = 0
-        seq = None
-        while offset < len(view):
-            (length,) = _CHUNK.unpack_from(view, offset)
-            offset += _CHUNK.size
-            # Snapshots are our own checksummed files holding only builtin types.
-            kind, rows = pickle.loads(view[offset : offset + length])
-            offset += length
-            if kind == "header":
-                if rows[0] != SNAPSHOT_FORMAT:
-                    raise ValueError(f"snapshot format {rows[0]} is not {SNAPSHOT_FORMAT}")
-                seq = rows[1]
-            elif kind == "stock":
-                for sku, on_hand, reserved, committed in rows:
-                    self.table.restore(sku, on_hand, reserved, committed)
-            elif kind == "reservations":
-                self._restore_reservations(rows)
-            elif kind == "adjustments":
-                for adjustment_id, record_type, request_tail, outcome, finished_at_ms in rows:
-                    self.adjustments[adjustment_id] = _Adjustment(
-                        (RecordType(record_type), *request_tail), StockOutcome(*outcome),
-                        finished_at_ms,
-                    )
-                    self._finished.append((finished_at_ms, True, adjustment_id))
-            else:
-                raise ValueError(f"unknown snapshot chunk {kind!r}")
-        if seq is None:
-            raise ValueError("snapshot has no header")
-        heapq.heapify(self._deadlines)
-        self._finished = collections.deque(sorted(self._finished))
-        self.seq = seq
-
-    def _restore_reservations(self, rows: list) -> None:
+        seq, rows = state_codec.decode(payload)
         lookup = self.table.lookup
-        for (reservation_id, channel, request, skus, quantities, committed, state_value,
-             expires_at_ms, seq, finished_at_ms) in rows:
-            state = State(state_value)
-            self.reservations[reservation_id] = Reservation(
-                reservation_id, channel, request, skus, tuple(lookup(sku) for sku in skus),
-                quantities, committed, state, expires_at_ms, seq, finished_at_ms,
-            )
-            if state is State.HELD:
-                self._deadlines.append((expires_at_ms, reservation_id))
-            if state in (State.HELD, State.COMMITTED):
-                self.live += 1
+        for kind, row in rows:
+            if kind == state_codec.STOCK:
+                self.table.restore(*row)
+            elif kind == state_codec.RESERVATION:
+                (reservation_id, channel, request, skus, quantities, committed, state_value,
+                 expires_at_ms, reservation_seq, finished_at_ms) = row
+                state = State(state_value)
+                self.reservations[reservation_id] = Reservation(
+                    reservation_id, channel, request, skus, tuple(lookup(sku) for sku in skus),
+                    quantities, committed, state, expires_at_ms, reservation_seq,
+                    finished_at_ms,
+                )
+                if state is State.HELD:
+                    self._deadlines.push(expires_at_ms, reservation_id)
+                    self.held += 1
+                if state in (State.HELD, State.COMMITTED):
+                    self.live += 1
+                else:
+                    self._finished.append(finished_at_ms, reservation_id)
             else:
-                self._finished.append((finished_at_ms, False, reservation_id))
+                adjustment_id, record_type, request_tail, outcome, finished_at_ms = row
+                self.adjustments[adjustment_id] = Adjustment(
+                    (RecordType(record_type), *request_tail), StockOutcome(*outcome),
+                    finished_at_ms,
+                )
+                self._adjusted.append(finished_at_ms, adjustment_id)
+        self._finished.sort()
+        self._adjusted.sort()
+        self.seq = seq
 
     # -- Internals ------------------------------------------------------------------------------
 
@@ -587,6 +546,36 @@ class Ledger:
             return self._apply_expire(command, seq)
         assert kind in (RecordType.SET_STOCK, RecordType.ADJUST_STOCK), kind
         return self._apply_stock(kind, command, seq)
+
+    def _retention_full(self) -> Rejection | None:
+        """New reservations and adjustments are refused rather than forgetting an idempotency
+        record before its retention_seconds: a retry after an early forget would apply twice.
+        (Holds that finish meanwhile are still retained: at most retained_max + live.)"""
+        if self.retained < self.config.retained_max:
+            return None
+        return Rejection(
+            Code.RESOURCE_EXHAUSTED,
+            f"{self.retained} finished reservations and adjustments are kept for their "
+            f"{self.config.retention_seconds} s idempotency window: retained_max reached "
+            f"(raise retained_max or lower retention_seconds)",
+        )
+
+    @property
+    def retained(self) -> int:
+        """Idempotency records kept: finished reservations plus adjustments."""
+        return len(self._finished) + len(self._adjusted)
+
+    @property
+    def retained_adjustments(self) -> int:
+        return len(self._adjusted)
+
+    def retained_oldest_seconds(self) -> float:
+        """Age of the oldest idempotency record kept (0 when none), in seconds."""
+        oldest = [at_ms for at_ms in (self._finished.oldest_ms(), self._adjusted.oldest_ms())
+                  if at_ms is not None]
+        if not oldest:
+            return 0.0
+        return max(0, self.clock.now_ms() - min(oldest)) / 1000
 
     def _find(self, reservation_id: str, action: str) -> Reservation | Rejection:
         current = self.reservations.get(reservation_id)
@@ -652,8 +641,9 @@ class Ledger:
             command.reservation_id, command.channel, request, skus, handles, quantities, None,
             State.HELD, command.expires_at_ms, seq, 0,
         )
-        heapq.heappush(self._deadlines, (command.expires_at_ms, command.reservation_id))
+        self._deadlines.push(command.expires_at_ms, command.reservation_id)
         self.live += 1
+        self.held += 1
 
     def _apply_commit(self, command: records.Commit, seq: int) -> Reservation:
         current = self.reservations[command.reservation_id]
@@ -661,6 +651,8 @@ class Ledger:
         self.table.commit(current.handles, current.quantities, command.committed, seq)
         updated = current._replace(state=State.COMMITTED, committed=command.committed, seq=seq)
         self.reservations[command.reservation_id] = updated
+        self.held -= 1
+        self._hold_ended_or_moved()
         return updated
 
     def _apply_extend(self, command: records.Extend, seq: int) -> Reservation:
@@ -668,7 +660,10 @@ class Ledger:
         assert current.state is State.HELD, f"extend of {current.state.name} {current}"
         updated = current._replace(expires_at_ms=command.expires_at_ms, seq=seq)
         self.reservations[command.reservation_id] = updated
-        heapq.heappush(self._deadlines, (command.expires_at_ms, command.reservation_id))
+        # Logs written before no-op extends were skipped may hold one that moves nothing.
+        if command.expires_at_ms != current.expires_at_ms:
+            self._deadlines.push(command.expires_at_ms, command.reservation_id)
+            self._hold_ended_or_moved()
         return updated
 
     def _apply_release(self, command: records.Finish, seq: int) -> Reservation:
@@ -695,9 +690,12 @@ class Ledger:
     def _finish(self, current: Reservation, state: State, at_ms: int, seq: int) -> Reservation:
         updated = current._replace(state=state, seq=seq, finished_at_ms=at_ms)
         self.reservations[current.reservation_id] = updated
-        self._finished.append((at_ms, False, current.reservation_id))
+        self._finished.append(at_ms, current.reservation_id)
         self.live -= 1
         assert self.live >= 0
+        if current.state is State.HELD:
+            self.held -= 1
+            self._hold_ended_or_moved()
         return updated
 
     def _apply_stock(
@@ -715,27 +713,27 @@ class Ledger:
             command.sku, on_hand, reserved, committed, previous,
             max(0, reserved + committed - on_hand), seq, False,
         )
-        self.adjustments[command.adjustment_id] = _Adjustment(
+        self.adjustments[command.adjustment_id] = Adjustment(
             (kind, command.sku, command.value, command.expected_on_hand), outcome, command.at_ms
         )
-        self._finished.append((command.at_ms, True, command.adjustment_id))
+        self._adjusted.append(command.at_ms, command.adjustment_id)
         return outcome
 
     def _prune(self, now_ms: int) -> None:
-        """Forget idempotency records older than retention_seconds, or beyond retained_max."""
+        """Forget idempotency records older than retention_seconds (and only those: the window
+        is the promise; retained_max refuses new work instead of cutting it)."""
         horizon_ms = now_ms - self.config.retention_seconds * 1000
         finished = self._finished
-        while finished and (
-            finished[0][0] <= horizon_ms or len(finished) > self.config.retained_max
-        ):
-            at_ms, is_adjustment, key = finished.popleft()
-            if is_adjustment:
-                entry = self.adjustments.get(key)
-                if entry is not None and entry.finished_at_ms == at_ms:
-                    del self.adjustments[key]
-            else:
-                entry = self.reservations.get(key)
-                if entry is not None and entry.finished_at_ms == at_ms and entry.state in (
-                    State.RELEASED, State.EXPIRED, State.FULFILLED
-                ):
-                    del self.reservations[key]
+        while len(finished) and finished.oldest_ms() <= horizon_ms:
+            at_ms, key = finished.popleft()
+            entry = self.reservations.get(key)
+            if entry is not None and entry.finished_at_ms == at_ms and entry.state in (
+                State.RELEASED, State.EXPIRED, State.FULFILLED
+            ):
+                del self.reservations[key]
+        adjusted = self._adjusted
+        while len(adjusted) and adjusted.oldest_ms() <= horizon_ms:
+            at_ms, key = adjusted.popleft()
+            entry = self.adjustments.get(key)
+            if entry is not None and entry.finished_at_ms == at_ms:
+                del self.adjustments[key]

@@ -55,6 +55,35 @@ class Metrics:
             "reservd_skus", "SKUs in the counter table", value=len(ledger.table)
         )
         yield GaugeMetricFamily(
+            "reservd_idempotency_window_seconds",
+            "How long a finished reservation or adjustment id is remembered (never cut short)",
+            value=ledger.config.retention_seconds,
+        )
+        yield GaugeMetricFamily(
+            "reservd_idempotency_oldest_seconds",
+            "Age of the oldest idempotency record kept", value=ledger.retained_oldest_seconds(),
+        )
+        yield GaugeMetricFamily(
+            "reservd_retained_reservations", "Finished reservations kept for idempotency",
+            value=ledger.retained - ledger.retained_adjustments,
+        )
+        yield GaugeMetricFamily(
+            "reservd_retained_adjustments", "Stock adjustments kept for idempotency",
+            value=ledger.retained_adjustments,
+        )
+        yield GaugeMetricFamily(
+            "reservd_retained_max", "Bound on retained records (new work refused at it)",
+            value=ledger.config.retained_max,
+        )
+        yield GaugeMetricFamily(
+            "reservd_held_reservations", "Held (uncommitted) reservations", value=ledger.held
+        )
+        yield GaugeMetricFamily(
+            "reservd_expiry_entries",
+            "Entries in the expiry buckets, stale ones included (at most 2 x held + 64)",
+            value=ledger.deadline_entries,
+        )
+        yield GaugeMetricFamily(
             "reservd_fail_closed", "1 while reservations are refused",
             value=0 if guard.grant_reason is None else 1,
         )

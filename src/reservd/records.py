@@ -74,13 +74,16 @@ class StockChange(NamedTuple):
     reason: str
 
 
-def _str(parts: list, text: str) -> None:
+def put_str(parts: list, text: str) -> None:
+    """Append ``text`` as a u16 byte length and UTF-8."""
     data = text.encode()
     parts.append(_H.pack(len(data)))
     parts.append(data)
 
 
-class _Reader:
+class Reader:
+    """Reads a payload front to back (struct layouts and strings); ``done()`` checks the end."""
+
     __slots__ = ("data", "offset")
 
     def __init__(self, data: bytes) -> None:
@@ -112,18 +115,18 @@ def encode_reserve(command: Reserve) -> bytes:
             command.at_ms, command.expires_at_ms, command.ttl_seconds, command.allow_partial
         )
     ]
-    _str(parts, command.reservation_id)
-    _str(parts, command.channel)
+    put_str(parts, command.reservation_id)
+    put_str(parts, command.channel)
     parts.append(_H.pack(len(command.skus)))
     for sku, requested, granted in zip(command.skus, command.requested, command.granted):
-        _str(parts, sku)
+        put_str(parts, sku)
         parts.append(_LINE.pack(requested, granted))
     return b"".join(parts)
 
 
 def encode_commit(command: Commit) -> bytes:
     parts = [_AT.pack(command.at_ms)]
-    _str(parts, command.reservation_id)
+    put_str(parts, command.reservation_id)
     parts.append(_H.pack(len(command.committed)))
     parts.extend(_Q.pack(quantity) for quantity in command.committed)
     return b"".join(parts)
@@ -131,13 +134,13 @@ def encode_commit(command: Commit) -> bytes:
 
 def encode_extend(command: Extend) -> bytes:
     parts = [_AT_Q.pack(command.at_ms, command.expires_at_ms)]
-    _str(parts, command.reservation_id)
+    put_str(parts, command.reservation_id)
     return b"".join(parts)
 
 
 def encode_finish(command: Finish) -> bytes:
     parts = [_AT.pack(command.at_ms)]
-    _str(parts, command.reservation_id)
+    put_str(parts, command.reservation_id)
     return b"".join(parts)
 
 
@@ -146,15 +149,15 @@ def encode_stock(command: StockChange) -> bytes:
     parts = [
         _STOCK_HEAD.pack(command.at_ms, command.value, expected is not None, expected or 0)
     ]
-    _str(parts, command.adjustment_id)
-    _str(parts, command.sku)
-    _str(parts, command.reason)
+    put_str(parts, command.adjustment_id)
+    put_str(parts, command.sku)
+    put_str(parts, command.reason)
     return b"".join(parts)
 
 
 def decode(record_type: int, payload: bytes):
     """Decode a payload into its command; ValueError if it does not parse exactly."""
-    reader = _Reader(payload)
+    reader = Reader(payload)
     kind = RecordType(record_type)
     try:
         if kind is RecordType.RESERVE:
