@@ -52,25 +52,26 @@ async def test_mixed_valid_and_invalid_ops_each_answered_as_unary_nothing_else_c
         await server.set_stock("a", 5)
         await server.set_stock("b", 5)
         stub = server.reservations
-        invalid = [
+        invalid = [  # the unary RPC answers INVALID_ARGUMENT (NOT_FOUND for the last)
             ("reserve", cart("", ("a", 1))),
             ("reserve", cart("dup", ("a", 1), ("a", 2))),
             ("reserve", cart("zero", ("a", 0))),
             ("reserve", cart("ttl", ("a", 1), ttl_seconds=86_401)),
             ("extend", pb.ExtendRequest(reservation_id="held", ttl_seconds=0)),
             ("commit", pb.CommitRequest(reservation_id="x" * 129)),
+            ("reserve", cart("unknown", ("a", 1), ("nope", 1))),
         ]
         unary = {
             "reserve": stub.Reserve, "commit": stub.Commit, "extend": stub.Extend,
         }
         expected_invalid = [await _unary_error(unary[kind](request)) for kind, request in invalid]
-        assert all(code is grpc.StatusCode.INVALID_ARGUMENT for code, _ in expected_invalid)
+        assert all(code is grpc.StatusCode.INVALID_ARGUMENT for code, _ in expected_invalid[:-1])
+        assert expected_invalid[-1][0] is grpc.StatusCode.NOT_FOUND
         before = (await server.stock("a"), await server.stock("b"))
         response = await stub.Batch(
             ops(
                 ("reserve", cart("held", ("a", 2), ("b", 1))),  # 0: granted
-                *invalid,  # 1..6
-                ("reserve", cart("unknown", ("a", 1), ("nope", 1))),  # 7: NOT_FOUND
+                *invalid,  # 1..7
                 ("reserve", cart("big", ("a", 4))),  # 8: sold out (3 left)
                 ("commit", pb.CommitRequest(reservation_id="missing")),  # 9: NOT_FOUND
                 ("fulfil", pb.FulfilRequest(reservation_id="held")),  # 10: held, not committed
@@ -88,7 +89,8 @@ async def test_mixed_valid_and_invalid_ops_each_answered_as_unary_nothing_else_c
             kind = invalid[index - 1][0]
             assert got[index] == ("error", (code, f"ops[{index}].{kind}.{message}"))
         assert got[7] == (
-            "error", (grpc.StatusCode.NOT_FOUND, "ops[7].reserve.lines[1].sku: sku 'nope' is unknown")
+            "error",
+            (grpc.StatusCode.NOT_FOUND, "ops[7].reserve.lines[1].sku: sku 'nope' is unknown"),
         )
         assert got[8] == ("reserve", False)
         assert response.results[8].reserve.lines[0].available == 3

@@ -162,18 +162,11 @@ class BatchService:
     def _reserve(
         self, index: int, request: pb.ReserveRequest, result: pb.BatchResult, applied: _Applied
     ) -> None:
-        limits, metrics = self.limits, self.metrics
+        metrics = self.metrics
         prefix = f"ops[{index}].reserve."
         try:
-            reservation_id = validation.text(
-                prefix + "reservation_id", request.reservation_id, limits.id_bytes_max
-            )
-            skus, quantities = validation.lines(prefix + "lines", request.lines, limits)
-            channel = validation.text(
-                prefix + "channel", request.channel, limits.channel_bytes_max, required=False
-            )
-            ttl_seconds = validation.ttl_seconds(
-                prefix + "ttl_seconds", request.ttl_seconds, limits
+            reservation_id, skus, quantities, channel, ttl_seconds = (
+                validation.reserve_request(request, self.limits, prefix)
             )
         except Invalid as error:
             metrics.reserve_rejected.inc()
@@ -197,23 +190,16 @@ class BatchService:
     def _reservation(
         self, index: int, kind: str, request, result: pb.BatchResult, applied: _Applied
     ) -> None:
-        limits = self.limits
         prefix = f"ops[{index}].{kind}."
         try:
-            reservation_id = validation.text(
-                prefix + "reservation_id", request.reservation_id, limits.id_bytes_max
-            )
             if kind == "commit":
-                lines = None
-                if request.lines:
-                    skus, quantities = validation.lines(
-                        prefix + "lines", request.lines, limits, zero_allowed=True
-                    )
-                    lines = dict(zip(skus, quantities))
+                reservation_id, lines = validation.commit_request(request, self.limits, prefix)
             elif kind == "extend":
-                ttl_seconds = validation.ttl_seconds(
-                    prefix + "ttl_seconds", request.ttl_seconds, limits, default_allowed=False
+                reservation_id, ttl_seconds = validation.extend_request(
+                    request, self.limits, prefix
                 )
+            else:
+                reservation_id = validation.reservation_id(request, self.limits, prefix)
         except Invalid as error:
             return _error(result, _INVALID, str(error))
         if self.guard.write_reason is not None:

@@ -117,16 +117,10 @@ class ReservationsService(pb_grpc.ReservationsServicer):
             yield response
 
     async def Reserve(self, request: pb.ReserveRequest, context) -> pb.ReserveResponse:
-        limits = self.limits
         try:
-            reservation_id = validation.text(
-                "reservation_id", request.reservation_id, limits.id_bytes_max
+            reservation_id, skus, quantities, channel, ttl_seconds = (
+                validation.reserve_request(request, self.limits)
             )
-            skus, quantities = validation.lines("lines", request.lines, limits)
-            channel = validation.text(
-                "channel", request.channel, limits.channel_bytes_max, required=False
-            )
-            ttl_seconds = validation.ttl_seconds("ttl_seconds", request.ttl_seconds, limits)
         except Invalid as error:
             self.metrics.reserve_rejected.inc()
             await _invalid(context, error)
@@ -177,17 +171,11 @@ class ReservationsService(pb_grpc.ReservationsServicer):
         return _reservation_response(outcome)
 
     def _reservation_id(self, request) -> str:
-        return validation.text("reservation_id", request.reservation_id, self.limits.id_bytes_max)
+        return validation.reservation_id(request, self.limits)
 
     async def Commit(self, request: pb.CommitRequest, context) -> pb.ReservationResponse:
         try:
-            reservation_id = self._reservation_id(request)
-            lines = None
-            if request.lines:
-                skus, quantities = validation.lines(
-                    "lines", request.lines, self.limits, zero_allowed=True
-                )
-                lines = dict(zip(skus, quantities))
+            reservation_id, lines = validation.commit_request(request, self.limits)
         except Invalid as error:
             await _invalid(context, error)
         await _writable(self.guard, context)
@@ -195,10 +183,7 @@ class ReservationsService(pb_grpc.ReservationsServicer):
 
     async def Extend(self, request: pb.ExtendRequest, context) -> pb.ReservationResponse:
         try:
-            reservation_id = self._reservation_id(request)
-            ttl_seconds = validation.ttl_seconds(
-                "ttl_seconds", request.ttl_seconds, self.limits, default_allowed=False
-            )
+            reservation_id, ttl_seconds = validation.extend_request(request, self.limits)
         except Invalid as error:
             await _invalid(context, error)
         await _writable(self.guard, context)

@@ -129,3 +129,38 @@ def delta(field: str, value: int, limits: Limits) -> int:
             field, f"must be non-zero and at most {limits.on_hand_max} in size, not {value}"
         )
     return value
+
+
+# -- whole requests: the unary RPCs and each op of a Batch share these, so both answer the same
+# status and words (a Batch prefixes the field names with ``ops[i].<kind>.``).
+
+
+def reservation_id(request, limits: Limits, prefix: str = "") -> str:
+    return text(prefix + "reservation_id", request.reservation_id, limits.id_bytes_max)
+
+
+def reserve_request(request, limits: Limits, prefix: str = ""):
+    """A ReserveRequest: (reservation_id, skus, quantities, channel, ttl_seconds)."""
+    reservation = reservation_id(request, limits, prefix)
+    skus, quantities = lines(prefix + "lines", request.lines, limits)
+    channel = text(prefix + "channel", request.channel, limits.channel_bytes_max, required=False)
+    ttl = ttl_seconds(prefix + "ttl_seconds", request.ttl_seconds, limits)
+    return reservation, skus, quantities, channel, ttl
+
+
+def commit_request(request, limits: Limits, prefix: str = ""):
+    """A CommitRequest: (reservation_id, {sku: quantity} or None to commit everything held)."""
+    reservation = reservation_id(request, limits, prefix)
+    if not request.lines:
+        return reservation, None
+    skus, quantities = lines(prefix + "lines", request.lines, limits, zero_allowed=True)
+    return reservation, dict(zip(skus, quantities))
+
+
+def extend_request(request, limits: Limits, prefix: str = ""):
+    """An ExtendRequest: (reservation_id, ttl_seconds); a TTL must be given."""
+    reservation = reservation_id(request, limits, prefix)
+    ttl = ttl_seconds(
+        prefix + "ttl_seconds", request.ttl_seconds, limits, default_allowed=False
+    )
+    return reservation, ttl
