@@ -303,3 +303,24 @@ async def test_batch_stream_refuses_an_oversized_batch_after_answering_the_earli
         assert code is grpc.StatusCode.INVALID_ARGUMENT
         assert message.startswith("ops: must have at most")
         assert (await server.stock("a")).reserved == 1
+
+
+@aio
+async def test_batch_stream_refuses_an_undecodable_message_naming_the_field():
+    async with running() as server:
+        await server.set_stock("a", 10)
+        call = server.channel.stream_stream(
+            "/reservd.v1.Reservations/BatchStream",
+            request_serializer=None, response_deserializer=pb.BatchResponse.FromString,
+        )()
+        await call.write(ops(("reserve", cart("first", ("a", 1)))).SerializeToString())
+        first = await call.read()
+        assert first.results[0].reserve.granted
+        # ops[0].reserve.reservation_id (field 1 of ReserveRequest) holding invalid UTF-8.
+        bad_id = b"\x0a\x02\xff\xfe"
+        reserve = b"\x0a" + bytes([len(bad_id)]) + bad_id
+        await call.write(b"\x0a" + bytes([len(reserve)]) + reserve)
+        code, message = await _unary_error(call.read())
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
+        assert "ops[0].reserve.reservation_id" in message, message
+        assert (await server.stock("a")).reserved == 1
