@@ -165,6 +165,8 @@ async def test_ops_apply_in_order_and_one_fsync_covers_the_batch(tmp_path):
         assert response.results[101].reservation.state == pb.FULFILLED
         assert stats.records - records == 102
         assert stats.fsyncs - fsyncs == 1
+        registry = server.daemon.metrics.registry
+        assert registry.get_sample_value("reservd_reserve_total", {"outcome": "granted"}) == 100
         stock = await server.stock("a")
         assert (stock.on_hand, stock.reserved, stock.committed) == (999, 99, 0)
 

@@ -251,11 +251,14 @@ class BatchService:
                     "retry with the same id once it is back"
                 )
         results = applied.response.results
+        counted: dict[object, int] = {}  # one inc() per metric and batch: each takes a lock
         for index, seq, grant, metric in applied.logged:
             if wal_error is not None and seq > log_.durable_seq:
                 _error(results[index], _UNAVAILABLE, wal_error)
             elif mirror_error is not None and grant and seq > mirror.mirrored_seq:
                 _error(results[index], _UNAVAILABLE, mirror_error)
             elif metric is not None:
-                metric.inc()
+                counted[metric] = counted.get(metric, 0) + 1
+        for metric, count in counted.items():
+            metric.inc(count)
         return applied.response
