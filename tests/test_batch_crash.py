@@ -177,7 +177,7 @@ def _crash_cycles(tmp_path, seed: int, batching_client: bool) -> None:
         final_state = asyncio.run(final())
     finally:
         daemon.kill()
-    report = check(recorder.ops, wal=read_wal(data), final=final_state, crashes_ns=crashes_ns)
+    report = check(recorder.ops, wal=read_wal(data), final=final_state)
     print(f"{'batching client' if batching_client else 'Batch RPCs'}, "
           f"kill -9 x{len(crashes_ns)}: {report}")
     assert report.ok, report
