@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import signal
 import time
@@ -263,10 +264,25 @@ class Daemon:
             log.info("snapshot", extra={"seq": seq, "path": str(path), "bytes": len(payload)})
 
 
+# Young-generation collections every this many net allocations (CPython's default is 700).
+_GC_GEN0_THRESHOLD = 50_000
+
+
+def _tune_gc() -> None:
+    """The recovered state (every reservation, SKU and idempotency record) is long-lived and
+    holds no cycles worth collecting: freezing it keeps the cyclic collector from rescanning it,
+    and a larger young generation lets a request's short-lived objects die by reference count
+    before a collection runs. Measured ~14% less server CPU per op (bench/batch_cost.py)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+
+
 async def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT (returns 0) or a bug (returns EXIT_FATAL)."""
     daemon = Daemon(config)
     await daemon.start()
+    _tune_gc()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
