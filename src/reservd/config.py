@@ -24,6 +24,8 @@ class Limits:
     # durability at once (the stream stops reading beyond it).
     batch_ops_max: int = 1_000
     batch_stream_in_flight_max: int = 16
+    # GetAts and WatchAts: channels named in one request.
+    ats_channels_max: int = 64
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -60,6 +62,15 @@ class Config:
     wal_pending_bytes_max: int = 256 << 20
     # A snapshot is taken after this many WAL records since the last one.
     snapshot_records_interval: int = 1_000_000
+    # Channels with a policy (SetChannel beyond it: RESOURCE_EXHAUSTED), and named buckets per
+    # SKU besides shared (Allocate to a new one beyond it: RESOURCE_EXHAUSTED).
+    channels_max: int = 256
+    buckets_per_sku_max: int = 16
+    # WatchAts: open streams; ats changes retained for resuming streams, in entries; the
+    # (sku, channel) values one slow stream holds before it is sent a fresh snapshot instead.
+    ats_watchers_max: int = 1_000
+    ats_ring_capacity: int = 1 << 16
+    ats_buffer_updates_max: int = 4_096
     metrics_port: int | None = None
     redis_url: str | None = None
     redis_prefix: str = "reservd:"

@@ -30,6 +30,9 @@ class RecordType(enum.IntEnum):
     EXPIRE = 6
     SET_STOCK = 7
     ADJUST_STOCK = 8
+    SET_CHANNEL = 9
+    SET_SKU_POLICY = 10
+    ALLOCATE = 11
 
 
 class Reserve(NamedTuple):
@@ -72,6 +75,39 @@ class StockChange(NamedTuple):
     value: int
     expected_on_hand: int | None
     reason: str
+
+
+class SetChannel(NamedTuple):
+    """A channel's whole policy (reservd.channels.Policy fields, in order)."""
+
+    at_ms: int
+    change_id: str
+    channel: str
+    pool: str
+    reserve: str
+    numbers: tuple[int | None, ...]  # Policy's fields after pool and reserve; None: no value
+
+
+class SetSkuPolicy(NamedTuple):
+    """A SKU's overrides of a channel's policy; replaces the previous ones (none: cleared)."""
+
+    at_ms: int
+    change_id: str
+    sku: str
+    channel: str
+    overrides: tuple[tuple[str, int | None], ...]  # (field, value), value None: no cap
+
+
+class Allocate(NamedTuple):
+    at_ms: int
+    change_id: str
+    sku: str
+    from_bucket: str
+    to_bucket: str
+    units: int
+
+
+_NONE = -(1 << 63)  # an absent optional number (max_units None: no cap)
 
 
 def put_str(parts: list, text: str) -> None:
@@ -155,6 +191,63 @@ def encode_stock(command: StockChange) -> bytes:
     return b"".join(parts)
 
 
+def _numbers(parts: list, values) -> None:
+    parts.append(_H.pack(len(values)))
+    parts.extend(_Q.pack(_NONE if value is None else int(value)) for value in values)
+
+
+def _read_numbers(reader: Reader) -> tuple[int | None, ...]:
+    (count,) = reader.unpack(_H)
+    values = (reader.unpack(_Q)[0] for _ in range(count))
+    return tuple(None if value == _NONE else value for value in values)
+
+
+def encode_set_channel(command: SetChannel) -> bytes:
+    parts = [_AT.pack(command.at_ms)]
+    for text in (command.change_id, command.channel, command.pool, command.reserve):
+        put_str(parts, text)
+    _numbers(parts, command.numbers)
+    return b"".join(parts)
+
+
+def encode_sku_policy(command: SetSkuPolicy) -> bytes:
+    parts = [_AT.pack(command.at_ms)]
+    for text in (command.change_id, command.sku, command.channel):
+        put_str(parts, text)
+    parts.append(_H.pack(len(command.overrides)))
+    for field, value in command.overrides:
+        put_str(parts, field)
+        parts.append(_Q.pack(_NONE if value is None else int(value)))
+    return b"".join(parts)
+
+
+def encode_allocate(command: Allocate) -> bytes:
+    parts = [_AT_Q.pack(command.at_ms, command.units)]
+    for text in (command.change_id, command.sku, command.from_bucket, command.to_bucket):
+        put_str(parts, text)
+    return b"".join(parts)
+
+
+def _decode_channels(kind: RecordType, reader: Reader):
+    if kind is RecordType.SET_CHANNEL:
+        (at_ms,) = reader.unpack(_AT)
+        texts = [reader.text() for _ in range(4)]
+        return SetChannel(at_ms, *texts, _read_numbers(reader))
+    if kind is RecordType.SET_SKU_POLICY:
+        (at_ms,) = reader.unpack(_AT)
+        change_id, sku, channel = reader.text(), reader.text(), reader.text()
+        (count,) = reader.unpack(_H)
+        overrides = []
+        for _ in range(count):
+            field = reader.text()
+            (value,) = reader.unpack(_Q)
+            overrides.append((field, None if value == _NONE else value))
+        return SetSkuPolicy(at_ms, change_id, sku, channel, tuple(overrides))
+    at_ms, units = reader.unpack(_AT_Q)
+    texts = [reader.text() for _ in range(4)]
+    return Allocate(at_ms, texts[0], texts[1], texts[2], texts[3], units)
+
+
 def decode(record_type: int, payload: bytes):
     """Decode a payload into its command; ValueError if it does not parse exactly."""
     reader = Reader(payload)
@@ -188,6 +281,8 @@ def decode(record_type: int, payload: bytes):
         elif kind in (RecordType.RELEASE, RecordType.FULFIL, RecordType.EXPIRE):
             (at_ms,) = reader.unpack(_AT)
             command = Finish(at_ms, reader.text())
+        elif kind >= RecordType.SET_CHANNEL:
+            command = _decode_channels(kind, reader)
         else:
             at_ms, value, has_expected, expected = reader.unpack(_STOCK_HEAD)
             adjustment_id = reader.text()
