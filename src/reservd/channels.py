@@ -75,7 +75,7 @@ OVERRIDABLE = (
     "share_bp", "buffer_units", "max_units", "floor_units", "enforcement", "warning_units",
     "critical_units", "emergency_units", "zero_units", "hold_units",
 )
-_DEFAULT = Policy()
+DEFAULT_POLICY = _DEFAULT = Policy()
 
 
 class Ats(NamedTuple):

@@ -201,3 +201,59 @@ class ReservdClient:
             raise ReservdError(error.code(), error.details() or "") from None
         finally:
             call.cancel()
+
+    # -- channels, buckets and ats -----------------------------------------------------------
+
+    async def set_channel(
+        self, channel: str, policy: pb.ChannelPolicy, change_id: str
+    ) -> pb.ChannelResponse:
+        request = pb.SetChannelRequest(channel=channel, policy=policy, change_id=change_id)
+        return await self._call(self.admin.SetChannel, request)
+
+    async def list_channels(self) -> list[pb.Channel]:
+        response = await self._call(self.admin.ListChannels, pb.ListChannelsRequest())
+        return list(response.channels)
+
+    async def set_sku_policy(
+        self, sku: str, channel: str, overrides: pb.ChannelPolicy, change_id: str
+    ) -> pb.SkuPolicyResponse:
+        request = pb.SetSkuPolicyRequest(
+            sku=sku, channel=channel, overrides=overrides, change_id=change_id
+        )
+        return await self._call(self.admin.SetSkuPolicy, request)
+
+    async def allocate(
+        self, sku: str, from_bucket: str, to_bucket: str, units: int, change_id: str
+    ) -> pb.AllocateResponse:
+        request = pb.AllocateRequest(
+            sku=sku, from_bucket=from_bucket, to_bucket=to_bucket, units=units,
+            change_id=change_id,
+        )
+        return await self._call(self.admin.Allocate, request)
+
+    async def get_buckets(self, skus: Iterable[str]) -> list[pb.SkuBuckets]:
+        response = await self._call(self.admin.GetBuckets, pb.GetBucketsRequest(skus=skus))
+        return list(response.skus)
+
+    async def get_ats(self, skus: Iterable[str], channels: Iterable[str]) -> list[pb.Ats]:
+        request = pb.GetAtsRequest(skus=list(skus), channels=list(channels))
+        return list((await self._call(self.reservations.GetAts, request)).ats)
+
+    async def watch_ats(
+        self, channels: Iterable[str], skus: Iterable[str] = (), from_sequence: int = 0,
+        deadline_seconds: float | None = None,
+    ) -> AsyncIterator[pb.Ats]:
+        """Stream ats changes (as ``watch``: no deadline unless given one, in seconds)."""
+        call = self.reservations.WatchAts(
+            pb.WatchAtsRequest(
+                channels=list(channels), skus=list(skus), from_sequence=from_sequence
+            ),
+            timeout=deadline_seconds,
+        )
+        try:
+            async for update in call:
+                yield update
+        except grpc.aio.AioRpcError as error:
+            raise ReservdError(error.code(), error.details() or "") from None
+        finally:
+            call.cancel()

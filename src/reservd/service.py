@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from reservd import validation
+from reservd.channelservice import AtsRpcs, ChannelAdminRpcs, line_extras
 from reservd.config import Limits
 from reservd.guard import Guard
 from reservd.mirror import MirrorSlow, MirrorUnavailable
@@ -93,10 +94,10 @@ def _reservation_response(outcome: ReservationOutcome) -> pb.ReservationResponse
     )
 
 
-class ReservationsService(pb_grpc.ReservationsServicer):
+class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
     def __init__(
         self, ledger: Ledger, durability: Durability, guard: Guard, hub: WatchHub,
-        limits: Limits, metrics,
+        limits: Limits, metrics, ats_hub=None,
     ) -> None:
         self.ledger = ledger
         self.durability = durability
@@ -115,6 +116,7 @@ class ReservationsService(pb_grpc.ReservationsServicer):
     async def BatchStream(self, requests, context):
         async for response in self.batches.stream(requests, context):
             yield response
+        self.ats_hub = ats_hub
 
     async def Reserve(self, request: pb.ReserveRequest, context) -> pb.ReserveResponse:
         try:
@@ -140,6 +142,17 @@ class ReservationsService(pb_grpc.ReservationsServicer):
         if isinstance(outcome, Rejection):
             self.metrics.reserve_rejected.inc()
             await _reject(context, outcome)
+        # Built before any await: each line's buckets and ats belong to this very outcome.
+        book = self.ledger.channels
+        lines = [
+            pb.LineOutcome(
+                sku=sku, requested=asked, granted=given, available=available,
+                **line_extras(book, reservation_id, channel, sku, given, available),
+            )
+            for sku, asked, given, available in zip(
+                outcome.skus, outcome.requested, outcome.quantities, outcome.available
+            )
+        ]
         # A sold-out answer logs nothing, but it saw grants that may not be durable yet: it waits
         # for them, or a crash could lose the grants that made the buyer hear "sold out".
         seq = outcome.seq or self.ledger.seq
@@ -151,12 +164,7 @@ class ReservationsService(pb_grpc.ReservationsServicer):
             self.metrics.reserve_sold_out.inc()
         return pb.ReserveResponse(
             granted=outcome.granted,
-            lines=[
-                pb.LineOutcome(sku=sku, requested=asked, granted=given, available=available)
-                for sku, asked, given, available in zip(
-                    outcome.skus, outcome.requested, outcome.quantities, outcome.available
-                )
-            ],
+            lines=lines,
             expires_at_ms=outcome.expires_at_ms if outcome.state is State.HELD else 0,
             state=outcome.state or 0,
             sequence=outcome.seq,
@@ -265,7 +273,7 @@ class ReservationsService(pb_grpc.ReservationsServicer):
             self.hub.release(watcher)
 
 
-class AdminService(pb_grpc.AdminServicer):
+class AdminService(ChannelAdminRpcs, pb_grpc.AdminServicer):
     def __init__(self, ledger: Ledger, durability: Durability, guard: Guard, limits: Limits):
         self.ledger = ledger
         self.durability = durability
