@@ -123,7 +123,7 @@ class _Held(NamedTuple):
     lines: tuple[Draw, ...]
 
 
-Refusal = tuple[str, str]  # (ledger Code value, message)
+Refusal = tuple[str, str]  # (ledger Code value, "field: message")
 
 
 class Channels:
@@ -246,7 +246,7 @@ class Channels:
         for sku in skus:
             has_buckets = sku in buckets
             policy = self.policy(sku, channel) if configured else _DEFAULT
-            strict = policy.enforcement is Enforcement.STRICT
+            strict = policy.enforcement == Enforcement.STRICT
             if not (has_buckets or strict or policy.pool_only):
                 out.append(-1)
                 continue
@@ -487,7 +487,7 @@ class Channels:
         """The whole state as builtin types (the ledger's snapshot carries them)."""
         return {
             "policies": [
-                (channel, _policy_row(policy)) for channel, policy in self.policies.items()
+                (channel, policy_row(policy)) for channel, policy in self.policies.items()
             ],
             "overrides": [
                 (sku, channel, sorted(overrides.items()))
@@ -514,7 +514,10 @@ class Channels:
                 self.policies[channel] = _policy_from_row(row)
         elif kind == "overrides":
             for sku, channel, items in rows:
-                self.overrides[(sku, channel)] = dict(items)
+                overrides = dict(items)
+                if "enforcement" in overrides:
+                    overrides["enforcement"] = Enforcement(overrides["enforcement"])
+                self.overrides[(sku, channel)] = overrides
         elif kind == "buckets":
             for sku, name, free, reserved, committed in rows:
                 self.buckets.setdefault(sku, {})[name] = [free, reserved, committed]
@@ -534,7 +537,7 @@ class Channels:
         self.active = bool(self.policies or self.buckets)
 
 
-def _policy_row(policy: Policy) -> tuple:
+def policy_row(policy: Policy) -> tuple:
     return tuple(
         int(value) if isinstance(value, enum.IntEnum) else value
         for value in dataclasses.astuple(policy)

@@ -203,7 +203,7 @@ class ChannelAdminRpcs:
             )
         outcome = decide()
         if isinstance(outcome, Rejection):
-            await context.abort(_STATUS[outcome.code], outcome.message)
+            await context.abort(_STATUS[outcome.code], outcome.text())
         if outcome.seq:
             await self.durability.wait(outcome.seq, context)
         return outcome
@@ -227,11 +227,24 @@ class ChannelAdminRpcs:
             sequence=outcome.seq, replayed=outcome.replayed,
         )
 
-    async def ListChannels(self, request, context) -> pb.ListChannelsResponse:
+    async def ListChannels(self, request: pb.ListChannelsRequest, context):
+        limits = self.limits
+        try:
+            names = tuple(
+                validation.text(f"channels[{i}]", value, limits.channel_bytes_max)
+                for i, value in enumerate(request.channels)
+            )
+        except Invalid as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         policies = self.ledger.channels.policies
+        for i, channel in enumerate(names):
+            if channel not in policies:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"channels[{i}]: channel {channel!r} is unknown"
+                )
         return pb.ListChannelsResponse(channels=[
             pb.Channel(channel=channel, policy=policy_message(policies[channel]))
-            for channel in sorted(policies)
+            for channel in (names or sorted(policies))
         ])
 
     async def SetSkuPolicy(self, request: pb.SetSkuPolicyRequest, context):

@@ -17,8 +17,10 @@ import logging
 from typing import NamedTuple, Protocol, Sequence
 
 from reservd import records, state_codec
+from reservd.channels import Channels
 from reservd.config import Config
 from reservd.expiry import Deadlines
+from reservd.ledger_channels import ChannelCommands, unwrap, wrap
 from reservd.records import RecordType
 from reservd.store import (
     Adjustment, AdjustmentStore, Fifo, Reservation, ReservationStore, State, StockOutcome,
@@ -36,6 +38,9 @@ _ENCODERS = {
     RecordType.EXPIRE: records.encode_finish,
     RecordType.SET_STOCK: records.encode_stock,
     RecordType.ADJUST_STOCK: records.encode_stock,
+    RecordType.SET_CHANNEL: records.encode_set_channel,
+    RecordType.SET_SKU_POLICY: records.encode_sku_policy,
+    RecordType.ALLOCATE: records.encode_allocate,
 }
 
 
@@ -91,8 +96,9 @@ class Log(Protocol):
     def append(self, seq: int, type: int, payload: bytes) -> None: ...
 
 
-class Ledger:
-    """Reservations, their expiry and idempotency, over a counter table."""
+class Ledger(ChannelCommands):
+    """Reservations, their expiry and idempotency, over a counter table; channels and buckets
+    (reservd.channels) beside it."""
 
     def __init__(self, table: CounterTable, log_: Log, clock, config: Config) -> None:
         self.table = table
@@ -114,6 +120,10 @@ class Ledger:
         # Forgotten only once retention_seconds old.
         self._finished = Fifo()
         self._adjusted = Fifo()
+        self.channels = Channels(table, config.channels_max, config.buckets_per_sku_max)
+        # Called with the sequence of every mutation right after it is applied and logged
+        # (reservd.atswatch computes the ats of what is watched at that very state).
+        self.on_applied = None
 
     # -- Reservations ------------------------------------------------------------------------
 
@@ -152,8 +162,8 @@ class Ledger:
                 f"{self.live} live reservations: reservations_max reached",
             )
         seq = self.seq + 1
-        status, handles, granted, available = self.table.reserve(
-            skus, quantities, allow_partial, seq
+        status, handles, granted, available = self._reserve_in_table(
+            skus, quantities, channel, allow_partial, seq
         )
         if status == RESERVE_UNKNOWN_SKU:
             line = handles.index(-1)
@@ -462,8 +472,13 @@ class Ledger:
                     a.finished_at_ms,
                 )
 
+        channel_rows = self.channels.snapshot_rows()
+
         def encode() -> bytes:
-            return state_codec.encode(seq, stock, reservation_rows(), adjustment_rows())
+            return wrap(
+                state_codec.encode(seq, stock, reservation_rows(), adjustment_rows()),
+                channel_rows,
+            )
 
         return seq, encode
 
@@ -471,6 +486,9 @@ class Ledger:
         """Load a snapshot into an empty ledger (before replaying the records after it).
         ValueError for a snapshot that does not parse."""
         assert not self.reservations and len(self.table) == 0, "restore into a fresh ledger"
+        payload, channel_rows = unwrap(payload)
+        for kind, rows in channel_rows.items():
+            self.channels.restore_rows(kind, rows)
         seq, rows = state_codec.decode(payload)
         lookup = self.table.lookup
         for kind, row in rows:
@@ -531,6 +549,13 @@ class Ledger:
     def _append(self, seq: int, kind: RecordType, payload: bytes) -> None:
         self.log.append(seq, kind, payload)
         self.seq = seq
+        if self.on_applied is not None:
+            self.on_applied(seq)
+
+    def _rejection(self, code: str, text: str) -> Rejection:
+        """A reservd.channels refusal, ``(code, "field: message")``, as a Rejection."""
+        field, _, message = text.partition(": ")
+        return Rejection(Code(code), message, field)
 
     def _apply(self, kind: RecordType, command, seq: int):
         """The one apply path of every command but Reserve, live and in replay."""
@@ -544,6 +569,8 @@ class Ledger:
             return self._apply_fulfil(command, seq)
         if kind is RecordType.EXPIRE:
             return self._apply_expire(command, seq)
+        if kind >= RecordType.SET_CHANNEL:
+            return self._apply_channels(kind, command, seq)
         assert kind in (RecordType.SET_STOCK, RecordType.ADJUST_STOCK), kind
         return self._apply_stock(kind, command, seq)
 
@@ -644,11 +671,15 @@ class Ledger:
         self._deadlines.push(command.expires_at_ms, command.reservation_id)
         self.live += 1
         self.held += 1
+        self.channels.apply_reserve(command.reservation_id, command.channel, skus, quantities)
 
     def _apply_commit(self, command: records.Commit, seq: int) -> Reservation:
         current = self.reservations[command.reservation_id]
         assert current.state is State.HELD, f"commit of {current.state.name} {current}"
         self.table.commit(current.handles, current.quantities, command.committed, seq)
+        self.channels.apply_commit(
+            command.reservation_id, dict(zip(current.skus, command.committed))
+        )
         updated = current._replace(state=State.COMMITTED, committed=command.committed, seq=seq)
         self.reservations[command.reservation_id] = updated
         self.held -= 1
@@ -673,18 +704,21 @@ class Ledger:
         else:
             assert current.state is State.COMMITTED, f"release of {current.state.name}"
             self.table.uncommit(current.handles, current.committed, seq)
+        self.channels.apply_finish(command.reservation_id, fulfilled=False)
         return self._finish(current, State.RELEASED, command.at_ms, seq)
 
     def _apply_fulfil(self, command: records.Finish, seq: int) -> Reservation:
         current = self.reservations[command.reservation_id]
         assert current.state is State.COMMITTED, f"fulfil of {current.state.name}"
         self.table.fulfil(current.handles, current.committed, seq)
+        self.channels.apply_finish(command.reservation_id, fulfilled=True)
         return self._finish(current, State.FULFILLED, command.at_ms, seq)
 
     def _apply_expire(self, command: records.Finish, seq: int) -> Reservation:
         current = self.reservations[command.reservation_id]
         assert current.state is State.HELD, f"expiry of {current.state.name}"
         self.table.release(current.handles, current.quantities, seq)
+        self.channels.apply_finish(command.reservation_id, fulfilled=False)
         return self._finish(current, State.EXPIRED, command.at_ms, seq)
 
     def _finish(self, current: Reservation, state: State, at_ms: int, seq: int) -> Reservation:

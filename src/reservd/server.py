@@ -27,6 +27,7 @@ from reservd.table import EXTENSION, Table
 from reservd.v1 import reservd_pb2 as pb
 from reservd.wal import WalFailed
 from reservd.watch import WatchHub
+from reservd.atswatch import AtsHub
 
 log = logging.getLogger("reservd.server")
 
@@ -53,6 +54,7 @@ class Daemon:
         self.log = self._open_log()
         self.ledger = Ledger(self.table, self.log, self.clock, config)
         self.hub = WatchHub(self.table, self.ledger, config)
+        self.ats_hub = AtsHub(self.ledger, self.ledger.channels, self.table, config, self.guard)
         self.mirror = None
         if config.redis_url:
             from reservd.mirror import RedisMirror
@@ -95,6 +97,7 @@ class Daemon:
         assert self.ledger.seq == self.log.last_seq, (self.ledger.seq, self.log.last_seq)
         self.log.open()
         self.hub.on_durable(self.ledger.seq)
+        self.ats_hub.on_durable(self.ledger.seq)
         log.info(
             "recovered",
             extra={
@@ -130,6 +133,8 @@ class Daemon:
         self.recover()
         await self.log.start()
         self.log.add_durable_listener(self.hub.on_durable)
+        self.log.add_durable_listener(self.ats_hub.on_durable)
+        self.ledger.on_applied = self.ats_hub.on_applied
         self.log.add_failure_listener(self._log_failed)
         # Holds whose TTL passed while the daemon was down are released before serving.
         if self.ledger.expire_due(1 << 62):
@@ -141,7 +146,8 @@ class Daemon:
         handlers.register(
             server, "Reservations",
             ReservationsService(
-                self.ledger, durability, self.guard, self.hub, config.limits, self.metrics
+                self.ledger, durability, self.guard, self.hub, config.limits, self.metrics,
+                self.ats_hub,
             ),
             self._on_bug,
         )
@@ -184,6 +190,7 @@ class Daemon:
         grace = self.config.shutdown_grace_seconds if grace_seconds is None else grace_seconds
         await self._health.enter_graceful_shutdown()
         self.hub.close()
+        self.ats_hub.close()
         if self._server is not None:
             await self._server.stop(grace)
         self.supervisor.stopping()
@@ -199,6 +206,7 @@ class Daemon:
         durable is dropped: it was never acknowledged, and the bug may have produced it. The
         mirror is not written either. Recovery on the next start takes over."""
         self.hub.close()
+        self.ats_hub.close()
         if self._server is not None:
             await self._server.stop(0)
         await self.supervisor.stop()
