@@ -353,3 +353,126 @@ async def test_500_buyers_on_four_channels_over_the_last_units(tmp_path):
                 assert command.granted[0] <= before.ats, (record.seq, command, before)
                 ebay_grants += 1
     assert ebay_grants == sum(1 for (c, _), r in zip(asks, responses) if c == "ebay" and r.granted)
+
+
+async def _next(stream, count: int) -> list[pb.Ats]:
+    out = []
+    async for update in stream:
+        out.append(update)
+        if len(out) == count:
+            return out
+    raise AssertionError(f"the stream ended after {out}")
+
+
+@aio
+async def test_every_ats_a_watcher_saw_equals_the_state_at_that_sequence(tmp_path):
+    data_dir = tmp_path / "data"
+    async with running(test_config(data_dir)) as server:
+        await _tiktok_setup(server)
+        await server.set_stock("other", 30)
+        stream = server.reservations.WatchAts(pb.WatchAtsRequest(
+            channels=["tiktok", "amazon"], skus=["hero", "other"]))
+        first = await _next(stream, 4)
+        assert all(u.snapshot and not u.stale for u in first)
+        assert {(u.sku, u.channel): u.ats for u in first} == {
+            ("hero", "tiktok"): 500, ("hero", "amazon"): 0, ("other", "tiktok"): 30,
+            ("other", "amazon"): 27}
+        seen = list(first)
+        # Each of these moves some ats or level; unwatched SKUs and channels send nothing.
+        await server.reservations.Reserve(cart("t1", ("hero", 100), channel="tiktok"))
+        seen += await _next(stream, 1)
+        await _allocate(server, "hero", "spike", "shared", 50)
+        seen += await _next(stream, 2)  # both may now draw 50 more from shared
+        await _channel(server, "amazon", share_bp=5000)
+        seen += await _next(stream, 2)  # a policy change: fresh ats for every SKU it touches
+        await server.set_stock("unwatched", 5)
+        await server.admin.SetStock(pb.SetStockRequest(sku="other", on_hand=8,
+                                                       adjustment_id="other-8"))
+        seen += await _next(stream, 2)  # level 2 on both channels
+        await server.reservations.Release(pb.ReleaseRequest(reservation_id="t1"))
+        seen += await _next(stream, 1)
+        stream.cancel()
+        last_seq = server.daemon.ledger.seq
+    changes = sorted((u for u in seen if not u.snapshot), key=lambda u: (u.sequence, u.sku, u.channel))
+    assert [(u.sku, u.channel, u.ats, u.level) for u in changes] == [
+        ("hero", "tiktok", 400, 0), ("hero", "amazon", 45, 0), ("hero", "tiktok", 450, 0),
+        ("hero", "amazon", 25, 0), ("other", "amazon", 15, 0),
+        ("other", "amazon", 4, 2), ("other", "tiktok", 5, 2),
+        ("hero", "tiktok", 550, 0),
+    ]
+    # The same values, from the log replayed up to each update's sequence.
+    by_seq: dict[int, list[pb.Ats]] = {}
+    for update in seen:
+        by_seq.setdefault(update.sequence, []).append(update)
+    checked = 0
+    framing, _, log_records = wal.read(data_dir)
+    ledger = Ledger(Table(shards=4, ring_capacity=1024), MemoryLog(), SystemClock(), Config())
+    for record in log_records:
+        ledger.replay(record.seq, record.type, record.payload)
+        for update in by_seq.get(record.seq, []):
+            value = ledger.channels.ats_of(update.sku, update.channel)
+            assert (value.ats, value.level) == (update.ats, update.level), (record.seq, update)
+            checked += 1
+        if record.seq == last_seq:
+            break
+    assert checked == len(seen)
+
+
+@aio
+async def test_watch_ats_resumes_and_says_when_it_is_stale():
+    async with running() as server:
+        await server.set_stock("sku", 100)
+        await _channel(server, "shopify")
+        stream = server.reservations.WatchAts(pb.WatchAtsRequest(channels=["shopify"]))
+        (snapshot,) = await _next(stream, 1)
+        assert (snapshot.sku, snapshot.ats, snapshot.snapshot) == ("sku", 100, True)
+        await server.reservations.Reserve(cart("r1", ("sku", 10), channel="shopify"))
+        (update,) = await _next(stream, 1)
+        assert (update.ats, update.snapshot) == (90, False)
+        server.daemon.guard.trip("test", "a partition")
+        (marker,) = await _next(stream, 1)
+        assert (marker.sku, marker.channel, marker.stale) == ("", "shopify", True)
+        ats = await server.reservations.GetAts(pb.GetAtsRequest(skus=["sku"],
+                                                                channels=["shopify"]))
+        assert ats.ats[0].stale
+        server.daemon.guard.clear("test")
+        (marker,) = await _next(stream, 1)
+        assert (marker.sku, marker.stale) == ("", False)
+        await server.reservations.Reserve(cart("r2", ("sku", 5), channel="shopify"))
+        (update2,) = await _next(stream, 1)
+        stream.cancel()
+        # Resuming after the first update misses nothing and repeats nothing.
+        resumed = server.reservations.WatchAts(pb.WatchAtsRequest(
+            channels=["shopify"], from_sequence=update.sequence))
+        (again,) = await _next(resumed, 1)
+        assert (again.ats, again.sequence, again.snapshot) == (update2.ats, update2.sequence,
+                                                               False)
+        resumed.cancel()
+
+
+@aio
+async def test_a_slow_ats_watcher_is_coalesced_and_bounded():
+    config = test_config(ats_buffer_updates_max=8)
+    async with running(config) as server:
+        for i in range(20):
+            await server.set_stock(f"s{i}", 100)
+        await _channel(server, "shopify")
+        hub = server.daemon.ats_hub
+        watcher = hub.open(frozenset({"shopify"}), frozenset({"s0", "s1"}), 0)
+        watcher.needs_snapshot = False  # read only what changes from here on
+        for i in range(30):
+            await server.reservations.Reserve(cart(f"r{i}", (f"s{i % 2}", 1), channel="shopify"))
+        assert len(watcher.buffer) == 2  # one value per pair, the latest
+        assert {u.sku: u.ats for u in watcher.buffer.values()} == {"s0": 85, "s1": 85}
+        everyone = hub.open(frozenset({"shopify"}), None, 0)
+        everyone.needs_snapshot = False
+        for i in range(20):
+            await server.reservations.Reserve(cart(f"x{i}", (f"s{i}", 1), channel="shopify"))
+        # 20 pairs changed, the bound is 8: the buffer is dropped for a fresh snapshot.
+        assert everyone.needs_snapshot and not everyone.buffer
+        batches = hub.updates_of(everyone)
+        snapshot = await batches.__anext__()
+        assert len(snapshot) == 8 and all(u.snapshot for u in snapshot)
+        await batches.aclose()
+        hub.release(watcher)
+        hub.release(everyone)

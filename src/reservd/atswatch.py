@@ -71,10 +71,13 @@ class AtsHub:
         self._sent = 0  # ring entries (by count ever appended) already handed out
         self._appended = 0
         self._watchers: set[AtsWatcher] = set()
-        # What is watched: channel -> count for every SKU, and sku -> channel -> count.
-        self._all: collections.Counter[str] = collections.Counter()
-        self._by_sku: dict[str, collections.Counter[str]] = {}
-        # The last value computed per watched pair, and since which sequence it is tracked.
+        # What is tracked: channels for every SKU, and sku -> channels. A pair stays tracked
+        # after its last watcher leaves, so a sync worker that reconnects resumes without a
+        # snapshot; beyond ats_tracked_pairs_max only what is watched now stays tracked.
+        self.tracked_max = config.ats_tracked_pairs_max
+        self._all: set[str] = set()
+        self._by_sku: dict[str, set[str]] = {}
+        # The last value computed per tracked pair, and since which sequence it is tracked.
         self._last: dict[tuple[str, str], tuple[int, int]] = {}
         self._since: dict[tuple[str, str], int] = {}
         self._durable: asyncio.Future | None = None
@@ -89,7 +92,7 @@ class AtsHub:
     def on_applied(self, seq: int) -> None:
         """The mutation ``seq`` was just applied (nothing else ran since)."""
         table = self.table
-        if not self._watchers:
+        if not self._last:
             self._position = table.ring_head
             self.channels.touched.clear()
             return
@@ -99,7 +102,7 @@ class AtsHub:
         pairs: set[tuple[str | None, str | None]] = {(sku, None) for _, sku, *_ in changes}
         pairs.update(touched)
         touched.clear()
-        for sku, channel in pairs:
+        for sku, channel in sorted(pairs, key=lambda pair: (pair[0] or "", pair[1] or "")):
             if sku is not None:
                 self._recompute(seq, sku, channel)
             elif channel in self._all:
@@ -123,7 +126,7 @@ class AtsHub:
         available = book.available(sku)
         if available is None:
             return
-        for channel in channels:
+        for channel in sorted(channels):
             value = book.ats_of(sku, channel, available)
             key = (sku, channel)
             now = (value.ats, int(value.level))
@@ -251,8 +254,7 @@ class AtsHub:
                 since.setdefault((None, channel), seq)
         else:
             for sku in watcher.skus:
-                counter = self._by_sku.setdefault(sku, collections.Counter())
-                counter.update(watcher.channels)
+                self._by_sku.setdefault(sku, set()).update(watcher.channels)
                 for channel in watcher.channels:
                     since.setdefault((sku, channel), seq)
         self._seed_last(watcher)
@@ -273,30 +275,23 @@ class AtsHub:
                     last[key] = (value.ats, int(value.level))
 
     def release(self, watcher: AtsWatcher) -> None:
+        """The stream ended; its pairs stay tracked (within ats_tracked_pairs_max)."""
         if watcher not in self._watchers:
             return
         self._watchers.discard(watcher)
         watcher.buffer = {}
-        since = self._since
-        if watcher.skus is None:
-            self._all.subtract(watcher.channels)
-            for channel in watcher.channels:
-                if self._all[channel] <= 0:
-                    del self._all[channel]
-                    since.pop((None, channel), None)
-        else:
-            for sku in watcher.skus:
-                counter = self._by_sku[sku]
-                counter.subtract(watcher.channels)
-                for channel in watcher.channels:
-                    if counter[channel] <= 0:
-                        del counter[channel]
-                        since.pop((sku, channel), None)
-                if not counter:
-                    del self._by_sku[sku]
-        if not self._watchers:
-            self._last.clear()
-            self.channels.tracking = False
+        if len(self._last) > self.tracked_max:
+            self._untrack()
+
+    def _untrack(self) -> None:
+        """Track only what is watched now (a resume of anything else gets a snapshot)."""
+        self._all.clear()
+        self._by_sku.clear()
+        self._since.clear()
+        self._last.clear()
+        for watcher in self._watchers:
+            self._watch(watcher, self.ledger.seq)
+        self.channels.tracking = bool(self._last)
 
     async def _until_durable(self, seq: int) -> None:
         while self.durable_seq < seq and not self.closed:

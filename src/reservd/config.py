@@ -67,10 +67,12 @@ class Config:
     channels_max: int = 256
     buckets_per_sku_max: int = 16
     # WatchAts: open streams; ats changes retained for resuming streams, in entries; the
-    # (sku, channel) values one slow stream holds before it is sent a fresh snapshot instead.
+    # (sku, channel) values one slow stream holds before it is sent a fresh snapshot instead;
     ats_watchers_max: int = 1_000
     ats_ring_capacity: int = 1 << 16
     ats_buffer_updates_max: int = 4_096
+    # (sku, channel) pairs whose ats is kept up to date for streams that may resume.
+    ats_tracked_pairs_max: int = 1_000_000
     metrics_port: int | None = None
     redis_url: str | None = None
     redis_prefix: str = "reservd:"
