@@ -122,6 +122,12 @@ class _Held(NamedTuple):
     committed: bool
     lines: tuple[Draw, ...]
 
+    def parts_of(self, sku: str) -> tuple[tuple[str, int], ...] | None:
+        for draw in self.lines:
+            if draw.sku == sku:
+                return draw.parts
+        return None
+
 
 Refusal = tuple[str, str]  # (ledger Code value, "field: message")
 
@@ -137,6 +143,8 @@ class Channels:
         self.policies: dict[str, Policy] = {}
         self.overrides: dict[tuple[str, str], dict[str, object]] = {}  # (sku, channel)
         self.buckets: dict[str, dict[str, list[int]]] = {}  # sku -> bucket -> counters
+        # sku -> the named buckets' free units together (shared is available minus this).
+        self.named_free: dict[str, int] = {}
         self.held: dict[str, _Held] = {}  # reservation id -> its draws
         self._resolved: dict[tuple[str, str], Policy] = {}
         # Anything to check on a Reserve at all: no channel and no bucket costs nothing.
@@ -154,6 +162,8 @@ class Channels:
     def policy(self, sku: str, channel: str) -> Policy:
         """The channel's policy with the SKU's overrides (an unknown channel: the default,
         which draws shared only)."""
+        if not self.overrides:
+            return self.policies.get(channel, _DEFAULT)
         key = (sku, channel)
         resolved = self._resolved.get(key)
         if resolved is not None:
@@ -176,10 +186,7 @@ class Channels:
     def shared(self, sku: str, available: int) -> int:
         """Free units of ``shared``: available minus the named buckets' free units (negative
         under a shortfall)."""
-        buckets = self.buckets.get(sku)
-        if not buckets:
-            return available
-        return available - sum(counters[_FREE] for counters in buckets.values())
+        return available - self.named_free.get(sku, 0)
 
     def drawable(self, sku: str, policy: Policy, available: int) -> int:
         """Units a channel with ``policy`` may draw from ``sku`` now."""
@@ -240,22 +247,22 @@ class Channels:
         configured = channel in policies
         if not buckets and not configured:
             return None
-        table = self.table
         out = []
         limited = False
-        for sku in skus:
-            has_buckets = sku in buckets
+        stock = None
+        for i, sku in enumerate(skus):
             policy = self.policy(sku, channel) if configured else _DEFAULT
-            strict = policy.enforcement == Enforcement.STRICT
-            if not (has_buckets or strict or policy.pool_only):
+            strict = policy.enforcement is Enforcement.STRICT
+            if not (strict or policy.pool_only or sku in buckets):
                 out.append(-1)
                 continue
-            handle = table.lookup(sku)
-            if handle < 0:
+            if stock is None:
+                stock = self.table.stock(skus)  # one call into the table for every line
+            counters = stock[i]
+            if counters is None:
                 out.append(-1)  # the table names the unknown SKU
                 continue
-            on_hand, reserved, committed = table.counters(handle)
-            available = on_hand - reserved - committed
+            available = counters[0] - counters[1] - counters[2]
             drawable = self.drawable(sku, policy, available)
             if strict:
                 drawable = min(drawable, ats(policy, available, drawable).ats)
@@ -287,6 +294,7 @@ class Channels:
                 take = min(left, counters[_FREE])
                 if take:
                     counters[_FREE] -= take
+                    self.named_free[sku] -= take
                     counters[_RESERVED] += take
                     parts.append((name, take))
                     left -= take
@@ -323,6 +331,7 @@ class Channels:
                     counters[_RESERVED] -= units
                     counters[_COMMITTED] += stay
                     counters[_FREE] += units - stay
+                    self.named_free[draw.sku] += units - stay
                 if stay:
                     parts.append((name, stay))
             self._drop_empty(draw.sku)
@@ -350,6 +359,7 @@ class Channels:
                 counters[column] -= units
                 if not fulfilled:
                     counters[_FREE] += units
+                    self.named_free[draw.sku] += units
             self._drop_empty(draw.sku)
 
     # -- Admin --------------------------------------------------------------------------------
@@ -437,8 +447,10 @@ class Channels:
             counters = named[from_bucket]
             assert counters[_FREE] >= units, (sku, from_bucket, counters, units)
             counters[_FREE] -= units
+            self.named_free[sku] -= units
         if to_bucket != SHARED:
             named.setdefault(to_bucket, [0, 0, 0])[_FREE] += units
+            self.named_free[sku] = self.named_free.get(sku, 0) + units
         self._drop_empty(sku)
         self.active = True
         if self.tracking:
@@ -480,6 +492,7 @@ class Channels:
             del named[name]
         if not named:
             del self.buckets[sku]
+            assert self.named_free.pop(sku) == 0, sku
 
     # -- snapshots ----------------------------------------------------------------------------
 
@@ -521,6 +534,7 @@ class Channels:
         elif kind == "buckets":
             for sku, name, free, reserved, committed in rows:
                 self.buckets.setdefault(sku, {})[name] = [free, reserved, committed]
+                self.named_free[sku] = self.named_free.get(sku, 0) + free
         elif kind == "held":
             for reservation_id, committed, lines in rows:
                 self.held[reservation_id] = _Held(

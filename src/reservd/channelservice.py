@@ -97,15 +97,16 @@ def buckets_message(sku: str, rows) -> pb.SkuBuckets:
 
 def line_extras(book, reservation_id: str, channel: str, sku: str, granted: int,
                 available: int) -> dict:
-    """What a Reserve answer adds per line: where its units came from (nothing named: all from
-    shared, or no channel and no bucket is configured at all), and the channel's ats."""
+    """What a Reserve answer adds per line: where its units came from (no buckets listed: all
+    from shared), and the channel's ats."""
     if not book.active:
         value = ats(DEFAULT_POLICY, available, max(available, 0))
         return {"ats": value.ats, "level": value.level}
-    parts = book.draws_of(reservation_id).get(sku)
-    if parts is None:
-        parts = ((SHARED, granted),) if granted else ()
     value = book.ats_of(sku, channel, available)
+    held = book.held.get(reservation_id)
+    parts = held.parts_of(sku) if held is not None else None
+    if parts is None:
+        return {"ats": value.ats, "level": value.level}
     return {
         "buckets": [pb.BucketUnits(bucket=name, units=units) for name, units in parts],
         "ats": value.ats, "level": value.level,
