@@ -479,3 +479,20 @@ async def test_a_slow_ats_watcher_is_coalesced_and_bounded():
         await batches.aclose()
         hub.release(watcher)
         hub.release(everyone)
+
+
+@aio
+async def test_batch_reserves_draw_and_answer_like_reserve():
+    async with running() as server:
+        await server.set_stock("sku", 100)
+        await _channel(server, "tiktok", pool="tiktok", enforcement=pb.STRICT, max_units=30)
+        await _allocate(server, "sku", "shared", "tiktok", 20)
+        response = await server.reservations.Batch(pb.BatchRequest(ops=[
+            pb.BatchOp(reserve=cart("b1", ("sku", 25), channel="tiktok")),
+            pb.BatchOp(reserve=cart("b2", ("sku", 31), channel="tiktok")),
+        ]))
+        first, second = (result.reserve for result in response.results)
+        assert first.granted and not second.granted
+        line = first.lines[0]
+        assert [(b.bucket, b.units) for b in line.buckets] == [("tiktok", 20), ("shared", 5)]
+        assert (line.available, line.ats) == (75, 30)

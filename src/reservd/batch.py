@@ -17,6 +17,7 @@ import dataclasses
 import grpc
 
 from reservd import validation
+from reservd.channelservice import fill_lines
 from reservd.config import Limits
 from reservd.guard import Guard
 from reservd.ledger import Ledger, Rejection, ReserveOutcome, State
@@ -186,6 +187,8 @@ class BatchService:
         # Sold out waits for the grants it saw (as the unary Reserve does).
         self._needs(applied, outcome.seq or self.ledger.seq, outcome.granted, metric)
         fill_reserve_response(result.reserve, outcome)
+        # Each line's buckets and ats belong to this very outcome: filled before any await.
+        fill_lines(result.reserve.lines, self.ledger.channels, reservation_id, channel)
 
     def _reservation(
         self, index: int, kind: str, request, result: pb.BatchResult, applied: _Applied

@@ -105,6 +105,7 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
         self.hub = hub
         self.limits = limits
         self.metrics = metrics
+        self.ats_hub = ats_hub
         # Imported here: reservd.batch builds on this module's translation helpers.
         from reservd.batch import BatchService
 
@@ -116,7 +117,6 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
     async def BatchStream(self, requests, context):
         async for response in self.batches.stream(requests, context):
             yield response
-        self.ats_hub = ats_hub
 
     async def Reserve(self, request: pb.ReserveRequest, context) -> pb.ReserveResponse:
         try:
