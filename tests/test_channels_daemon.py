@@ -496,3 +496,22 @@ async def test_batch_reserves_draw_and_answer_like_reserve():
         line = first.lines[0]
         assert [(b.bucket, b.units) for b in line.buckets] == [("tiktok", 20), ("shared", 5)]
         assert (line.available, line.ats) == (75, 30)
+
+
+@aio
+async def test_channel_metrics():
+    async with running() as server:
+        await _tiktok_setup(server)
+        stream = server.reservations.WatchAts(pb.WatchAtsRequest(channels=["tiktok"]))
+        await _next(stream, 1)
+        values = {
+            metric.name: sample.value
+            for metric in server.daemon.metrics.registry.collect()
+            for sample in metric.samples
+            if metric.name.startswith(("reservd_channels", "reservd_bucket", "reservd_ats"))
+        }
+        stream.cancel()
+    assert values["reservd_channels"] == 4
+    assert values["reservd_bucket_skus"] == 1 and values["reservd_buckets"] == 6
+    assert values["reservd_ats_watchers"] == 1 and values["reservd_ats_tracked_pairs"] == 1
+    assert values["reservd_ats_snapshots"] == 1

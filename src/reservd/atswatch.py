@@ -81,11 +81,20 @@ class AtsHub:
         self._last: dict[tuple[str, str], tuple[int, int]] = {}
         self._since: dict[tuple[str, str], int] = {}
         self._durable: asyncio.Future | None = None
-        self.updates = 0  # metric: reservd_ats_updates_total
+        self.updates = 0  # metrics: reservd_ats_updates_total, reservd_ats_snapshots_total
+        self.snapshots = 0
         guard.add_listener(self._serving_changed)
 
     def __len__(self) -> int:
         return len(self._watchers)
+
+    @property
+    def tracked(self) -> int:
+        return len(self._last)
+
+    @property
+    def buffered(self) -> int:
+        return sum(len(watcher.buffer) for watcher in self._watchers)
 
     # -- the ledger's side --------------------------------------------------------------------
 
@@ -324,6 +333,7 @@ class AtsHub:
         """Every pair's current value at ``seq``, sent once ``seq`` is durable; changes after
         it arrive through the buffer."""
         book, seq = self.channels, self.ledger.seq
+        self.snapshots += 1
         skus = sorted(watcher.skus) if watcher.skus is not None else [
             sku for sku, _ in table_skus(self.table)
         ]

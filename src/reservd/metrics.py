@@ -33,12 +33,16 @@ class Metrics:
         )
         self._sources: list = []
         self._hub = None
+        self._ats_hub = None
         self.registry.register(self)
 
-    def watch(self, ledger, log_, guard, mirror=None, supervisor=None, hub=None) -> None:
+    def watch(
+        self, ledger, log_, guard, mirror=None, supervisor=None, hub=None, ats_hub=None
+    ) -> None:
         """Report these objects' state at each scrape."""
         self._sources = [ledger, log_, guard, mirror, supervisor]
         self._hub = hub
+        self._ats_hub = ats_hub
 
     def collect(self):
         if not self._sources:
@@ -160,6 +164,7 @@ class Metrics:
                 "CPU time of the event loop spent handing durable changes to the attached watchers",
                 value=hub.fanout_seconds,
             )
+        yield from _channel_metrics(ledger.channels, self._ats_hub)
         stats = getattr(log_, "stats", None)
         if stats is not None:
             yield CounterMetricFamily(
@@ -171,6 +176,45 @@ class Metrics:
 
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         start_http_server(port, addr=address, registry=self.registry)
+
+
+def _channel_metrics(channels, ats_hub):
+    yield GaugeMetricFamily(
+        "reservd_channels", "Channels with a policy (bound: channels_max)",
+        value=len(channels.policies),
+    )
+    yield GaugeMetricFamily(
+        "reservd_bucket_skus", "SKUs with named buckets besides shared",
+        value=len(channels.buckets),
+    )
+    yield GaugeMetricFamily(
+        "reservd_buckets", "Named buckets over every SKU (bound: buckets_per_sku_max each)",
+        value=sum(len(named) for named in channels.buckets.values()),
+    )
+    if ats_hub is None:
+        return
+    yield GaugeMetricFamily(
+        "reservd_ats_watchers", "Open WatchAts streams (bound: ats_watchers_max)",
+        value=len(ats_hub),
+    )
+    yield GaugeMetricFamily(
+        "reservd_ats_tracked_pairs",
+        "(sku, channel) pairs kept up to date for WatchAts (bound: ats_tracked_pairs_max)",
+        value=ats_hub.tracked,
+    )
+    yield GaugeMetricFamily(
+        "reservd_ats_buffered_updates",
+        "Ats values waiting in the WatchAts buffers (bound: ats_buffer_updates_max each)",
+        value=ats_hub.buffered,
+    )
+    yield CounterMetricFamily(
+        "reservd_ats_updates", "Ats values handed to WatchAts streams", value=ats_hub.updates
+    )
+    yield CounterMetricFamily(
+        "reservd_ats_snapshots",
+        "WatchAts streams sent every value afresh (new, not resumable, or over their buffer)",
+        value=ats_hub.snapshots,
+    )
 
 
 def scrape(port: int, host: str = "127.0.0.1", prefix: str = "reservd_") -> dict[str, float]:

@@ -171,7 +171,8 @@ class Daemon:
             else health_pb2.HealthCheckResponse.NOT_SERVING,
         )
         self.metrics.watch(
-            self.ledger, self.log, self.guard, self.mirror, self.supervisor, self.hub
+            self.ledger, self.log, self.guard, self.mirror, self.supervisor, self.hub,
+            self.ats_hub,
         )
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_port)
