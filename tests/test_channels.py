@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from reservd.channels import SHARED, Channels, Enforcement, Level, Policy, ats
+from reservd.channelpolicy import Enforcement, Level, Policy, ats
+from reservd.channels import SHARED, Channels
 from reservd.table import Table
 
 

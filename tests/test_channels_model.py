@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from test_ledger_model import RecordingLog, _tables
 
-from reservd.channels import SHARED, Enforcement, Policy, ats
+from reservd.channelpolicy import Enforcement, Policy, ats
+from reservd.channels import SHARED
 from reservd.clock import ManualClock
 from reservd.config import Config
 from reservd.ledger import Code, Ledger, Rejection, State

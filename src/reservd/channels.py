@@ -13,7 +13,8 @@ to, then ``shared`` (unless the channel is ``pool_only``); never another channel
 unbound reserve. The draw of a reservation that touched a named bucket is remembered, so release,
 expiry, commit and fulfil move the units in the bucket they came from.
 
-``ats`` -- what a channel may show -- has exactly one definition: :func:`ats`.
+``ats`` -- what a channel may show -- has exactly one definition: reservd.channelpolicy.ats,
+fed by :meth:`Channels.drawable`.
 
 The ledger calls ``check_*`` (nothing changes; a refusal is ``(code, message)``), then
 ``apply_*`` (which asserts), then logs the command: the same order as every ledger mutation, so
@@ -23,92 +24,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 from typing import NamedTuple
 
+from reservd.channelpolicy import (
+    DEFAULT_POLICY as _DEFAULT, OVERRIDABLE, Ats, Enforcement, Policy, ats, policy_from_row,
+    policy_row,
+)
+
 SHARED = "shared"
-BASIS_POINTS = 10_000
 
 _FREE, _RESERVED, _COMMITTED = 0, 1, 2
-
-
-class Enforcement(enum.IntEnum):
-    """Numbers match reservd.v1.Enforcement."""
-
-    DISPLAY = 1  # the policy shapes what the channel shows; an order may draw every usable unit
-    STRICT = 2  # a Reserve beyond the channel's current ats is sold out
-
-
-class Level(enum.IntEnum):
-    """Reserve-level triggers on a SKU's available units (seed 000)."""
-
-    NORMAL = 0
-    WARNING = 1
-    CRITICAL = 2  # shows at most available - hold_units
-    EMERGENCY = 3  # still at most available - hold_units
-    ZERO = 4  # shows 0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Policy:
-    """How one channel draws and what it shows. Units are SKU units; ``share_bp`` is basis
-    points (10,000 = 100 %). Defaults: show everything the channel may draw, triggers at
-    20/10/5/0 available units with a hold of 3."""
-
-    pool: str = ""  # the channel's own bucket, drawn first ("" none)
-    reserve: str = ""  # a reserve the channel is bound to, drawn next ("" none)
-    pool_only: bool = False  # never draws shared
-    share_bp: int = BASIS_POINTS
-    buffer_units: int = 0
-    max_units: int | None = None  # None: no cap
-    floor_units: int = 0  # an ats at or below this shows 0
-    enforcement: Enforcement = Enforcement.DISPLAY
-    warning_units: int = 20
-    critical_units: int = 10
-    emergency_units: int = 5
-    zero_units: int = 0
-    hold_units: int = 3
-
-
-# The fields a per-SKU override may set (everything but the buckets a channel draws from).
-OVERRIDABLE = (
-    "share_bp", "buffer_units", "max_units", "floor_units", "enforcement", "warning_units",
-    "critical_units", "emergency_units", "zero_units", "hold_units",
-)
-DEFAULT_POLICY = _DEFAULT = Policy()
-
-
-class Ats(NamedTuple):
-    ats: int
-    level: Level
-
-
-def level_of(policy: Policy, available: int) -> Level:
-    if available <= policy.zero_units:
-        return Level.ZERO
-    if available <= policy.emergency_units:
-        return Level.EMERGENCY
-    if available <= policy.critical_units:
-        return Level.CRITICAL
-    if available <= policy.warning_units:
-        return Level.WARNING
-    return Level.NORMAL
-
-
-def ats(policy: Policy, available: int, drawable: int) -> Ats:
-    """What a channel shows: ``drawable`` (the units it may draw now) through its policy, in
-    this order: share (rounded down), minus buffer, capped, the level's hold, the floor."""
-    level = level_of(policy, available)
-    if level is Level.ZERO:
-        return Ats(0, level)
-    units = drawable * policy.share_bp // BASIS_POINTS - policy.buffer_units
-    if policy.max_units is not None and units > policy.max_units:
-        units = policy.max_units
-    if level >= Level.CRITICAL and units > available - policy.hold_units:
-        units = available - policy.hold_units
-    if units <= policy.floor_units:
-        units = 0
-    return Ats(units, level)
 
 
 class Draw(NamedTuple):
@@ -524,7 +449,7 @@ class Channels:
     def restore_rows(self, kind: str, rows: list) -> None:
         if kind == "policies":
             for channel, row in rows:
-                self.policies[channel] = _policy_from_row(row)
+                self.policies[channel] = policy_from_row(row)
         elif kind == "overrides":
             for sku, channel, items in rows:
                 overrides = dict(items)
@@ -549,15 +474,3 @@ class Channels:
             raise ValueError(f"unknown channels snapshot part {kind!r}")
         self._resolved.clear()
         self.active = bool(self.policies or self.buckets)
-
-
-def policy_row(policy: Policy) -> tuple:
-    return tuple(
-        int(value) if isinstance(value, enum.IntEnum) else value
-        for value in dataclasses.astuple(policy)
-    )
-
-
-def _policy_from_row(row) -> Policy:
-    policy = Policy(*row)
-    return dataclasses.replace(policy, enforcement=Enforcement(policy.enforcement))

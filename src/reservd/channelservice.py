@@ -6,9 +6,10 @@ import grpc
 
 from reservd import validation
 from reservd.atswatch import TooManyAtsWatchers
-from reservd.channels import (
-    BASIS_POINTS, DEFAULT_POLICY, OVERRIDABLE, SHARED, Enforcement, Policy, ats,
+from reservd.channelpolicy import (
+    BASIS_POINTS, DEFAULT_POLICY, OVERRIDABLE, Enforcement, Policy, ats,
 )
+from reservd.channels import SHARED
 from reservd.config import Limits
 from reservd.ledger import Code, Rejection
 from reservd.v1 import reservd_pb2 as pb

@@ -15,7 +15,7 @@ import struct
 from typing import NamedTuple
 
 from reservd import records
-from reservd.channels import Enforcement, Policy, policy_row
+from reservd.channelpolicy import Enforcement, Policy, policy_row
 from reservd.records import RecordType
 from reservd.table import RESERVE_INSUFFICIENT, RESERVE_OK, RESERVE_UNKNOWN_SKU
 
