@@ -7,7 +7,7 @@ change ring) or a pair a channel change touched (``Channels.touched``) is recomp
 watched channel; a value that differs from the last one computed for that pair goes into a
 bounded ring, tagged with ``seq``. ``on_durable`` hands the ring's durable entries to the
 watchers, the same ``pb.Ats`` object to every watcher of that pair (encoded once). Nobody
-watching costs one attribute check per mutation.
+tracked costs one attribute check per mutation (the ledger's hook is unset).
 
 Memory per watcher is bounded: its buffer keeps the latest value per (sku, channel) pair (a slow
 reader gets it coalesced: an update replaces the pair's waiting one and moves to the end, so
@@ -101,10 +101,6 @@ class AtsHub:
     def on_applied(self, seq: int) -> None:
         """The mutation ``seq`` was just applied (nothing else ran since)."""
         table = self.table
-        if not self._last:
-            self._position = table.ring_head
-            self.channels.touched.clear()
-            return
         position, changes = table.changes(self._position, 1 << 30, seq)
         self._position = position
         touched = self.channels.touched
@@ -235,13 +231,15 @@ class AtsHub:
         else:
             watcher.needs_snapshot = True
         self._watchers.add(watcher)
-        self.channels.tracking = True
+        self._tracking(True)
         return watcher
 
     def _retained(self, watcher: AtsWatcher, from_sequence: int) -> bool:
         """Every change after ``from_sequence`` to the watcher's pairs is in the ring."""
         ring = self.ring
-        if self._appended > len(ring) and (not ring or ring[0][0] > from_sequence + 1):
+        # Once the ring has dropped entries, only a resume point at or after its oldest
+        # sequence is sure to have lost nothing after it.
+        if self._appended > len(ring) and (not ring or ring[0][0] > from_sequence):
             return False
         since = self._since
         if watcher.skus is None:
@@ -300,7 +298,19 @@ class AtsHub:
         self._last.clear()
         for watcher in self._watchers:
             self._watch(watcher, self.ledger.seq)
-        self.channels.tracking = bool(self._last)
+        self._tracking(bool(self._last))
+
+    def _tracking(self, on: bool) -> None:
+        """Hook into the ledger only while something is tracked: otherwise a mutation costs
+        nothing here."""
+        ledger = self.ledger
+        if on and ledger.on_applied is None:
+            self._position = self.table.ring_head
+            ledger.on_applied = self.on_applied
+        elif not on:
+            ledger.on_applied = None
+            self.channels.touched.clear()
+        self.channels.tracking = on
 
     async def _until_durable(self, seq: int) -> None:
         while self.durable_seq < seq and not self.closed:

@@ -2,7 +2,6 @@
 `reservd watch-ats`: the channel commands of the CLI (reservd.cli wires them in)."""
 from __future__ import annotations
 
-import argparse
 import json
 import uuid
 from pathlib import Path

@@ -134,7 +134,6 @@ class Daemon:
         await self.log.start()
         self.log.add_durable_listener(self.hub.on_durable)
         self.log.add_durable_listener(self.ats_hub.on_durable)
-        self.ledger.on_applied = self.ats_hub.on_applied
         self.log.add_failure_listener(self._log_failed)
         # Holds whose TTL passed while the daemon was down are released before serving.
         if self.ledger.expire_due(1 << 62):
