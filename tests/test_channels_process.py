@@ -24,6 +24,11 @@ def test_cli_and_kill_9_restart_give_the_same_ats(tmp_path):
         applied = _cli("channel", "apply", str(PRESETS), *target)
         assert {c["channel"]["channel"] for c in applied} == {
             "amazon", "walmart", "shopify", "ebay", "tiktok", "tiktok-fbt", "seeding"}
+        broken = tmp_path / "broken.json"
+        broken.write_text('{"channels": {"x": {"shareBp": "lots"}}}')
+        refused = reservd_cli("channel", "apply", str(broken), *target)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "channels.x" in refused.stderr
         again = _cli("channel", "apply", str(PRESETS), *target)
         assert all(c["replayed"] for c in again)  # the same file twice changes nothing
         _cli("set", "hero", "1000", *target)

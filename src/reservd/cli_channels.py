@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from pathlib import Path
 
@@ -120,7 +121,8 @@ async def run(client, args, emit) -> int:
             try:
                 policies = _file_policies(args.file)
             except ValueError as error:
-                raise SystemExit(f"reservd: {error}") from None
+                print(f"reservd: {error}", file=sys.stderr)  # one line, as every CLI error
+                return 2
             for name, policy in policies.items():
                 # The same file applied twice changes nothing the second time.
                 change_id = f"apply:{name}:{policy.SerializeToString(deterministic=True).hex()}"
