@@ -189,13 +189,14 @@ class Daemon:
         )
         return self.port
 
-    def _security(self):
-        """The authorizer (None: off) and TLS credentials (None: plain text) for the Config;
-        refuses a non-loopback bind with neither unless ``insecure`` (then warns)."""
-        config = self.config
+    @staticmethod
+    def security(config: Config):
+        """(authorizer or None when off, TLS credentials or None for plain text, the
+        certificate files) for a Config; raises ConfigError for a TLS file, token or role an
+        operator must fix, and for a non-loopback bind with neither TLS nor authentication
+        unless ``insecure`` (then it warns)."""
         authorizer = auth.from_config(config)
         tls_files = tls.server_credentials(config)
-        self.tls_files = tls_files[1] if tls_files else None
         if not auth.is_loopback(config.bind) and tls_files is None and authorizer is None:
             if not config.insecure:
                 raise ConfigError(
@@ -207,7 +208,8 @@ class Daemon:
                 "serving plain text with no authentication on a non-loopback address",
                 extra={"bind": config.bind},
             )
-        return authorizer, tls_files[0] if tls_files else None
+        credentials, files = tls_files if tls_files else (None, None)
+        return authorizer, credentials, files
 
     async def stop(self, grace_seconds: float | None = None) -> None:
         """Stop taking calls, let in-flight ones finish (up to the grace), flush the log."""
