@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import ssl
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -319,7 +321,8 @@ async def test_certificate_rotation_under_load_fails_no_call(pki):
 @aio
 async def test_rpc_metrics_count_codes_per_method(tmp_path):
     config = test_config(
-        auth_roles=ROLES, auth_tokens_file=tokens_file(tmp_path), metrics_bind="127.0.0.1:0"
+        tmp_path / "data", auth_roles=ROLES, auth_tokens_file=tokens_file(tmp_path),
+        metrics_bind="127.0.0.1:0",
     )
     async with running(config) as r:
         await _call(r.channel, "Admin", "SetStock", REQUESTS["Admin", "SetStock"],
@@ -334,6 +337,15 @@ async def test_rpc_metrics_count_codes_per_method(tmp_path):
     assert f"grpc_server_handled_total{{{labels.format('PERMISSION_DENIED')}}} 1.0" in text
     assert 'grpc_server_handling_seconds_count{grpc_method="SetStock"' in text
     assert "process_cpu_seconds_total" in text
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line[:1] != "#")
+    assert float(samples["reservd_wal_fsync_seconds_count"]) >= 1
+    assert float(samples["reservd_wal_batch_records_sum"]) >= 1
+    # Every series the Grafana dashboard plots exists (the mirror's only with a mirror).
+    dashboard = (Path(__file__).parent.parent / "deploy" / "grafana-dashboard.json").read_text()
+    names = set(re.findall(r"\b((?:reservd|grpc|process)_[a-z_]+)\{", dashboard))
+    assert "grpc_server_handling_seconds_bucket" in names
+    for name in names - {"reservd_mirror_sequence"}:
+        assert f"\n{name}" in text, name
 
 
 def _metrics_text(port):

@@ -70,6 +70,14 @@ class Metrics:
             "reservd_wal_batch_records", "Records made durable by one write and fdatasync",
             buckets=_BATCH_RECORDS_BUCKETS, registry=self.registry,
         )
+        self.mirror_write_seconds = Histogram(
+            "reservd_mirror_write_seconds", "One Redis mirror batch write (a Lua call), seconds",
+            buckets=_RPC_SECONDS_BUCKETS, registry=self.registry,
+        )
+        # The observer methods below are called by the WAL's flusher thread and the mirror.
+        self.fsync = self.fsync_seconds.observe
+        self.batch = self.batch_records.observe
+        self.mirror_write = self.mirror_write_seconds.observe
         reserve = Counter(
             "reservd_reserve", "Reserve calls by outcome", ["outcome"], registry=self.registry
         )
@@ -122,7 +130,7 @@ class Metrics:
             value=0 if guard.grant_reason is None else 1,
         )
         yield GaugeMetricFamily(
-            "reservd_fail_closed_since_seconds",
+            "reservd_fail_closed_since_timestamp_seconds",
             "Unix time since when reservations are refused (0 while open)",
             value=guard.closed_since or 0,
         )

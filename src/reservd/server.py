@@ -174,6 +174,9 @@ class Daemon:
         self.metrics.watch(
             self.ledger, self.log, self.guard, self.mirror, self.supervisor, self.hub
         )
+        for part in (self.log, self.mirror):
+            if hasattr(part, "observer"):
+                part.observer = self.metrics
         if config.metrics_bind is not None:
             host, _, port = config.metrics_bind.rpartition(":")
             self.metrics_port = self.metrics.serve(int(port), host.strip("[]"))
