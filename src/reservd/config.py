@@ -102,3 +102,15 @@ class Config:
     reflection: bool = True
     # host:port of the Prometheus endpoint (overrides metrics_port, which binds 127.0.0.1).
     metrics_bind: str | None = None
+    # Overload (reservd.admission): RESOURCE_EXHAUSTED with a retry hint of overload_retry_ms
+    # beyond calls in flight, streams (WatchStock) per identity, or the optional rate per
+    # identity (0: off; a bucket rate_burst_requests deep). The transport refuses streams
+    # beyond streams_per_connection_max per connection, and holds at most rpcs_pending_max
+    # calls not yet taken by the event loop.
+    rpcs_concurrent_max: int = 10_000
+    watchers_per_identity_max: int = 1_000
+    rate_per_identity_per_second: float = 0.0
+    rate_burst_requests: int = 100
+    overload_retry_ms: int = 100
+    streams_per_connection_max: int = 1_000
+    rpcs_pending_max: int = 100_000

@@ -21,6 +21,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from reservd import wire
+from reservd.admission import Admission
 from reservd.auth import Authorizer
 from reservd.metrics import Metrics
 from reservd.v1 import reservd_pb2 as pb
@@ -102,13 +103,21 @@ async def _checked(requests, context, method: str):
         yield request
 
 
-def _unary_response(method: str, behaviour, on_bug: OnBug, client_streaming: bool, check, rpc):
+def _unary_response(
+    method: str, behaviour, on_bug: OnBug, client_streaming: bool, check, rpc, admission
+):
+    streaming = False
+
     async def handle(request, context):
         started = time.perf_counter()
         code = _OK
+        admitted = False
         try:
             if check is not None:
                 await check(context)
+            if admission is not None:
+                key = await admission.enter(context, streaming)
+                admitted = True
             if client_streaming:
                 request = _checked(request, context, method)
             elif type(request) is Undecodable:
@@ -126,18 +135,28 @@ def _unary_response(method: str, behaviour, on_bug: OnBug, client_streaming: boo
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
+            if admitted:
+                admission.leave(key)
             rpc.observe(code, time.perf_counter() - started)
 
     return handle
 
 
-def _stream_response(method: str, behaviour, on_bug: OnBug, client_streaming: bool, check, rpc):
+def _stream_response(
+    method: str, behaviour, on_bug: OnBug, client_streaming: bool, check, rpc, admission
+):
+    streaming = True
+
     async def handle(request, context):
         started = time.perf_counter()
         code = _OK
+        admitted = False
         try:
             if check is not None:
                 await check(context)
+            if admission is not None:
+                key = await admission.enter(context, streaming)
+                admitted = True
             if client_streaming:
                 request = _checked(request, context, method)
             elif type(request) is Undecodable:
@@ -156,6 +175,8 @@ def _stream_response(method: str, behaviour, on_bug: OnBug, client_streaming: bo
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
+            if admitted:
+                admission.leave(key)
             rpc.observe(code, time.perf_counter() - started)
 
     return handle
@@ -172,13 +193,15 @@ _FACTORIES = {
 def register(
     server: grpc.aio.Server, service_name: str, servicer, on_bug: OnBug, *,
     authorizer: Authorizer | None = None, metrics: Metrics | None = None,
+    admission: Admission | None = None,
 ) -> str:
     """Add ``servicer`` for the reservd.v1 service ``service_name`` (e.g. "Reservations") to
     ``server``; returns the service's full name. The servicer implements every method.
 
     With an ``authorizer``, each call is checked against the roles allowed that method before
     the servicer sees it. ``metrics`` gets the code and latency of each call (grpc-prometheus
-    names), its labels bound here once per method."""
+    names), its labels bound here once per method. ``admission`` bounds calls in flight,
+    streams and rates (RESOURCE_EXHAUSTED with a retry hint beyond them)."""
     service = pb.DESCRIPTOR.services_by_name[service_name]
     metrics = metrics or Metrics()
     handlers = {}
@@ -192,7 +215,7 @@ def register(
             wrap(
                 f"/{service.full_name}/{method.name}", getattr(servicer, method.name), on_bug,
                 method.client_streaming, check,
-                metrics.rpc(service.full_name, method.name, *kind),
+                metrics.rpc(service.full_name, method.name, *kind), admission,
             ),
             request_deserializer=_deserializer(request_class),
             response_serializer=response_class.SerializeToString,

@@ -97,6 +97,7 @@ class Metrics:
         )
         self._sources: list = []
         self._hub = None
+        self._admission = None
         self.registry.register(self)
 
     def rpc(
@@ -111,7 +112,25 @@ class Metrics:
         self._sources = [ledger, log_, guard, mirror, supervisor]
         self._hub = hub
 
+    def watch_admission(self, admission) -> None:
+        """Report calls in flight, open streams and overload refusals at each scrape."""
+        self._admission = admission
+
     def collect(self):
+        admission = self._admission
+        if admission is not None:
+            yield GaugeMetricFamily(
+                "reservd_rpcs_in_flight", "Unary calls being handled", value=admission.rpcs
+            )
+            yield GaugeMetricFamily(
+                "reservd_streams_open", "WatchStock streams open",
+                value=sum(admission.watchers.values()),
+            )
+            yield CounterMetricFamily(
+                "reservd_overload_refusals",
+                "Calls refused RESOURCE_EXHAUSTED: in flight, streams or rate beyond their bound",
+                value=admission.refused,
+            )
         if not self._sources:
             return
         ledger, log_, guard, mirror, supervisor = self._sources

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from reservd import auth, handlers, tls
+from reservd import admission, auth, handlers, tls
 from reservd.clock import SystemClock
 from reservd.config import Config, ConfigError
 from reservd.guard import Guard
@@ -62,6 +62,7 @@ class Daemon:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.tls_files: tls.CertificateFiles | None = None
+        self.admission: admission.Admission | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
 
@@ -117,8 +118,10 @@ class Daemon:
                 ("grpc.max_receive_message_length", config.message_bytes_max),
                 ("grpc.max_send_message_length", config.message_bytes_max),
                 ("grpc.so_reuseport", 0),
+                *admission.server_options(config),
             ]
         )
+        self.admission = admission.Admission(config)
         # Bound before recovery (which may take a while, and creates the data directory), so
         # a taken port is refused at once; nothing listens until server.start().
         try:
@@ -149,11 +152,11 @@ class Daemon:
             ReservationsService(
                 self.ledger, durability, self.guard, self.hub, config.limits, self.metrics
             ),
-            self._on_bug, authorizer=authorizer, metrics=self.metrics,
+            self._on_bug, authorizer=authorizer, metrics=self.metrics, admission=self.admission,
         )
         handlers.register(
             server, "Admin", AdminService(self.ledger, durability, self.guard, config.limits),
-            self._on_bug, authorizer=authorizer, metrics=self.metrics,
+            self._on_bug, authorizer=authorizer, metrics=self.metrics, admission=self.admission,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if config.reflection:
@@ -174,6 +177,7 @@ class Daemon:
         self.metrics.watch(
             self.ledger, self.log, self.guard, self.mirror, self.supervisor, self.hub
         )
+        self.metrics.watch_admission(self.admission)
         for part in (self.log, self.mirror):
             if hasattr(part, "observer"):
                 part.observer = self.metrics
