@@ -153,11 +153,18 @@ REQUESTS = {
     ("Reservations", "GetReservation"): pb.GetReservationRequest(reservation_id="r1"),
     ("Reservations", "GetStock"): pb.GetStockRequest(skus=["a"]),
     ("Reservations", "WatchStock"): pb.WatchStockRequest(skus=["a"]),
+    ("Reservations", "Batch"): pb.BatchRequest(
+        ops=[pb.BatchOp(release=pb.ReleaseRequest(reservation_id="r1"))]
+    ),
+    ("Reservations", "BatchStream"): pb.BatchRequest(
+        ops=[pb.BatchOp(release=pb.ReleaseRequest(reservation_id="r1"))]
+    ),
     ("Admin", "SetStock"): pb.SetStockRequest(sku="a", on_hand=5, adjustment_id="s"),
     ("Admin", "AdjustStock"): pb.AdjustStockRequest(sku="a", delta=1, adjustment_id="d"),
 }
 ALLOWED = {
-    "checkout": {"Reserve", "Commit", "Extend", "Release", "Fulfil", "GetReservation", "GetStock"},
+    "checkout": {"Reserve", "Commit", "Extend", "Release", "Fulfil", "GetReservation", "GetStock",
+                 "Batch", "BatchStream"},
     "sync": {"GetStock", "WatchStock"},
     "ops": {"GetReservation", "GetStock", "WatchStock"},
     "admin": {method for _, method in REQUESTS},
@@ -172,9 +179,11 @@ def test_every_method_has_a_case():
 
 async def _call(channel, service, method, request, metadata):
     stub = getattr(pb_grpc, f"{service}Stub")(channel)
+    if method == "BatchStream":
+        request = iter([request])
     call = getattr(stub, method)(request, metadata=metadata, timeout=5)
     try:
-        if method.startswith("Watch"):
+        if method in ("WatchStock", "BatchStream"):
             async for _ in call:
                 call.cancel()
                 break

@@ -28,7 +28,8 @@ from reservd.config import ConfigError
 caller: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller", default=None)
 
 _CHECKOUT = frozenset({
-    "Reserve", "Commit", "Extend", "Release", "Fulfil", "Batch", "GetReservation", "GetStock",
+    "Reserve", "Commit", "Extend", "Release", "Fulfil", "Batch", "BatchStream", "GetReservation",
+    "GetStock",
 })
 _SYNC = frozenset({"GetStock", "GetAts", "WatchStock", "WatchAts"})
 _READ_PREFIXES = ("Get", "List", "Watch")
