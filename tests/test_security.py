@@ -3,6 +3,8 @@ real certificates made in the test."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import re
 import socket
@@ -17,7 +19,7 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from certs import Authority
-from reservd import auth
+from reservd import auth, records, wal
 from reservd.config import ConfigError
 from reservd.server import Daemon
 from reservd.tls import channel_credentials
@@ -363,3 +365,79 @@ def _metrics_text(port):
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         return response.read().decode()
+
+
+def _bearer(identity):
+    return (("authorization", f"Bearer {TOKENS[identity]}"),)
+
+
+@aio
+async def test_a_reservation_belongs_to_its_identity_across_a_restart(tmp_path, caplog):
+    tokens = {**TOKENS, "till": "till-token-0123456789abcd"}
+    path = tmp_path / "tokens.toml"
+    path.write_text("".join(f'{name} = "{token}"\n' for name, token in tokens.items()))
+    roles = {**ROLES, "till": ("checkout",)}
+    config = test_config(tmp_path / "data", auth_roles=roles, auth_tokens_file=path)
+    till = (("authorization", f"Bearer {tokens['till']}"),)
+    caplog.set_level("INFO", logger="reservd.audit")
+    async with running(config) as r:
+        await r.admin.SetStock(
+            pb.SetStockRequest(sku="a", on_hand=5, adjustment_id="s1"), metadata=_bearer("root")
+        )
+        reply = await r.reservations.Reserve(cart("mine", ("a", 2)), metadata=_bearer("shop"))
+        assert reply.granted
+    audit = [record for record in caplog.records if record.getMessage() == "stock changed"]
+    assert [(a.identity, a.method, a.sku) for a in audit] == [("root", "SetStock", "a")]
+    async with running(config) as r:  # replayed from the log: the owner is still recorded
+        for method, request in (
+            ("Commit", pb.CommitRequest(reservation_id="mine")),
+            ("Extend", pb.ExtendRequest(reservation_id="mine", ttl_seconds=60)),
+            ("Release", pb.ReleaseRequest(reservation_id="mine")),
+            ("Fulfil", pb.FulfilRequest(reservation_id="mine")),
+            ("GetReservation", pb.GetReservationRequest(reservation_id="mine")),
+        ):
+            code = await _call(r.channel, "Reservations", method, request, till)
+            assert code == grpc.StatusCode.PERMISSION_DENIED, method
+        batch = await r.reservations.Batch(
+            pb.BatchRequest(ops=[pb.BatchOp(release=pb.ReleaseRequest(reservation_id="mine"))]),
+            metadata=till,
+        )
+        assert batch.results[0].error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+        assert "'till' may not release reservation 'mine'" in batch.results[0].error.message
+        mine = await r.reservations.GetReservation(
+            pb.GetReservationRequest(reservation_id="mine"), metadata=_bearer("shop")
+        )
+        assert mine.state == pb.HELD
+        # An admin may act on any reservation.
+        await r.reservations.Release(
+            pb.ReleaseRequest(reservation_id="mine"), metadata=_bearer("root")
+        )
+        seq, encode = r.daemon.ledger.snapshot_state()
+        payload = encode()
+    # wal dump names each record's type and shows who asked.
+    out = io.StringIO()
+    wal.dump(tmp_path / "data", out, decoded=True)
+    lines = [line.split("\t") for line in out.getvalue().splitlines() if line[:1] != "#"]
+    kinds = {line[1]: json.loads(line[6]) for line in lines}
+    assert kinds["SET_STOCK"]["actor"] == "root"
+    assert kinds["RESERVE"]["owner"] == "shop"
+    assert kinds["RELEASE"]["reservation_id"] == "mine"
+    # Snapshots keep the owner too.
+    restored = Daemon(test_config())
+    restored.ledger.restore(payload)
+    assert restored.ledger.reservations["mine"].owner == "shop"
+
+
+def test_records_without_an_identity_decode_as_before():
+    change = records.StockChange(1, "adj", "a", 5, None, "recount")
+    old_layout = records.encode_stock(change)
+    assert records.decode(records.RecordType.SET_STOCK, old_layout) == change
+    assert records.decode(records.RecordType.SET_STOCK, old_layout).actor == ""
+    audited = change._replace(actor="root")
+    encoded = records.encode_stock(audited)
+    assert encoded.startswith(old_layout) and len(encoded) > len(old_layout)
+    assert records.decode(records.RecordType.SET_STOCK, encoded) == audited
+    reserve = records.Reserve(1, "r", "", 60, False, 61_000, ("a",), (1,), (1,))
+    assert records.decode(records.RecordType.RESERVE, records.encode_reserve(reserve)) == reserve
+    owned = reserve._replace(owner="shop")
+    assert records.decode(records.RecordType.RESERVE, records.encode_reserve(owned)) == owned

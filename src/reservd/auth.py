@@ -26,6 +26,10 @@ from reservd.config import ConfigError
 # The identity of the caller of the RPC being handled (None when authorization is off); the
 # service and the ledger read it for audit and ownership.
 caller: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller", default=None)
+# That caller's roles (admin may act on any reservation, ops may read any).
+caller_roles: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "caller_roles", default=frozenset()
+)
 
 _CHECKOUT = frozenset({
     "Reserve", "Commit", "Extend", "Release", "Fulfil", "Batch", "BatchStream", "GetReservation",
@@ -54,6 +58,22 @@ def role_allows(role: str, service: str, method: str) -> bool:
     if role == "sync":
         return method in _SYNC
     raise ValueError(f"unknown role {role!r}")
+
+
+def denied(owner: str, reservation_id: str, verb: str) -> str | None:
+    """Why the caller may not ``verb`` a reservation ``owner`` made, or None when it may: its
+    owner and admins may, ops may "read" it; anyone may when authorization is off or it was
+    made with it off."""
+    identity = caller.get()
+    if identity is None or not owner or identity == owner:
+        return None
+    roles = caller_roles.get()
+    if "admin" in roles or (verb == "read" and "ops" in roles):
+        return None
+    return (
+        f"identity {identity!r} may not {verb} reservation {reservation_id!r}: another "
+        "identity made it"
+    )
 
 
 def _digest(token: str) -> bytes:
@@ -142,6 +162,7 @@ class Authorizer:
     def guard(self, service: str, method: str):
         """An ``async check(context)`` for one method: sets ``caller`` or aborts the call."""
         permitted = self.permitted(service, method)
+        roles = {identity: frozenset(granted) for identity, granted in self.roles.items()}
         full = f"/reservd.v1.{service}/{method}"
 
         async def check(context) -> None:
@@ -157,6 +178,7 @@ class Authorizer:
                     f"identity {identity!r} may not call {full}",
                 )
             caller.set(identity)
+            caller_roles.set(roles[identity])
 
         return check
 

@@ -40,22 +40,36 @@ def _connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None
 
     parser.add_argument(
         "--target", default=default(env.get("RESERVD_TARGET", "127.0.0.1:50051")),
-        help="HOST:PORT of reservd; env RESERVD_TARGET",
+        help="HOST:PORT of reservd (default: $RESERVD_TARGET, else 127.0.0.1:50051)",
     )
-    parser.add_argument("--ca", default=default(env.get("RESERVD_CA")),
-                        help="trusted CA (PEM) for TLS; env RESERVD_CA (default: plain text)")
-    parser.add_argument("--cert", default=default(env.get("RESERVD_CERT")),
-                        help="client certificate (PEM) for mutual TLS; env RESERVD_CERT")
-    parser.add_argument("--key", default=default(env.get("RESERVD_KEY")),
-                        help="the client certificate's key (PEM); env RESERVD_KEY")
-    parser.add_argument("--token", default=default(env.get("RESERVD_TOKEN")),
-                        help="bearer token sent with every call; env RESERVD_TOKEN")
-    parser.add_argument("--tls", action="store_true", default=default(False),
-                        help="TLS trusting the system's roots (implied by --ca or --cert)")
-    parser.add_argument("--server-name", default=default(None),
-                        help="name to check in the server certificate (default: the target's)")
-    parser.add_argument("--format", choices=("json", "table"), default=default("json"),
-                        help="JSON lines (integers as numbers, UTF-8) or an aligned table")
+    parser.add_argument(
+        "--ca", default=default(env.get("RESERVD_CA")),
+        help="trusted CA (PEM) for TLS (default: $RESERVD_CA, else plain text)",
+    )
+    parser.add_argument(
+        "--cert", default=default(env.get("RESERVD_CERT")),
+        help="client certificate (PEM) for mutual TLS (default: $RESERVD_CERT, else none)",
+    )
+    parser.add_argument(
+        "--key", default=default(env.get("RESERVD_KEY")),
+        help="the client certificate's key (PEM) (default: $RESERVD_KEY, else none)",
+    )
+    parser.add_argument(
+        "--token", default=default(env.get("RESERVD_TOKEN")),
+        help="bearer token sent with every call (default: $RESERVD_TOKEN, else none)",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", default=default(False),
+        help="TLS trusting the system's roots; implied by --ca or --cert (default: off)",
+    )
+    parser.add_argument(
+        "--server-name", default=default(None),
+        help="name to check in the server certificate (default: the target's host)",
+    )
+    parser.add_argument(
+        "--format", choices=("json", "table"), default=default("json"),
+        help="JSON lines (integers as numbers, UTF-8) or an aligned table (default: json)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -365,7 +379,7 @@ def _wal(args) -> int:
 
     if args.wal_command == "dump":
         wal.require_data_directory(args.directory)
-        wal.dump(args.directory, sys.stdout)
+        wal.dump(args.directory, sys.stdout, decoded=True)
         return 0
     report = recovery.verify(args.directory)
     print(report)

@@ -90,6 +90,7 @@ class Reservation(NamedTuple):
     expires_at_ms: int
     seq: int  # sequence of the latest mutation of this reservation
     finished_at_ms: int
+    owner: str = ""  # the identity that made it ("" with authorization off)
 
 
 class ReserveOutcome(NamedTuple):
@@ -162,8 +163,10 @@ class Ledger:
         channel: str,
         ttl_seconds: int,
         allow_partial: bool,
+        owner: str = "",
     ) -> ReserveOutcome | Rejection:
-        """Hold units for a cart: all-or-nothing, or clamped per line with allow_partial."""
+        """Hold units for a cart: all-or-nothing, or clamped per line with allow_partial.
+        ``owner``: the caller's identity, recorded with it (authorization on)."""
         request = (skus, quantities, channel, ttl_seconds, allow_partial)
         existing = self.reservations.get(reservation_id)
         if existing is not None:
@@ -204,7 +207,7 @@ class Ledger:
         now_ms = self.clock.now_ms()
         command = records.Reserve(
             now_ms, reservation_id, channel, ttl_seconds, allow_partial,
-            now_ms + ttl_seconds * 1000, skus, quantities, granted,
+            now_ms + ttl_seconds * 1000, skus, quantities, granted, owner,
         )
         if all(granted):
             self._apply_reserve(command, skus, handles, granted, seq)
@@ -353,11 +356,13 @@ class Ledger:
         on_hand: int,
         expected_on_hand: int | None,
         reason: str,
+        actor: str = "",
     ) -> StockOutcome | Rejection:
         """A recount: on_hand becomes ``on_hand`` (creating the SKU). A recount below
-        reserved + committed is accepted (reality wins) and reported as a shortfall."""
+        reserved + committed is accepted (reality wins) and reported as a shortfall.
+        ``actor``: the caller's identity, logged with the command (audit)."""
         return self._stock_change(
-            RecordType.SET_STOCK, adjustment_id, sku, on_hand, expected_on_hand, reason
+            RecordType.SET_STOCK, adjustment_id, sku, on_hand, expected_on_hand, reason, actor
         )
 
     def adjust_stock(
@@ -367,15 +372,17 @@ class Ledger:
         delta: int,
         expected_on_hand: int | None,
         reason: str,
+        actor: str = "",
     ) -> StockOutcome | Rejection:
-        """A receipt (delta > 0), damage or shrinkage (delta < 0) of an existing SKU."""
+        """A receipt (delta > 0), damage or shrinkage (delta < 0) of an existing SKU.
+        ``actor``: the caller's identity, logged with the command (audit)."""
         return self._stock_change(
-            RecordType.ADJUST_STOCK, adjustment_id, sku, delta, expected_on_hand, reason
+            RecordType.ADJUST_STOCK, adjustment_id, sku, delta, expected_on_hand, reason, actor
         )
 
     def _stock_change(
         self, kind: RecordType, adjustment_id: str, sku: str, value: int,
-        expected_on_hand: int | None, reason: str,
+        expected_on_hand: int | None, reason: str, actor: str = "",
     ) -> StockOutcome | Rejection:
         request = (kind, sku, value, expected_on_hand)
         previous = self.adjustments.get(adjustment_id)
@@ -416,7 +423,7 @@ class Ledger:
         if refused is not None:
             return refused
         command = records.StockChange(
-            self.clock.now_ms(), adjustment_id, sku, value, expected_on_hand, reason
+            self.clock.now_ms(), adjustment_id, sku, value, expected_on_hand, reason, actor
         )
         outcome, _ = self._execute(kind, command)
         if outcome.shortfall:
@@ -479,7 +486,7 @@ class Ledger:
             for start in range(0, len(reservations), _SNAPSHOT_CHUNK_ROWS):
                 put("reservations", [
                     (r.reservation_id, r.channel, r.request, r.skus, r.quantities, r.committed,
-                     int(r.state), r.expires_at_ms, r.seq, r.finished_at_ms)
+                     int(r.state), r.expires_at_ms, r.seq, r.finished_at_ms, r.owner)
                     for r in reservations[start : start + _SNAPSHOT_CHUNK_ROWS]
                 ])
             for start in range(0, len(adjustments), _SNAPSHOT_CHUNK_ROWS):
@@ -530,12 +537,13 @@ class Ledger:
 
     def _restore_reservations(self, rows: list) -> None:
         lookup = self.table.lookup
+        # Rows written before owners were recorded have 10 fields: their owner is "".
         for (reservation_id, channel, request, skus, quantities, committed, state_value,
-             expires_at_ms, seq, finished_at_ms) in rows:
+             expires_at_ms, seq, finished_at_ms, *owner) in rows:
             state = State(state_value)
             self.reservations[reservation_id] = Reservation(
                 reservation_id, channel, request, skus, tuple(lookup(sku) for sku in skus),
-                quantities, committed, state, expires_at_ms, seq, finished_at_ms,
+                quantities, committed, state, expires_at_ms, seq, finished_at_ms, *owner,
             )
             if state is State.HELD:
                 self._deadlines.append((expires_at_ms, reservation_id))
@@ -650,7 +658,7 @@ class Ledger:
         )
         self.reservations[command.reservation_id] = Reservation(
             command.reservation_id, command.channel, request, skus, handles, quantities, None,
-            State.HELD, command.expires_at_ms, seq, 0,
+            State.HELD, command.expires_at_ms, seq, 0, command.owner,
         )
         heapq.heappush(self._deadlines, (command.expires_at_ms, command.reservation_id))
         self.live += 1

@@ -2,9 +2,11 @@
 answers. It holds no business rule: outcomes come from reservd.ledger."""
 from __future__ import annotations
 
+import logging
+
 import grpc
 
-from reservd import validation
+from reservd import auth, validation
 from reservd.config import Limits
 from reservd.guard import Guard
 from reservd.mirror import MirrorSlow, MirrorUnavailable
@@ -14,6 +16,8 @@ from reservd.v1 import reservd_pb2_grpc as pb_grpc
 from reservd.validation import Invalid
 from reservd.wal import WalFailed
 from reservd.watch import TooManyWatchers, WatchHub
+
+audit = logging.getLogger("reservd.audit")
 
 _STATUS = {
     Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
@@ -141,7 +145,8 @@ class ReservationsService(pb_grpc.ReservationsServicer):
             # The caller has already given up: a grant now would be a phantom hold.
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before apply")
         outcome = self.ledger.reserve(
-            reservation_id, skus, quantities, channel, ttl_seconds, request.allow_partial
+            reservation_id, skus, quantities, channel, ttl_seconds, request.allow_partial,
+            auth.caller.get() or "",
         )
         if isinstance(outcome, Rejection):
             self.metrics.reserve_rejected.inc()
@@ -176,6 +181,14 @@ class ReservationsService(pb_grpc.ReservationsServicer):
     def _reservation_id(self, request) -> str:
         return validation.text("reservation_id", request.reservation_id, self.limits.id_bytes_max)
 
+    async def _owned(self, reservation_id: str, verb: str, context) -> None:
+        """PERMISSION_DENIED unless the caller made the reservation (or is an admin)."""
+        reservation = self.ledger.reservations.get(reservation_id)
+        if reservation is not None:
+            denial = auth.denied(reservation.owner, reservation_id, verb)
+            if denial is not None:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, denial)
+
     async def Commit(self, request: pb.CommitRequest, context) -> pb.ReservationResponse:
         try:
             reservation_id = self._reservation_id(request)
@@ -187,6 +200,7 @@ class ReservationsService(pb_grpc.ReservationsServicer):
                 lines = dict(zip(skus, quantities))
         except Invalid as error:
             await _invalid(context, error)
+        await self._owned(reservation_id, "commit", context)
         await _writable(self.guard, context)
         return await self._finish(self.ledger.commit(reservation_id, lines), context)
 
@@ -198,6 +212,7 @@ class ReservationsService(pb_grpc.ReservationsServicer):
             )
         except Invalid as error:
             await _invalid(context, error)
+        await self._owned(reservation_id, "extend", context)
         await _writable(self.guard, context)
         return await self._finish(self.ledger.extend(reservation_id, ttl_seconds), context)
 
@@ -206,6 +221,7 @@ class ReservationsService(pb_grpc.ReservationsServicer):
             reservation_id = self._reservation_id(request)
         except Invalid as error:
             await _invalid(context, error)
+        await self._owned(reservation_id, "release", context)
         await _writable(self.guard, context)
         return await self._finish(self.ledger.release(reservation_id), context)
 
@@ -214,6 +230,7 @@ class ReservationsService(pb_grpc.ReservationsServicer):
             reservation_id = self._reservation_id(request)
         except Invalid as error:
             await _invalid(context, error)
+        await self._owned(reservation_id, "fulfil", context)
         await _writable(self.guard, context)
         return await self._finish(self.ledger.fulfil(reservation_id), context)
 
@@ -224,6 +241,7 @@ class ReservationsService(pb_grpc.ReservationsServicer):
             reservation_id = self._reservation_id(request)
         except Invalid as error:
             await _invalid(context, error)
+        await self._owned(reservation_id, "read", context)
         reservation = self.ledger.reservations.get(reservation_id)
         if reservation is None:
             await context.abort(
@@ -296,13 +314,20 @@ class AdminService(pb_grpc.AdminServicer):
             expected = validation.on_hand("expected_on_hand", request.expected_on_hand, limits)
         return sku, adjustment_id, reason, expected
 
-    async def _answer(self, outcome, context) -> pb.StockAdjustmentResponse:
+    async def _answer(self, outcome, context, method: str, adjustment_id: str):
         if isinstance(outcome, Rejection):
             await _reject(context, outcome)
         if outcome.seq:
             # A lower on_hand makes stock less available: the mirror must hold it first.
             grant = outcome.on_hand < outcome.previous_on_hand
             await self.durability.wait(outcome.seq, context, grant=grant)
+            # Audit: who changed stock (the same identity is in the logged command).
+            audit.info(
+                "stock changed",
+                extra={"identity": auth.caller.get(), "method": method, "sku": outcome.sku,
+                       "adjustment_id": adjustment_id, "on_hand": outcome.on_hand,
+                       "previous_on_hand": outcome.previous_on_hand, "seq": outcome.seq},
+            )
         return pb.StockAdjustmentResponse(
             stock=pb.Stock(
                 sku=outcome.sku, on_hand=outcome.on_hand, reserved=outcome.reserved,
@@ -322,8 +347,10 @@ class AdminService(pb_grpc.AdminServicer):
         except Invalid as error:
             await _invalid(context, error)
         await _writable(self.guard, context)
-        outcome = self.ledger.set_stock(adjustment_id, sku, on_hand, expected, reason)
-        return await self._answer(outcome, context)
+        outcome = self.ledger.set_stock(
+            adjustment_id, sku, on_hand, expected, reason, auth.caller.get() or ""
+        )
+        return await self._answer(outcome, context, "SetStock", adjustment_id)
 
     async def AdjustStock(self, request: pb.AdjustStockRequest, context):
         try:
@@ -332,5 +359,7 @@ class AdminService(pb_grpc.AdminServicer):
         except Invalid as error:
             await _invalid(context, error)
         await _writable(self.guard, context)
-        outcome = self.ledger.adjust_stock(adjustment_id, sku, delta, expected, reason)
-        return await self._answer(outcome, context)
+        outcome = self.ledger.adjust_stock(
+            adjustment_id, sku, delta, expected, reason, auth.caller.get() or ""
+        )
+        return await self._answer(outcome, context, "AdjustStock", adjustment_id)
