@@ -3,6 +3,7 @@ real certificates made in the test."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from certs import Authority
-from reservd import auth, records, wal
+from reservd import auth, cli, records, wal
 from reservd.config import ConfigError
 from reservd.server import Daemon
 from reservd.tls import channel_credentials
@@ -441,3 +442,46 @@ def test_records_without_an_identity_decode_as_before():
     assert records.decode(records.RecordType.RESERVE, records.encode_reserve(reserve)) == reserve
     owned = reserve._replace(owner="shop")
     assert records.decode(records.RecordType.RESERVE, records.encode_reserve(owned)) == owned
+
+
+@aio
+async def test_the_cli_speaks_mtls_and_tokens_with_flags_or_environment(pki, tmp_path, capsys):
+    ca, _, _ = pki
+    root_cert, root_key, _ = ca.issue("root", "root.example")
+    config = dataclasses.replace(
+        mtls_config(pki, auth_tokens_file=tokens_file(tmp_path)),
+        auth_roles={"root.example": ("admin",), "feed": ("sync",)},
+    )
+    loop = asyncio.get_running_loop()
+    async with running(config) as r:
+        # Flags after the subcommand.
+        code = await loop.run_in_executor(None, cli.main, [
+            "set", "a", "7", "--target", r.target, "--ca", str(ca.ca_file),
+            "--cert", str(root_cert), "--key", str(root_key),
+        ])
+        assert code == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["stock"]["on_hand"] == 7
+        # The environment, and a token on top of the client certificate (the token names the
+        # identity: feed may read but not set).
+        environ = {"RESERVD_TARGET": r.target, "RESERVD_CA": str(ca.ca_file),
+                   "RESERVD_CERT": str(root_cert), "RESERVD_KEY": str(root_key),
+                   "RESERVD_TOKEN": TOKENS["feed"]}
+        saved = {key: os.environ.get(key) for key in environ}
+        os.environ.update(environ)
+        try:
+            assert await loop.run_in_executor(None, cli.main, ["get", "a"]) == 0
+            assert json.loads(capsys.readouterr().out)["on_hand"] == 7
+            assert await loop.run_in_executor(None, cli.main, ["set", "a", "9"]) == 2
+            assert "PERMISSION_DENIED: identity 'feed'" in capsys.readouterr().err
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        # No client certificate: refused at the handshake, one line, exit status 2.
+        code = await loop.run_in_executor(None, cli.main, [
+            "--target", r.target, "--ca", str(ca.ca_file), "get", "a", "--deadline", "2",
+        ])
+        assert code == 2
+        assert capsys.readouterr().err.startswith("reservd: UNAVAILABLE")
