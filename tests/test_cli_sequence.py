@@ -14,7 +14,7 @@ def _json(completed) -> dict:
     return json.loads(completed.stdout.splitlines()[-1])
 
 
-def _counters(stock: dict) -> tuple[str, str, str, str]:
+def _counters(stock: dict) -> tuple[int, int, int, int]:
     return stock["on_hand"], stock["reserved"], stock["committed"], stock["available"]
 
 
@@ -27,11 +27,11 @@ def test_set_reserve_commit_recount_to_zero_fulfil_restart_verify(tmp_path):
         assert _json(reservd_cli("reserve", *target, "rd", "d:1"))["granted"] is True
         assert _json(reservd_cli("commit", *target, "rd"))["state"] == "COMMITTED"
         recount = _json(reservd_cli("set", *target, "d", "0"))
-        assert recount["stock"]["on_hand"] == "0"
+        assert recount["stock"]["on_hand"] == 0
         fulfilled = _json(reservd_cli("fulfil", *target, "rd"))
         assert fulfilled["state"] == "FULFILLED"
         before = _counters(_json(reservd_cli("get", *target, "d")))
-        assert before == ("0", "0", "0", "0")
+        assert before == (0, 0, 0, 0)
         daemon.signal(signal.SIGTERM)
         assert daemon.wait() == 0
         daemon.start()

@@ -388,7 +388,7 @@ def test_fdatasync_eio_in_a_running_daemon_fails_closed_and_loses_nothing(tmp_pa
                 "fsyncs": (fsyncs, _metric(metrics_port, "reservd_wal_fsyncs")),
                 "durable": (durable, _metric(metrics_port, "reservd_durable_sequence")),
                 "fail_closed": _metric(metrics_port, "reservd_fail_closed"),
-                "closed_since": _metric(metrics_port, "reservd_fail_closed_since_seconds"),
+                "closed_since": _metric(metrics_port, "reservd_fail_closed_since_timestamp_seconds"),
             }
 
     daemon.start()

@@ -21,11 +21,11 @@ def test_cli_quick_start_reserves_a_unit_and_survives_a_restart(tmp_path):
     daemon = DaemonProcess("--data-dir", str(tmp_path / "data")).start()
     try:
         target = ["--target", daemon.target]
-        assert _json(reservd_cli("set", *target, "sku-1", "3"))["stock"]["on_hand"] == "3"
+        assert _json(reservd_cli("set", *target, "sku-1", "3"))["stock"]["on_hand"] == 3
         reserved = _json(reservd_cli("reserve", *target, "order-1", "sku-1:1", "--ttl", "300"))
         assert reserved["granted"] is True and reserved["state"] == "HELD"
         stock = _json(reservd_cli("get", *target, "sku-1"))
-        assert (stock["reserved"], stock["available"]) == ("1", "2")
+        assert (stock["reserved"], stock["available"]) == (1, 2)
         sold_out = reservd_cli("reserve", *target, "order-2", "sku-1:5")
         assert sold_out.returncode == 3 and json.loads(sold_out.stdout)["granted"] is False
         bad = reservd_cli("reserve", *target, "order-3", "sku-1:0")
@@ -35,7 +35,7 @@ def test_cli_quick_start_reserves_a_unit_and_survives_a_restart(tmp_path):
         daemon.start()
         target = ["--target", daemon.target]
         stock = _json(reservd_cli("get", *target, "sku-1"))
-        assert (stock["on_hand"], stock["reserved"]) == ("3", "1")
+        assert (stock["on_hand"], stock["reserved"]) == (3, 1)
         watched = reservd_cli("watch", *target, "sku-1", "--count", "1")
         assert json.loads(watched.stdout)["snapshot"] is True
     finally:

@@ -69,7 +69,7 @@ def test_a_broken_invariant_under_an_rpc_stops_the_daemon_and_a_restart_recovers
         # Every acknowledged call is there: r1 and r2 committed, r3 still held (its commit
         # failed in the table, and the ledger logs only what it has applied), r4 never granted.
         counters = (stock["on_hand"], stock["reserved"], stock["committed"])
-        assert counters == ("10", "1", "2"), counters
+        assert counters == (10, 1, 2), counters
     finally:
         restarted.kill()
     verified = reservd_cli("wal", "verify", data)

@@ -16,7 +16,7 @@ import dataclasses
 
 import grpc
 
-from reservd import validation
+from reservd import auth, validation
 from reservd.channelservice import fill_lines
 from reservd.config import Limits
 from reservd.guard import Guard
@@ -29,6 +29,7 @@ from reservd.wal import WalFailed
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+_PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
 _CODES = {code: status.value[0] for code, status in _STATUS.items()}
 _KINDS = "reserve, commit, extend, release, fulfil"
 
@@ -178,7 +179,8 @@ class BatchService:
                 result, _UNAVAILABLE, f"reservations are closed: {self.guard.grant_reason}"
             )
         outcome = self.ledger.reserve(
-            reservation_id, skus, quantities, channel, ttl_seconds, request.allow_partial
+            reservation_id, skus, quantities, channel, ttl_seconds, request.allow_partial,
+            auth.caller.get() or "",
         )
         if isinstance(outcome, Rejection):
             metrics.reserve_rejected.inc()
@@ -205,9 +207,14 @@ class BatchService:
                 reservation_id = validation.reservation_id(request, self.limits, prefix)
         except Invalid as error:
             return _error(result, _INVALID, str(error))
+        ledger = self.ledger
+        reservation = ledger.reservations.get(reservation_id)
+        if reservation is not None:
+            denial = auth.denied(reservation.owner, reservation_id, kind)
+            if denial is not None:
+                return _error(result, _PERMISSION_DENIED, denial)
         if self.guard.write_reason is not None:
             return _error(result, _UNAVAILABLE, f"writes are closed: {self.guard.write_reason}")
-        ledger = self.ledger
         if kind == "commit":
             outcome = ledger.commit(reservation_id, lines)
         elif kind == "extend":

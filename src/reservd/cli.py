@@ -3,23 +3,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
 import uuid
 from pathlib import Path
 
-from google.protobuf.json_format import MessageToDict
-
-from reservd import cli_channels, logs
-from reservd.config import Config
-
-
-def _print(message) -> None:
-    print(json.dumps(MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )), flush=True)
+from reservd import cli_channels, logs, output
+from reservd.config import Config, ConfigError
 
 
 def _line(text: str) -> tuple[str, int]:
@@ -38,8 +29,50 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """--target and the TLS/token options, accepted before or after the subcommand: the
+    top-level parser holds the defaults (from RESERVD_* variables), a subcommand only what is
+    given to it."""
+    env = os.environ
+
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--target", default=default(env.get("RESERVD_TARGET", "127.0.0.1:50051")),
+        help="HOST:PORT of reservd (default: $RESERVD_TARGET, else 127.0.0.1:50051)",
+    )
+    parser.add_argument(
+        "--ca", default=default(env.get("RESERVD_CA")),
+        help="trusted CA (PEM) for TLS (default: $RESERVD_CA, else plain text)",
+    )
+    parser.add_argument(
+        "--cert", default=default(env.get("RESERVD_CERT")),
+        help="client certificate (PEM) for mutual TLS (default: $RESERVD_CERT, else none)",
+    )
+    parser.add_argument(
+        "--key", default=default(env.get("RESERVD_KEY")),
+        help="the client certificate's key (PEM) (default: $RESERVD_KEY, else none)",
+    )
+    parser.add_argument(
+        "--token", default=default(env.get("RESERVD_TOKEN")),
+        help="bearer token sent with every call (default: $RESERVD_TOKEN, else none)",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", default=default(False),
+        help="TLS trusting the system's roots; implied by --ca or --cert (default: off)",
+    )
+    parser.add_argument(
+        "--server-name", default=default(None),
+        help="name to check in the server certificate (default: the target's host)",
+    )
+    parser.add_argument(
+        "--format", choices=("json", "table"), default=default("json"),
+        help="JSON lines (integers as numbers, UTF-8) or an aligned table (default: json)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    defaults = Config()
     parser = argparse.ArgumentParser(
         prog="reservd", description=__doc__, formatter_class=_Formatter
     )
@@ -47,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=("debug", "info", "warning", "error"),
         help="the least severe log lines written (JSON, one a line, on stderr)",
     )
+    _connection_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_: str, subparsers=commands) -> argparse.ArgumentParser:
@@ -54,18 +88,29 @@ def _parser() -> argparse.ArgumentParser:
             name, help=help_, description=help_, formatter_class=_Formatter
         )
 
-    serve = command("serve", "run the daemon")
-    serve.add_argument("--bind", default=defaults.bind, help="HOST:PORT to listen on (port 0: any)")
+    # Flags default to None: only what is given overrides RESERVD_* and the --config file.
+    serve = command("serve", "run the daemon (flags > RESERVD_* env > --config file > defaults)")
     serve.add_argument(
-        "--data-dir", type=Path, default=defaults.data_dir,
-        help="directory of the write-ahead log and snapshots (created if missing)",
+        "--config", type=Path, default=None,
+        help="a TOML file of settings (default: none; see reservd.example.toml)",
+    )
+    serve.add_argument(
+        "--bind", default=None, help="HOST:PORT to listen on, port 0: any (default: 127.0.0.1:50051)"
+    )
+    serve.add_argument(
+        "--data-dir", type=Path, default=None,
+        help="directory of the write-ahead log and snapshots, created 0700 (default: reservd-data)",
     )
     serve.add_argument(
         "--in-memory", action="store_true", help="no WAL: state dies with the process"
     )
     serve.add_argument(
         "--metrics-port", type=int, default=None,
-        help="serve Prometheus metrics on this port (default: no metrics endpoint)",
+        help="serve Prometheus metrics on 127.0.0.1:PORT (default: no metrics endpoint)",
+    )
+    serve.add_argument(
+        "--metrics-bind", default=None,
+        help="serve Prometheus metrics on HOST:PORT (default: see --metrics-port)",
     )
     serve.add_argument(
         "--redis-url", default=None,
@@ -73,24 +118,46 @@ def _parser() -> argparse.ArgumentParser:
         "(default: no mirror)",
     )
     serve.add_argument(
-        "--redis-prefix", default=defaults.redis_prefix, help="prefix of every mirror key"
+        "--redis-prefix", default=None, help="prefix of every mirror key (default: reservd:)"
     )
     serve.add_argument(
-        "--shards", type=int, default=defaults.shards,
-        help="counter table shards (a power of two)",
+        "--shards", type=int, default=None,
+        help="counter table shards, a power of two (default: 64)",
     )
     serve.add_argument(
-        "--snapshot-records-interval", type=int, default=defaults.snapshot_records_interval,
-        help="write a snapshot after this many log records",
+        "--snapshot-records-interval", type=int, default=None,
+        help="write a snapshot after this many log records (default: 1,000,000)",
     )
     serve.add_argument(
-        "--segment-bytes-max", type=int, default=defaults.segment_bytes_max,
-        help="start a new log segment beyond this size (bytes)",
+        "--segment-bytes-max", type=int, default=None,
+        help="start a new log segment beyond this size in bytes (default: 64 MiB)",
     )
+    serve.add_argument("--tls-cert-file", type=Path, default=None,
+                       help="server certificate chain, PEM (default: plain text)")
+    serve.add_argument("--tls-key-file", type=Path, default=None,
+                       help="its private key, PEM (default: plain text)")
+    serve.add_argument("--tls-client-ca-file", type=Path, default=None,
+                       help="CA that signs client certificates, PEM (default: none)")
+    serve.add_argument("--tls-require-client-auth", action="store_true", default=None,
+                       help="mutual TLS: refuse clients without a certificate (default: off)")
+    serve.add_argument("--auth-tokens-file", type=Path, default=None,
+                       help='TOML file of identity = "token" (default: no tokens)')
+    serve.add_argument(
+        "--insecure", action="store_true", default=None,
+        help="allow plain text with no authentication on a non-loopback bind (default: refused)",
+    )
+
+    config = command("config", "configuration files")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    command(
+        "check", "check a file as start-up would; exit 1 with one line naming the key",
+        config_commands,
+    ).add_argument("file", type=Path, help="the TOML file")
+    command("example", "print every key with its default", config_commands)
 
     def client_command(name: str, help_: str) -> argparse.ArgumentParser:
         sub = command(name, help_)
-        sub.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of reservd")
+        _connection_options(sub, suppress=True)
         sub.add_argument(
             "--deadline", type=float, default=5.0,
             help="seconds the call may take, retries included",
@@ -133,13 +200,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = client_command("extend", "extend a held reservation")
     sub.add_argument("reservation_id", help="the reservation")
     sub.add_argument("ttl", type=int, help="seconds from now it is held at least")
-    for name, help_ in (("release", "release a reservation"), ("fulfil", "mark shipped")):
+    for name, help_ in (
+        ("release", "release a reservation"), ("fulfil", "mark shipped"),
+        ("get-reservation", "a reservation's state, lines and expiry"),
+    ):
         client_command(name, help_).add_argument("reservation_id", help="the reservation")
     sub = client_command("get", "stock of SKUs")
     sub.add_argument("skus", nargs="+", help="SKUs to read")
     sub = command("watch", "stream stock updates (ctrl-C stops it: exit status 130)")
     sub.add_argument("skus", nargs="*", help="SKUs to watch (default: every SKU)")
-    sub.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of reservd")
+    _connection_options(sub, suppress=True)
     sub.add_argument(
         "--deadline", type=float, default=0.0,
         help="stop watching after this many seconds (0: never); with --count, not seeing "
@@ -171,38 +241,49 @@ def _refused(message: str, error: BaseException, **fields) -> int:
     return 1
 
 
+# serve's options that are not Config fields.
+_NOT_CONFIG = ("config", "in_memory")
+
+
 def _serve(args) -> int:
     # gRPC core writes its own log lines, not JSON, and a failed bind would come out twice:
     # reservd says what matters. GRPC_VERBOSITY=error (or debug) brings them back.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     import uvloop
 
+    from reservd import settings
     from reservd.recovery import ReplayError
     from reservd.server import serve
     from reservd.wal import DataDirectoryInUse, WalCorruption
 
-    if args.redis_url is not None:
+    flags = {
+        key: value for key, value in vars(args).items()
+        if value is not None and key in Config.__dataclass_fields__ and key not in _NOT_CONFIG
+    }
+    if args.in_memory:
+        flags["data_dir"] = None
+    try:
+        config = settings.resolve(args.config, os.environ, flags)
+    except ConfigError as error:
+        return _refused("start-up refused: a setting is wrong", error)
+    if config.redis_url is not None:
         from redis.connection import parse_url
 
         try:
-            parse_url(args.redis_url)
+            parse_url(config.redis_url)
         except ValueError as error:
             return _refused(
-                "start-up refused: --redis-url is malformed", error, redis_url=args.redis_url,
+                "start-up refused: --redis-url is malformed", error, redis_url=config.redis_url,
                 hint="expected redis://HOST:PORT/DB (or rediss:// or unix://)",
             )
-    config = Config(
-        bind=args.bind,
-        data_dir=None if args.in_memory else args.data_dir,
-        metrics_port=args.metrics_port,
-        redis_url=args.redis_url,
-        redis_prefix=args.redis_prefix,
-        shards=args.shards,
-        snapshot_records_interval=args.snapshot_records_interval,
-        segment_bytes_max=args.segment_bytes_max,
-    )
+    # The data directory and the WAL files are the owner's alone, whatever the umask.
+    os.umask(0o077)
+    if config.data_dir is not None and config.data_dir.is_dir():
+        config.data_dir.chmod(0o700)
     try:
         return uvloop.run(serve(config))
+    except ConfigError as error:
+        return _refused("start-up refused: a setting is wrong", error)
     except WalCorruption as error:
         return _refused(
             "start-up refused: the data directory is damaged before its tail", error,
@@ -229,7 +310,15 @@ def _serve(args) -> int:
 async def _client(args) -> int:
     from reservd.client import ReservdClient
 
-    async with ReservdClient(args.target, deadline_seconds=args.deadline) as client:
+    client = ReservdClient(
+        args.target, deadline_seconds=args.deadline, ca_file=args.ca, cert_file=args.cert,
+        key_file=args.key, token=args.token, server_name=args.server_name, tls=args.tls,
+    )
+
+    def _print(message) -> None:
+        output.emit(message, args.format)
+
+    async with client:
         command = args.command
         if command in ("set", "adjust"):
             call = client.set_stock if command == "set" else client.adjust_stock
@@ -257,9 +346,10 @@ async def _client(args) -> int:
             _print(await client.release(args.reservation_id))
         elif command == "fulfil":
             _print(await client.fulfil(args.reservation_id))
+        elif command == "get-reservation":
+            _print(await client.get_reservation(args.reservation_id))
         elif command == "get":
-            for stock in (await client.get_stock(args.skus)).values():
-                _print(stock)
+            output.emit_all(list((await client.get_stock(args.skus)).values()), args.format)
         elif command == "watch":
             return await _watch(client, args)
         elif command in cli_channels.COMMANDS:
@@ -277,7 +367,7 @@ async def _watch(client, args) -> int:
         async for update in client.watch(
             args.skus, args.from_sequence, deadline_seconds=args.deadline or None
         ):
-            _print(update)
+            output.emit(update, args.format)
             seen += 1
             if args.count and seen >= args.count:
                 break
@@ -293,11 +383,26 @@ def _wal(args) -> int:
 
     if args.wal_command == "dump":
         wal.require_data_directory(args.directory)
-        wal.dump(args.directory, sys.stdout)
+        wal.dump(args.directory, sys.stdout, decoded=True)
         return 0
     report = recovery.verify(args.directory)
     print(report)
     return 0 if report.ok else 1
+
+
+def _config(args) -> int:
+    from reservd import settings
+
+    if args.config_command == "example":
+        sys.stdout.write(settings.example())
+        return 0
+    try:
+        settings.check(args.file)
+    except ConfigError as error:
+        print(f"reservd: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.log_level)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "config":
+        return _config(args)
     if args.command == "wal":
         from reservd.wal import NotADataDirectory
 
@@ -319,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return asyncio.run(_client(args))
-    except ReservdError as error:
+    except (ReservdError, ConfigError) as error:
         print(f"reservd: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ its own answer, with the same fail-closed rules."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import dataclasses
 import random
 import time
@@ -58,8 +59,27 @@ class ReservdClient:
         batch_ops_max: int = 1_000,
         batch_bytes_max: int = 512 << 10,
         batches_in_flight_max: int = 2,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
+        tls: bool = False,
     ) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+        """TLS when ``tls`` or any of ``ca_file`` (trusted roots, PEM; None: the system's),
+        ``cert_file`` + ``key_file`` (a client certificate for mutual TLS) is given;
+        ``server_name`` overrides the name checked in the server's certificate. ``token`` is
+        sent as ``authorization: Bearer`` with every call."""
+        if tls or ca_file or cert_file or key_file:
+            from reservd.tls import channel_credentials
+
+            options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+            self.channel = grpc.aio.secure_channel(
+                target, channel_credentials(ca_file, cert_file, key_file), options=options
+            )
+        else:
+            self.channel = grpc.aio.insecure_channel(target)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.reservations = pb_grpc.ReservationsStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
         self.deadline_seconds = deadline_seconds
@@ -67,7 +87,8 @@ class ReservdClient:
         self.backoff_seconds_max = backoff_seconds_max
         self.batcher = (
             AutoBatcher(
-                self.reservations.Batch, ops_max=batch_ops_max, bytes_max=batch_bytes_max,
+                functools.partial(self.reservations.Batch, metadata=self._metadata),
+                ops_max=batch_ops_max, bytes_max=batch_bytes_max,
                 in_flight_max=batches_in_flight_max,
             )
             if batching
@@ -85,7 +106,9 @@ class ReservdClient:
 
     async def _call(self, method, request):
         """Call with retries on transient failures, all within one deadline."""
-        return await self._retrying(lambda end: method(request, timeout=end - time.monotonic()))
+        return await self._retrying(
+            lambda end: method(request, timeout=end - time.monotonic(), metadata=self._metadata)
+        )
 
     async def _mutate(self, kind: str, method, request):
         """A mutation: through the auto-batcher when batching, else its unary RPC."""
@@ -193,6 +216,7 @@ class ReservdClient:
         call = self.reservations.WatchStock(
             pb.WatchStockRequest(skus=list(skus), from_sequence=from_sequence),
             timeout=deadline_seconds,
+            metadata=self._metadata,
         )
         try:
             async for update in call:

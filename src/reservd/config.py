@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Mapping
+
+
+class ConfigError(ValueError):
+    """A setting an operator must fix: the message is one line naming the key."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,3 +99,33 @@ class Config:
     mirror_heartbeat_ms: int = 100
     mirror_retry_ms_min: int = 25
     mirror_retry_ms_max: int = 250
+    # TLS on the gRPC port (PEM files). A client CA with tls_require_client_auth is mutual TLS.
+    # The files are re-read at a handshake at most every tls_reload_seconds: rotate without
+    # a restart by replacing them (write aside, then rename).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    tls_require_client_auth: bool = False
+    tls_reload_seconds: float = 5.0
+    # Authorization, default deny: identity (client certificate SAN or CN, or a token's name)
+    # -> roles (checkout, sync, ops, admin). Off when empty and no tokens and no client auth.
+    auth_roles: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # A TOML file of `identity = "token"` lines: bearer tokens for clients without mTLS.
+    auth_tokens_file: Path | None = None
+    # Serve plain text with no authentication on a non-loopback address (warned in the log).
+    insecure: bool = False
+    reflection: bool = True
+    # host:port of the Prometheus endpoint (overrides metrics_port, which binds 127.0.0.1).
+    metrics_bind: str | None = None
+    # Overload (reservd.admission): RESOURCE_EXHAUSTED with a retry hint of overload_retry_ms
+    # beyond calls in flight, streams (WatchStock) per identity, or the optional rate per
+    # identity (0: off; a bucket rate_burst_requests deep). The transport refuses streams
+    # beyond streams_per_connection_max per connection, and holds at most rpcs_pending_max
+    # calls not yet taken by the event loop.
+    rpcs_concurrent_max: int = 10_000
+    watchers_per_identity_max: int = 1_000
+    rate_per_identity_per_second: float = 0.0
+    rate_burst_requests: int = 100
+    overload_retry_ms: int = 100
+    streams_per_connection_max: int = 1_000
+    rpcs_pending_max: int = 100_000

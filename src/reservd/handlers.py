@@ -21,11 +21,16 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from reservd import wire
+from reservd.admission import Admission
+from reservd.auth import Authorizer
+from reservd.metrics import Metrics
 from reservd.v1 import reservd_pb2 as pb
 
 log = logging.getLogger("reservd.requests")
 
 OnBug = Callable[[BaseException, str], None]
+
+_OK = grpc.StatusCode.OK
 
 # Undecodable bodies are logged at most this often (one line each); the rest only counted.
 _UNDECODABLE_LOG_SECONDS_MIN = 1.0
@@ -98,35 +103,81 @@ async def _checked(requests, context, method: str):
         yield request
 
 
-def _unary_response(method: str, behaviour, on_bug: OnBug, client_streaming: bool):
+def _unary_response(
+    method: str, behaviour, on_bug: OnBug, client_streaming: bool, check, rpc, admission
+):
+    streaming = False
+
     async def handle(request, context):
-        if client_streaming:
-            request = _checked(request, context, method)
-        elif type(request) is Undecodable:
-            await _refuse(context, method, request)
+        started = time.perf_counter()
+        code = _OK
+        admitted = False
         try:
-            return await behaviour(request, context)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+            if check is not None:
+                await check(context)
+            if admission is not None:
+                key = await admission.enter(context, streaming)
+                admitted = True
+            if client_streaming:
+                request = _checked(request, context, method)
+            elif type(request) is Undecodable:
+                await _refuse(context, method, request)
+            try:
+                return await behaviour(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as error:
+                await _bug(context, method, error, on_bug)
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
             raise
-        except Exception as error:
-            await _bug(context, method, error, on_bug)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            if admitted:
+                admission.leave(key)
+            rpc.observe(code, time.perf_counter() - started)
 
     return handle
 
 
-def _stream_response(method: str, behaviour, on_bug: OnBug, client_streaming: bool):
+def _stream_response(
+    method: str, behaviour, on_bug: OnBug, client_streaming: bool, check, rpc, admission
+):
+    streaming = True
+
     async def handle(request, context):
-        if client_streaming:
-            request = _checked(request, context, method)
-        elif type(request) is Undecodable:
-            await _refuse(context, method, request)
+        started = time.perf_counter()
+        code = _OK
+        admitted = False
         try:
-            async for response in behaviour(request, context):
-                yield response
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+            if check is not None:
+                await check(context)
+            if admission is not None:
+                key = await admission.enter(context, streaming)
+                admitted = True
+            if client_streaming:
+                request = _checked(request, context, method)
+            elif type(request) is Undecodable:
+                await _refuse(context, method, request)
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as error:
+                await _bug(context, method, error, on_bug)
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
             raise
-        except Exception as error:
-            await _bug(context, method, error, on_bug)
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            if admitted:
+                admission.leave(key)
+            rpc.observe(code, time.perf_counter() - started)
 
     return handle
 
@@ -139,20 +190,32 @@ _FACTORIES = {
 }
 
 
-def register(server: grpc.aio.Server, service_name: str, servicer, on_bug: OnBug) -> str:
+def register(
+    server: grpc.aio.Server, service_name: str, servicer, on_bug: OnBug, *,
+    authorizer: Authorizer | None = None, metrics: Metrics | None = None,
+    admission: Admission | None = None,
+) -> str:
     """Add ``servicer`` for the reservd.v1 service ``service_name`` (e.g. "Reservations") to
-    ``server``; returns the service's full name. The servicer implements every method."""
+    ``server``; returns the service's full name. The servicer implements every method.
+
+    With an ``authorizer``, each call is checked against the roles allowed that method before
+    the servicer sees it. ``metrics`` gets the code and latency of each call (grpc-prometheus
+    names), its labels bound here once per method. ``admission`` bounds calls in flight,
+    streams and rates (RESOURCE_EXHAUSTED with a retry hint beyond them)."""
     service = pb.DESCRIPTOR.services_by_name[service_name]
+    metrics = metrics or Metrics()
     handlers = {}
     for method in service.methods:
         request_class = getattr(pb, method.input_type.name)
         response_class = getattr(pb, method.output_type.name)
         kind = (method.client_streaming, method.server_streaming)
         wrap = _stream_response if method.server_streaming else _unary_response
+        check = authorizer.guard(service_name, method.name) if authorizer else None
         handlers[method.name] = _FACTORIES[kind](
             wrap(
                 f"/{service.full_name}/{method.name}", getattr(servicer, method.name), on_bug,
-                method.client_streaming,
+                method.client_streaming, check,
+                metrics.rpc(service.full_name, method.name, *kind), admission,
             ),
             request_deserializer=_deserializer(request_class),
             response_serializer=response_class.SerializeToString,

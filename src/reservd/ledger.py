@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import NamedTuple, Protocol, Sequence
+from typing import NamedTuple, Protocol
 
 from reservd import records, state_codec
 from reservd.channels import Channels
@@ -135,8 +135,10 @@ class Ledger(ChannelCommands):
         channel: str,
         ttl_seconds: int,
         allow_partial: bool,
+        owner: str = "",
     ) -> ReserveOutcome | Rejection:
-        """Hold units for a cart: all-or-nothing, or clamped per line with allow_partial."""
+        """Hold units for a cart: all-or-nothing, or clamped per line with allow_partial.
+        ``owner``: the caller's identity, recorded with it (authorization on)."""
         request = (skus, quantities, channel, ttl_seconds, allow_partial)
         existing = self.reservations.get(reservation_id)
         if existing is not None:
@@ -177,7 +179,7 @@ class Ledger(ChannelCommands):
         now_ms = self.clock.now_ms()
         command = records.Reserve(
             now_ms, reservation_id, channel, ttl_seconds, allow_partial,
-            now_ms + ttl_seconds * 1000, skus, quantities, granted,
+            now_ms + ttl_seconds * 1000, skus, quantities, granted, owner,
         )
         if all(granted):
             self._apply_reserve(command, skus, handles, granted, seq)
@@ -340,11 +342,13 @@ class Ledger(ChannelCommands):
         on_hand: int,
         expected_on_hand: int | None,
         reason: str,
+        actor: str = "",
     ) -> StockOutcome | Rejection:
         """A recount: on_hand becomes ``on_hand`` (creating the SKU). A recount below
-        reserved + committed is accepted (reality wins) and reported as a shortfall."""
+        reserved + committed is accepted (reality wins) and reported as a shortfall.
+        ``actor``: the caller's identity, logged with the command (audit)."""
         return self._stock_change(
-            RecordType.SET_STOCK, adjustment_id, sku, on_hand, expected_on_hand, reason
+            RecordType.SET_STOCK, adjustment_id, sku, on_hand, expected_on_hand, reason, actor
         )
 
     def adjust_stock(
@@ -354,15 +358,17 @@ class Ledger(ChannelCommands):
         delta: int,
         expected_on_hand: int | None,
         reason: str,
+        actor: str = "",
     ) -> StockOutcome | Rejection:
-        """A receipt (delta > 0), damage or shrinkage (delta < 0) of an existing SKU."""
+        """A receipt (delta > 0), damage or shrinkage (delta < 0) of an existing SKU.
+        ``actor``: the caller's identity, logged with the command (audit)."""
         return self._stock_change(
-            RecordType.ADJUST_STOCK, adjustment_id, sku, delta, expected_on_hand, reason
+            RecordType.ADJUST_STOCK, adjustment_id, sku, delta, expected_on_hand, reason, actor
         )
 
     def _stock_change(
         self, kind: RecordType, adjustment_id: str, sku: str, value: int,
-        expected_on_hand: int | None, reason: str,
+        expected_on_hand: int | None, reason: str, actor: str = "",
     ) -> StockOutcome | Rejection:
         request = (kind, sku, value, expected_on_hand)
         previous = self.adjustments.get(adjustment_id)
@@ -406,7 +412,7 @@ class Ledger(ChannelCommands):
         if refused is not None:
             return refused
         command = records.StockChange(
-            self.clock.now_ms(), adjustment_id, sku, value, expected_on_hand, reason
+            self.clock.now_ms(), adjustment_id, sku, value, expected_on_hand, reason, actor
         )
         outcome, _ = self._execute(kind, command)
         if outcome.shortfall:
@@ -456,9 +462,14 @@ class Ledger(ChannelCommands):
         decode_reservation = self.reservations.decode
         decode_adjustment = self.adjustments.decode
 
+        # Filled while the reservation rows are encoded, and written after them: one decode each.
+        owners: list[tuple[str, str]] = []
+
         def reservation_rows():
             for reservation_id, data in reservations:
                 r = decode_reservation(reservation_id, data)
+                if r.owner:
+                    owners.append((reservation_id, r.owner))
                 yield (
                     r.reservation_id, r.channel, r.request, r.skus, r.quantities, r.committed,
                     int(r.state), r.expires_at_ms, r.seq, r.finished_at_ms,
@@ -476,7 +487,7 @@ class Ledger(ChannelCommands):
 
         def encode() -> bytes:
             return wrap(
-                state_codec.encode(seq, stock, reservation_rows(), adjustment_rows()),
+                state_codec.encode(seq, stock, reservation_rows(), adjustment_rows(), owners),
                 channel_rows,
             )
 
@@ -510,6 +521,11 @@ class Ledger(ChannelCommands):
                     self.live += 1
                 else:
                     self._finished.append(finished_at_ms, reservation_id)
+            elif kind == state_codec.OWNER:
+                reservation_id, owner = row
+                self.reservations[reservation_id] = self.reservations[reservation_id]._replace(
+                    owner=owner
+                )
             else:
                 adjustment_id, record_type, request_tail, outcome, finished_at_ms = row
                 self.adjustments[adjustment_id] = Adjustment(
@@ -666,7 +682,7 @@ class Ledger(ChannelCommands):
         )
         self.reservations[command.reservation_id] = Reservation(
             command.reservation_id, command.channel, request, skus, handles, quantities, None,
-            State.HELD, command.expires_at_ms, seq, 0,
+            State.HELD, command.expires_at_ms, seq, 0, command.owner,
         )
         self._deadlines.push(command.expires_at_ms, command.reservation_id)
         self.live += 1

@@ -7,13 +7,77 @@ from __future__ import annotations
 
 import urllib.request
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+import grpc
+from prometheus_client import (
+    CollectorRegistry, Counter, GCCollector, Histogram, PlatformCollector,
+    ProcessCollector, start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+# Seconds: from 100 µs (an in-memory call) to 10 s (a deadline); fsyncs start lower.
+_RPC_SECONDS_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)
+_FSYNC_SECONDS_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)
+_BATCH_RECORDS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
+_GRPC_TYPES = {
+    (False, False): "unary", (False, True): "server_stream",
+    (True, False): "client_stream", (True, True): "bidi_stream",
+}
+
+
+class RpcMetrics:
+    """One method's grpc-prometheus series, labels bound once: ``observe`` costs a dict
+    lookup, an ``inc()`` and an ``observe()``."""
+
+    __slots__ = ("_by_code", "_seconds")
+
+    def __init__(self, handled: Counter, seconds: Histogram, labels: tuple[str, ...]) -> None:
+        self._by_code = {
+            code: handled.labels(*labels, code.name) for code in grpc.StatusCode
+        }
+        self._seconds = seconds.labels(*labels)
+
+    def observe(self, code: grpc.StatusCode, seconds: float) -> None:
+        self._by_code[code].inc()
+        self._seconds.observe(seconds)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        labels = ("grpc_type", "grpc_service", "grpc_method")
+        self._handled = Counter(
+            "grpc_server_handled", "RPCs completed on the server, by status code",
+            [*labels, "grpc_code"], registry=self.registry,
+        )
+        self._handling_seconds = Histogram(
+            "grpc_server_handling_seconds", "Time from the call to its status, seconds",
+            labels, buckets=_RPC_SECONDS_BUCKETS, registry=self.registry,
+        )
+        self.fsync_seconds = Histogram(
+            "reservd_wal_fsync_seconds", "One fdatasync of the WAL tail, seconds",
+            buckets=_FSYNC_SECONDS_BUCKETS, registry=self.registry,
+        )
+        self.batch_records = Histogram(
+            "reservd_wal_batch_records", "Records made durable by one write and fdatasync",
+            buckets=_BATCH_RECORDS_BUCKETS, registry=self.registry,
+        )
+        self.mirror_write_seconds = Histogram(
+            "reservd_mirror_write_seconds", "One Redis mirror batch write (a Lua call), seconds",
+            buckets=_RPC_SECONDS_BUCKETS, registry=self.registry,
+        )
+        # The observer methods below are called by the WAL's flusher thread and the mirror.
+        self.fsync = self.fsync_seconds.observe
+        self.batch = self.batch_records.observe
+        self.mirror_write = self.mirror_write_seconds.observe
         reserve = Counter(
             "reservd_reserve", "Reserve calls by outcome", ["outcome"], registry=self.registry
         )
@@ -34,7 +98,15 @@ class Metrics:
         self._sources: list = []
         self._hub = None
         self._ats_hub = None
+        self._admission = None
         self.registry.register(self)
+
+    def rpc(
+        self, service: str, method: str, client_streaming: bool, server_streaming: bool
+    ) -> RpcMetrics:
+        """The series of one method (``service`` is the full name, e.g. reservd.v1.Admin)."""
+        kind = _GRPC_TYPES[(client_streaming, server_streaming)]
+        return RpcMetrics(self._handled, self._handling_seconds, (kind, service, method))
 
     def watch(
         self, ledger, log_, guard, mirror=None, supervisor=None, hub=None, ats_hub=None
@@ -44,7 +116,25 @@ class Metrics:
         self._hub = hub
         self._ats_hub = ats_hub
 
+    def watch_admission(self, admission) -> None:
+        """Report calls in flight, open streams and overload refusals at each scrape."""
+        self._admission = admission
+
     def collect(self):
+        admission = self._admission
+        if admission is not None:
+            yield GaugeMetricFamily(
+                "reservd_rpcs_in_flight", "Unary calls being handled", value=admission.rpcs
+            )
+            yield GaugeMetricFamily(
+                "reservd_streams_open", "WatchStock streams open",
+                value=sum(admission.watchers.values()),
+            )
+            yield CounterMetricFamily(
+                "reservd_overload_refusals",
+                "Calls refused RESOURCE_EXHAUSTED: in flight, streams or rate beyond their bound",
+                value=admission.refused,
+            )
         if not self._sources:
             return
         ledger, log_, guard, mirror, supervisor = self._sources
@@ -92,7 +182,7 @@ class Metrics:
             value=0 if guard.grant_reason is None else 1,
         )
         yield GaugeMetricFamily(
-            "reservd_fail_closed_since_seconds",
+            "reservd_fail_closed_since_timestamp_seconds",
             "Unix time since when reservations are refused (0 while open)",
             value=guard.closed_since or 0,
         )
@@ -174,8 +264,10 @@ class Metrics:
                 "reservd_wal_records", "WAL records written", value=stats.records
             )
 
-    def serve(self, port: int, address: str = "127.0.0.1") -> None:
-        start_http_server(port, addr=address, registry=self.registry)
+    def serve(self, port: int, address: str = "127.0.0.1") -> int:
+        """Serve /metrics on ``address:port`` (port 0: any); returns the bound port."""
+        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        return server.server_port
 
 
 def _channel_metrics(channels, ats_hub):

@@ -172,6 +172,8 @@ class RedisMirror:
         self.mirrored_seq = 0
         self.settled_seq = 0
         self.stats = MirrorStats()
+        # Told each successful batch write's seconds (reservd.metrics.Metrics).
+        self.observer = None
         self._position = 0  # ring position after the last entry <= settled_seq
         self._rewrite_seq = 0  # sequence of the latest full rewrite
         self._open = False
@@ -378,9 +380,12 @@ class RedisMirror:
             self.prefix, "apply", self.epoch, seq, time_ms, self.settled_seq,
             self.stale_after_ms, rows, lower,
         )
+        started = time.monotonic()
         await self._call(pack(("EVALSHA", self._batch_sha, len(keys), *keys, *args)))
         self._written_at = time.monotonic()
         self.stats.batches += 1
+        if self.observer is not None:
+            self.observer.mirror_write(self._written_at - started)
 
     async def _call(self, command: bytes):
         """Send one packed command on the mirror connection; return its reply (raises the

@@ -4,7 +4,9 @@ The log stores commands, not effects (as TigerBeetle does): replay re-applies th
 same ledger code. Time comes from the record (``at_ms``), never from the clock at replay, and an
 expiry is itself a command, so replay is deterministic.
 
-Payloads are little-endian; strings are a u16 byte length and UTF-8.
+Payloads are little-endian; strings are a u16 byte length and UTF-8. A Reserve's ``owner`` and
+a stock change's ``actor`` (the caller's identity, when authorization is on) are optional
+trailing strings: written only when set, so records written before them decode unchanged.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ class Reserve(NamedTuple):
     skus: tuple[str, ...]
     requested: tuple[int, ...]
     granted: tuple[int, ...]
+    owner: str = ""  # the identity that made it ("" with authorization off)
 
 
 class Commit(NamedTuple):
@@ -75,6 +78,7 @@ class StockChange(NamedTuple):
     value: int
     expected_on_hand: int | None
     reason: str
+    actor: str = ""  # the identity that asked for it ("" with authorization off)
 
 
 class SetChannel(NamedTuple):
@@ -140,6 +144,10 @@ class Reader:
         self.offset = end
         return value
 
+    def optional_text(self) -> str:
+        """A trailing optional string: "" when the payload ends here."""
+        return self.text() if self.offset < len(self.data) else ""
+
     def done(self) -> None:
         if self.offset != len(self.data):
             raise ValueError(f"{len(self.data) - self.offset} trailing bytes in payload")
@@ -157,6 +165,8 @@ def encode_reserve(command: Reserve) -> bytes:
     for sku, requested, granted in zip(command.skus, command.requested, command.granted):
         put_str(parts, sku)
         parts.append(_LINE.pack(requested, granted))
+    if command.owner:
+        put_str(parts, command.owner)
     return b"".join(parts)
 
 
@@ -188,6 +198,8 @@ def encode_stock(command: StockChange) -> bytes:
     put_str(parts, command.adjustment_id)
     put_str(parts, command.sku)
     put_str(parts, command.reason)
+    if command.actor:
+        put_str(parts, command.actor)
     return b"".join(parts)
 
 
@@ -267,6 +279,7 @@ def decode(record_type: int, payload: bytes):
             command = Reserve(
                 at_ms, reservation_id, channel, ttl_seconds, bool(allow_partial),
                 expires_at_ms, tuple(skus), tuple(requested), tuple(granted),
+                reader.optional_text(),
             )
         elif kind is RecordType.COMMIT:
             (at_ms,) = reader.unpack(_AT)
@@ -289,7 +302,8 @@ def decode(record_type: int, payload: bytes):
             sku = reader.text()
             reason = reader.text()
             command = StockChange(
-                at_ms, adjustment_id, sku, value, expected if has_expected else None, reason
+                at_ms, adjustment_id, sku, value, expected if has_expected else None, reason,
+                reader.optional_text(),
             )
     except struct.error as error:
         raise ValueError(f"{kind.name} payload too short: {error}") from None

@@ -13,9 +13,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from reservd import handlers
+from reservd import admission, auth, handlers, tls
 from reservd.clock import SystemClock
-from reservd.config import Config
+from reservd.config import Config, ConfigError
 from reservd.guard import Guard
 from reservd.ledger import Ledger
 from reservd.memlog import MemoryLog
@@ -63,6 +63,9 @@ class Daemon:
                 self.table, self.ledger, self.guard, config, supervisor=self.supervisor
             )
         self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.tls_files: tls.CertificateFiles | None = None
+        self.admission: admission.Admission | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
 
@@ -112,17 +115,24 @@ class Daemon:
         """Bind, recover, serve; returns the port. Raises OSError when the address cannot be
         bound, and what ``recover`` raises."""
         config = self.config
+        # Refusals (TLS files, roles, an exposed bind) come before anything is opened.
+        authorizer, credentials, self.tls_files = self.security(config)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", config.message_bytes_max),
                 ("grpc.max_send_message_length", config.message_bytes_max),
                 ("grpc.so_reuseport", 0),
+                *admission.server_options(config),
             ]
         )
+        self.admission = admission.Admission(config)
         # Bound before recovery (which may take a while, and creates the data directory), so
         # a taken port is refused at once; nothing listens until server.start().
         try:
-            self.port = server.add_insecure_port(config.bind)
+            if credentials is None:
+                self.port = server.add_insecure_port(config.bind)
+            else:
+                self.port = server.add_secure_port(config.bind, credentials)
         except RuntimeError:  # grpcio's way of saying the bind failed
             self.port = 0
         if not self.port:
@@ -148,16 +158,17 @@ class Daemon:
                 self.ledger, durability, self.guard, self.hub, config.limits, self.metrics,
                 self.ats_hub,
             ),
-            self._on_bug,
+            self._on_bug, authorizer=authorizer, metrics=self.metrics, admission=self.admission,
         )
         handlers.register(
             server, "Admin", AdminService(self.ledger, durability, self.guard, config.limits),
-            self._on_bug,
+            self._on_bug, authorizer=authorizer, metrics=self.metrics, admission=self.admission,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (RESERVATIONS, ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (RESERVATIONS, ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
         await server.start()
         self._server = server
         for service in (ADMIN, ""):
@@ -173,8 +184,15 @@ class Daemon:
             self.ledger, self.log, self.guard, self.mirror, self.supervisor, self.hub,
             self.ats_hub,
         )
-        if config.metrics_port is not None:
-            self.metrics.serve(config.metrics_port)
+        self.metrics.watch_admission(self.admission)
+        for part in (self.log, self.mirror):
+            if hasattr(part, "observer"):
+                part.observer = self.metrics
+        if config.metrics_bind is not None:
+            host, _, port = config.metrics_bind.rpartition(":")
+            self.metrics_port = self.metrics.serve(int(port), host.strip("[]"))
+        elif config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(config.metrics_port)
         self.supervisor.spawn(self._expire_loop(), "expiry")
         if not isinstance(self.log, MemoryLog):
             self.supervisor.spawn(self._snapshot_loop(), "snapshot")
@@ -184,6 +202,28 @@ class Daemon:
                    "data_dir": str(config.data_dir) if config.data_dir else None},
         )
         return self.port
+
+    @staticmethod
+    def security(config: Config):
+        """(authorizer or None when off, TLS credentials or None for plain text, the
+        certificate files) for a Config; raises ConfigError for a TLS file, token or role an
+        operator must fix, and for a non-loopback bind with neither TLS nor authentication
+        unless ``insecure`` (then it warns)."""
+        authorizer = auth.from_config(config)
+        tls_files = tls.server_credentials(config)
+        if not auth.is_loopback(config.bind) and tls_files is None and authorizer is None:
+            if not config.insecure:
+                raise ConfigError(
+                    f"bind: {config.bind} is not loopback and there is no TLS and no "
+                    "authentication; configure tls_cert_file/tls_key_file or auth_tokens_file, "
+                    "or pass --insecure"
+                )
+            log.warning(
+                "serving plain text with no authentication on a non-loopback address",
+                extra={"bind": config.bind},
+            )
+        credentials, files = tls_files if tls_files else (None, None)
+        return authorizer, credentials, files
 
     async def stop(self, grace_seconds: float | None = None) -> None:
         """Stop taking calls, let in-flight ones finish (up to the grace), flush the log."""

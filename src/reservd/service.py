@@ -2,9 +2,11 @@
 answers. It holds no business rule: outcomes come from reservd.ledger."""
 from __future__ import annotations
 
+import logging
+
 import grpc
 
-from reservd import validation
+from reservd import auth, validation
 from reservd.channelservice import AtsRpcs, ChannelAdminRpcs, line_extras
 from reservd.config import Limits
 from reservd.guard import Guard
@@ -15,6 +17,8 @@ from reservd.v1 import reservd_pb2_grpc as pb_grpc
 from reservd.validation import Invalid
 from reservd.wal import WalFailed
 from reservd.watch import TooManyWatchers, WatchHub
+
+audit = logging.getLogger("reservd.audit")
 
 _STATUS = {
     Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
@@ -137,7 +141,8 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
             # The caller has already given up: a grant now would be a phantom hold.
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before apply")
         outcome = self.ledger.reserve(
-            reservation_id, skus, quantities, channel, ttl_seconds, request.allow_partial
+            reservation_id, skus, quantities, channel, ttl_seconds, request.allow_partial,
+            auth.caller.get() or "",
         )
         if isinstance(outcome, Rejection):
             self.metrics.reserve_rejected.inc()
@@ -181,11 +186,20 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
     def _reservation_id(self, request) -> str:
         return validation.reservation_id(request, self.limits)
 
+    async def _owned(self, reservation_id: str, verb: str, context) -> None:
+        """PERMISSION_DENIED unless the caller made the reservation (or is an admin)."""
+        reservation = self.ledger.reservations.get(reservation_id)
+        if reservation is not None:
+            denial = auth.denied(reservation.owner, reservation_id, verb)
+            if denial is not None:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, denial)
+
     async def Commit(self, request: pb.CommitRequest, context) -> pb.ReservationResponse:
         try:
             reservation_id, lines = validation.commit_request(request, self.limits)
         except Invalid as error:
             await _invalid(context, error)
+        await self._owned(reservation_id, "commit", context)
         await _writable(self.guard, context)
         return await self._finish(self.ledger.commit(reservation_id, lines), context)
 
@@ -194,6 +208,7 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
             reservation_id, ttl_seconds = validation.extend_request(request, self.limits)
         except Invalid as error:
             await _invalid(context, error)
+        await self._owned(reservation_id, "extend", context)
         await _writable(self.guard, context)
         return await self._finish(self.ledger.extend(reservation_id, ttl_seconds), context)
 
@@ -202,6 +217,7 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
             reservation_id = self._reservation_id(request)
         except Invalid as error:
             await _invalid(context, error)
+        await self._owned(reservation_id, "release", context)
         await _writable(self.guard, context)
         return await self._finish(self.ledger.release(reservation_id), context)
 
@@ -210,6 +226,7 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
             reservation_id = self._reservation_id(request)
         except Invalid as error:
             await _invalid(context, error)
+        await self._owned(reservation_id, "fulfil", context)
         await _writable(self.guard, context)
         return await self._finish(self.ledger.fulfil(reservation_id), context)
 
@@ -220,6 +237,7 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
             reservation_id = self._reservation_id(request)
         except Invalid as error:
             await _invalid(context, error)
+        await self._owned(reservation_id, "read", context)
         reservation = self.ledger.reservations.get(reservation_id)
         if reservation is None:
             await context.abort(
@@ -292,13 +310,20 @@ class AdminService(ChannelAdminRpcs, pb_grpc.AdminServicer):
             expected = validation.on_hand("expected_on_hand", request.expected_on_hand, limits)
         return sku, adjustment_id, reason, expected
 
-    async def _answer(self, outcome, context) -> pb.StockAdjustmentResponse:
+    async def _answer(self, outcome, context, method: str, adjustment_id: str):
         if isinstance(outcome, Rejection):
             await _reject(context, outcome)
         if outcome.seq:
             # A lower on_hand makes stock less available: the mirror must hold it first.
             grant = outcome.on_hand < outcome.previous_on_hand
             await self.durability.wait(outcome.seq, context, grant=grant)
+            # Audit: who changed stock (the same identity is in the logged command).
+            audit.info(
+                "stock changed",
+                extra={"identity": auth.caller.get(), "method": method, "sku": outcome.sku,
+                       "adjustment_id": adjustment_id, "on_hand": outcome.on_hand,
+                       "previous_on_hand": outcome.previous_on_hand, "seq": outcome.seq},
+            )
         return pb.StockAdjustmentResponse(
             stock=pb.Stock(
                 sku=outcome.sku, on_hand=outcome.on_hand, reserved=outcome.reserved,
@@ -318,8 +343,10 @@ class AdminService(ChannelAdminRpcs, pb_grpc.AdminServicer):
         except Invalid as error:
             await _invalid(context, error)
         await _writable(self.guard, context)
-        outcome = self.ledger.set_stock(adjustment_id, sku, on_hand, expected, reason)
-        return await self._answer(outcome, context)
+        outcome = self.ledger.set_stock(
+            adjustment_id, sku, on_hand, expected, reason, auth.caller.get() or ""
+        )
+        return await self._answer(outcome, context, "SetStock", adjustment_id)
 
     async def AdjustStock(self, request: pb.AdjustStockRequest, context):
         try:
@@ -328,5 +355,7 @@ class AdminService(ChannelAdminRpcs, pb_grpc.AdminServicer):
         except Invalid as error:
             await _invalid(context, error)
         await _writable(self.guard, context)
-        outcome = self.ledger.adjust_stock(adjustment_id, sku, delta, expected, reason)
-        return await self._answer(outcome, context)
+        outcome = self.ledger.adjust_stock(
+            adjustment_id, sku, delta, expected, reason, auth.caller.get() or ""
+        )
+        return await self._answer(outcome, context, "AdjustStock", adjustment_id)

@@ -11,6 +11,8 @@ versions (strings are a u16 byte length and UTF-8, as in reservd.records)::
                       expires_at_ms i64 | seq i64 | finished_at_ms i64 | committed_present u8 |
                       lines u16, then per request line: sku | requested i64 | granted i64 |
                       committed i64
+    owner (4):        reservation_id | owner (only reservations made by an identity; the
+                      rows follow the reservations they name; older snapshots have none)
     adjustment (3):   adjustment_id | kind u8 | sku | value i64 | expected_present u8 |
                       expected i64 | on_hand i64 | reserved i64 | committed i64 |
                       previous_on_hand i64 | seq i64 | finished_at_ms i64
@@ -45,6 +47,7 @@ _SECTION_ROWS_MAX = 4096  # rows per section, so no section header needs a huge 
 STOCK = 1
 RESERVATION = 2
 ADJUSTMENT = 3
+OWNER = 4
 
 
 def encode(
@@ -52,11 +55,14 @@ def encode(
     stock: Iterable[tuple],
     reservations: Iterable[tuple],
     adjustments: Iterable[tuple],
+    owners: Iterable[tuple] = (),
 ) -> bytes:
-    """The state after ``seq`` as format-3 bytes; rows as :func:`decode` yields them."""
+    """The state after ``seq`` as format-3 bytes; rows as :func:`decode` yields them.
+    ``owners`` is read after ``reservations`` has been consumed."""
     out = bytearray(_HEAD.pack(MAGIC, FORMAT, seq))
     _sections(out, STOCK, stock, _put_stock)
     _sections(out, RESERVATION, reservations, _put_reservation)
+    _sections(out, OWNER, owners, _put_owner)
     _sections(out, ADJUSTMENT, adjustments, _put_adjustment)
     return bytes(out)
 
@@ -68,6 +74,7 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
     - RESERVATION: (reservation_id, channel, (skus, requested, channel, ttl_seconds,
       allow_partial), held_skus, granted, committed or None, state, expires_at_ms, seq,
       finished_at_ms), held_skus and granted being the lines with granted > 0
+    - OWNER: (reservation_id, owner), after that reservation's row
     - ADJUSTMENT: (adjustment_id, kind, (sku, value, expected_on_hand or None),
       (sku, on_hand, reserved, committed, previous_on_hand, shortfall, seq, False),
       finished_at_ms)
@@ -91,7 +98,10 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
 def _rows(payload: bytes) -> Iterator[tuple[int, tuple]]:
     reader = Reader(payload)
     reader.offset = _HEAD.size
-    readers = {STOCK: _read_stock, RESERVATION: _read_reservation, ADJUSTMENT: _read_adjustment}
+    readers = {
+        STOCK: _read_stock, RESERVATION: _read_reservation, OWNER: _read_owner,
+        ADJUSTMENT: _read_adjustment,
+    }
     try:
         while reader.offset < len(payload):
             kind, count = reader.unpack(_SECTION)
@@ -130,6 +140,16 @@ def _put_stock(parts: list, row: tuple) -> None:
 
 def _read_stock(reader: Reader) -> tuple:
     return (reader.text(), *reader.unpack(_STOCK))
+
+
+def _put_owner(parts: list, row: tuple) -> None:
+    reservation_id, owner = row
+    put_str(parts, reservation_id)
+    put_str(parts, owner)
+
+
+def _read_owner(reader: Reader) -> tuple:
+    return (reader.text(), reader.text())
 
 
 def _put_reservation(parts: list, row: tuple) -> None:

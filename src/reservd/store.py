@@ -5,14 +5,15 @@ a kilobyte; as one packed record under its id it costs the record, the id and a 
 stores are mappings whose values are decoded on access (:class:`Reservation`,
 :class:`Adjustment`), so the ledger reads and writes whole values and never sees the layout.
 
-SKUs are kept as counter-table handles (the table keeps each SKU's name once) and channels as an
-index into an interned list, so no record holds a str of its own. Records are immutable bytes: a
+SKUs are kept as counter-table handles (the table keeps each SKU's name once) and the (channel,
+owner) pair as an index into an interned list, so no record holds a str of its own. Records are immutable bytes: a
 shallow copy of a store's dict (``raw()``) is a consistent snapshot that can be decoded later in
 a worker thread (handles and channel indexes never change meaning).
 
 Layouts (little-endian):
 
-- reservation: state u8 | flags u8 (1: allow_partial, 2: committed) | lines u16 | channel u32 |
+- reservation: state u8 | flags u8 (1: allow_partial, 2: committed) | lines u16 |
+  (channel, owner) u32 |
   ttl_seconds i32 | expires_at_ms i64 | seq i64 | finished_at_ms i64, then per request line:
   handle i64 | requested i64 | granted i64 | committed i64;
 - adjustment: kind u8 | has_expected u8 | handle i64 | value i64 | expected i64 | on_hand i64 |
@@ -62,6 +63,7 @@ class Reservation(NamedTuple):
     expires_at_ms: int
     seq: int  # sequence of the latest mutation of this reservation
     finished_at_ms: int
+    owner: str = ""  # the identity that made it ("" with authorization off)
 
 
 class StockOutcome(NamedTuple):
@@ -87,8 +89,9 @@ class ReservationStore(MutableMapping):
     def __init__(self, table) -> None:
         self._table = table
         self._records: dict[str, bytes] = {}
-        self._channels: list[str] = []
-        self._channel_index: dict[str, int] = {}
+        # Interned (channel, owner) pairs: few distinct ones, so a record keeps one u32 for both.
+        self._origins: list[tuple[str, str]] = []
+        self._origin_index: dict[tuple[str, str], int] = {}
         # The last record decoded and its view: a mutation reads the same record two or three
         # times (find, apply, answer). Records are immutable, so identity is enough. One
         # attribute holding a pair, read and replaced whole: snapshot encoding decodes in a
@@ -126,12 +129,13 @@ class ReservationStore(MutableMapping):
         """A consistent copy of the records (cheap); decode each with :meth:`decode`."""
         return list(self._records.items())
 
-    def _channel(self, channel: str) -> int:
-        index = self._channel_index.get(channel)
+    def _origin(self, channel: str, owner: str) -> int:
+        origin = (channel, owner)
+        index = self._origin_index.get(origin)
         if index is None:
-            index = len(self._channels)
-            self._channels.append(channel)
-            self._channel_index[channel] = index
+            index = len(self._origins)
+            self._origins.append(origin)
+            self._origin_index[origin] = index
         return index
 
     def _encode(self, reservation: Reservation) -> bytes:
@@ -141,7 +145,8 @@ class ReservationStore(MutableMapping):
         )
         parts = [
             _RESERVATION.pack(
-                reservation.state, flags, len(skus), self._channel(channel), ttl_seconds,
+                reservation.state, flags, len(skus), self._origin(channel, reservation.owner),
+                ttl_seconds,
                 reservation.expires_at_ms, reservation.seq, reservation.finished_at_ms,
             )
         ]
@@ -172,7 +177,7 @@ class ReservationStore(MutableMapping):
         cached_data, cached_view = self._cached
         if data is cached_data and cached_view.reservation_id == reservation_id:
             return cached_view
-        (state, flags, count, channel_index, ttl_seconds, expires_at_ms, seq,
+        (state, flags, count, origin_index, ttl_seconds, expires_at_ms, seq,
          finished_at_ms) = _RESERVATION.unpack_from(data)
         sku_of = self._table.sku
         skus, requested, held_skus, handles, granted, committed = [], [], [], [], [], []
@@ -188,13 +193,13 @@ class ReservationStore(MutableMapping):
                 granted.append(given)
                 committed.append(moved)
         assert len(skus) == count, (reservation_id, len(skus), count)
-        channel = self._channels[channel_index]
+        channel, owner = self._origins[origin_index]
         view = Reservation(
             reservation_id, channel,
             (tuple(skus), tuple(requested), channel, ttl_seconds, bool(flags & _ALLOW_PARTIAL)),
             tuple(held_skus), tuple(handles), tuple(granted),
             tuple(committed) if flags & _COMMITTED else None,
-            _STATES[state], expires_at_ms, seq, finished_at_ms,
+            _STATES[state], expires_at_ms, seq, finished_at_ms, owner,
         )
         self._cached = (data, view)
         return view

@@ -11,6 +11,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,8 @@ class WriteAheadLog:
         self.durable_seq = 0
         self.failed: WalFailed | None = None
         self.stats = WalStats()
+        # Told each fdatasync's seconds and each batch's records (reservd.metrics.Metrics).
+        self.observer = None
         self._recovered = False
         self._lock_fd: int | None = None
         # Segments as (first seq, path), oldest first; the flusher thread appends at rotation,
@@ -352,6 +355,8 @@ class WriteAheadLog:
                     self._flush_executor, self._write_and_sync, data, first_seq
                 )
                 self._durable(first_seq, last_seq, len(data))
+            if self.observer is not None:
+                self.observer.batch(last_seq - first_seq + 1)
         except WalFailed as failure:
             self._fail(failure)
         except BaseException as error:
@@ -375,11 +380,14 @@ class WriteAheadLog:
     def _sync(self) -> None:
         """Flusher thread: fdatasync the tail segment. Never retried: after a failed fsync the
         kernel may have dropped the dirty pages and a retry could report success."""
+        started = time.perf_counter()
         try:
             self.files.fdatasync(self._fd)
         except OSError as error:
             raise WalFailed("fdatasync", self._segments[-1][1], error) from error
         self.stats.fsyncs += 1
+        if self.observer is not None:
+            self.observer.fsync(time.perf_counter() - started)
 
     def _write_and_sync(self, data: bytes | bytearray, first_seq: int) -> None:
         self._write(data, first_seq)

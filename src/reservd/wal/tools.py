@@ -1,12 +1,14 @@
 """``reservd wal verify|dump DIR``: what recovery would find, without modifying anything."""
 from __future__ import annotations
 
+import json
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TextIO
 
+from reservd import records
 from reservd.wal.errors import NotADataDirectory, WalCorruption
 from reservd.wal.format import (
     _SEGMENT_NAME,
@@ -117,13 +119,26 @@ def read(
     return report, snapshot, _iter_records(found.segments, files, after_seq)
 
 
+def _decoded(record_type: int, payload: bytes) -> tuple[str, str]:
+    """(type name, the command as JSON) for ``dump``; a payload that does not decode is shown
+    in hex after the reason."""
+    try:
+        name = records.RecordType(record_type).name
+        command = records.decode(record_type, payload)
+    except ValueError as error:
+        return str(record_type), f"undecodable ({error}): {payload.hex()}"
+    return name, json.dumps(command._asdict(), ensure_ascii=False)
+
+
 def dump(
     directory: str | os.PathLike[str], out: TextIO, *, payload_prefix_bytes: int = 32,
-    files: FileLayer = OS_FILES,
+    files: FileLayer = OS_FILES, decoded: bool = False,
 ) -> int:
     """Print every record of every segment, one tab-separated line each: seq, type, length,
     crc, segment, offset, payload hex prefix. Snapshots and bad frames are ``#`` comment lines;
     after a bad frame the dump resumes at the next valid frame. Returns the records printed.
+    ``decoded`` (``reservd wal dump``): the type by name and the payload as the command it
+    holds, in JSON (who asked, for an audited change).
     Raises NotADataDirectory for a missing path or a file; an empty directory has no records.
     """
     directory = Path(directory)
@@ -155,9 +170,12 @@ def dump(
                 continue
             crc, length = struct.unpack_from("<II", data, offset)
             start = offset + FRAME_HEAD_BYTES
-            prefix = data[start : start + min(length, payload_prefix_bytes)].hex()
-            more = "..." if length > payload_prefix_bytes else ""
-            out.write(f"{seq}\t{type_}\t{length}\t{crc:08x}\t{name}\t{offset}\t{prefix}{more}\n")
+            if decoded:
+                type_, shown = _decoded(type_, data[start : start + length])
+            else:
+                prefix = data[start : start + min(length, payload_prefix_bytes)].hex()
+                shown = prefix + ("..." if length > payload_prefix_bytes else "")
+            out.write(f"{seq}\t{type_}\t{length}\t{crc:08x}\t{name}\t{offset}\t{shown}\n")
             printed += 1
             offset += frame_bytes
     return printed
