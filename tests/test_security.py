@@ -162,14 +162,24 @@ REQUESTS = {
     ("Reservations", "BatchStream"): pb.BatchRequest(
         ops=[pb.BatchOp(release=pb.ReleaseRequest(reservation_id="r1"))]
     ),
+    ("Reservations", "GetAts"): pb.GetAtsRequest(skus=["a"]),
+    ("Reservations", "WatchAts"): pb.WatchAtsRequest(skus=["a"]),
     ("Admin", "SetStock"): pb.SetStockRequest(sku="a", on_hand=5, adjustment_id="s"),
     ("Admin", "AdjustStock"): pb.AdjustStockRequest(sku="a", delta=1, adjustment_id="d"),
+    ("Admin", "SetChannel"): pb.SetChannelRequest(channel="amazon", change_id="c"),
+    ("Admin", "ListChannels"): pb.ListChannelsRequest(),
+    ("Admin", "SetSkuPolicy"): pb.SetSkuPolicyRequest(sku="a", channel="amazon", change_id="p"),
+    ("Admin", "Allocate"): pb.AllocateRequest(
+        sku="a", from_bucket="shared", to_bucket="pool", units=1, change_id="l"
+    ),
+    ("Admin", "GetBuckets"): pb.GetBucketsRequest(skus=["a"]),
 }
 ALLOWED = {
     "checkout": {"Reserve", "Commit", "Extend", "Release", "Fulfil", "GetReservation", "GetStock",
                  "Batch", "BatchStream"},
-    "sync": {"GetStock", "WatchStock"},
-    "ops": {"GetReservation", "GetStock", "WatchStock"},
+    "sync": {"GetStock", "WatchStock", "GetAts", "WatchAts", "ListChannels"},
+    "ops": {"GetReservation", "GetStock", "WatchStock", "GetAts", "WatchAts", "ListChannels",
+            "GetBuckets"},
     "admin": {method for _, method in REQUESTS},
 }
 
@@ -186,7 +196,7 @@ async def _call(channel, service, method, request, metadata):
         request = iter([request])
     call = getattr(stub, method)(request, metadata=metadata, timeout=5)
     try:
-        if method in ("WatchStock", "BatchStream"):
+        if method in ("WatchStock", "WatchAts", "BatchStream"):
             async for _ in call:
                 call.cancel()
                 break

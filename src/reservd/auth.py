@@ -35,7 +35,8 @@ _CHECKOUT = frozenset({
     "Reserve", "Commit", "Extend", "Release", "Fulfil", "Batch", "BatchStream", "GetReservation",
     "GetStock",
 })
-_SYNC = frozenset({"GetStock", "GetAts", "WatchStock", "WatchAts"})
+# ListChannels: a sync worker learns which channels to push (it is in the Admin service).
+_SYNC = frozenset({"GetStock", "GetAts", "WatchStock", "WatchAts", "ListChannels"})
 _READ_PREFIXES = ("Get", "List", "Watch")
 
 ROLES = ("checkout", "sync", "ops", "admin")
@@ -51,12 +52,12 @@ def role_allows(role: str, service: str, method: str) -> bool:
         return True
     if role == "ops":
         return method.startswith(_READ_PREFIXES)
+    if role == "sync":
+        return method in _SYNC
     if service != "Reservations":
         return False
     if role == "checkout":
         return method in _CHECKOUT
-    if role == "sync":
-        return method in _SYNC
     raise ValueError(f"unknown role {role!r}")
 
 
