@@ -43,7 +43,7 @@ def test_cli_and_kill_9_restart_give_the_same_ats(tmp_path):
             "amazon": 153, "ebay": 100, "seeding": 30, "shopify": 170, "tiktok": 640,
             "tiktok-fbt": 300, "walmart": 144, }
         watched = _cli("watch-ats", "hero", "--channel", "tiktok", "--count", "1", *target)
-        assert (watched[0]["ats"], watched[0]["snapshot"]) == ("640", True)
+        assert (watched[0]["ats"], watched[0]["snapshot"]) == (640, True)
         buckets = _cli("buckets", "hero", *target)
         listed = _cli("channel", "list", *target)
         daemon.kill()
