@@ -451,6 +451,52 @@ def test_restore(table):
     assert table.lookup("B") == -1
 
 
+def test_unsellable_is_on_hand_but_never_available(table):
+    a = stocked(table, "A", 5, seq=1)
+    assert table.unsellable(a) == 0
+    # A return of 3 arrives into quarantine: on hand, not available.
+    assert table.move_unsellable(a, 3, 3, 2) == (8, 3)
+    assert table.counters(a) == (8, 0, 0) and table.unsellable(a) == 3
+    status, _, granted, available = table.reserve(["A"], [6], False, 3)
+    assert status == reservd.table.RESERVE_INSUFFICIENT and available == (5,)
+    status, _, granted, available = table.reserve(["A"], [6], True, 3)
+    assert granted == (5,) and available == (0,)
+    # Inspection passes 2: they become available; the damaged one stays unsellable.
+    assert table.move_unsellable(a, 0, -2, 4) == (8, 1)
+    assert table.reserve(["A"], [2], False, 5)[3] == (0,)
+    # Write-off of the damaged unit leaves on_hand and unsellable together.
+    assert table.move_unsellable(a, -1, -1, 6) == (7, 0)
+    assert table.reserve(["A"], [1], False, 7)[3] == (0,)
+    assert [e[2:] for e in entries(table)] == [
+        (5, 0, 0), (8, 0, 0), (8, 5, 0), (8, 5, 0), (8, 7, 0), (7, 7, 0)]
+
+
+def test_move_unsellable_refuses_and_changes_nothing(table):
+    a = stocked(table, "A", 5, seq=1)
+    table.move_unsellable(a, 0, 2, 2)
+    head = table.ring_head
+    for on_hand_delta, unsellable_delta in [(0, -3), (-6, 0), (0, 4), (-4, 0), (-5, -1)]:
+        with pytest.raises(ValueError, match="'A'"):
+            table.move_unsellable(a, on_hand_delta, unsellable_delta, 3)
+    assert table.counters(a) == (5, 0, 0) and table.unsellable(a) == 2
+    assert table.move_unsellable(a, 0, 0, 3) == (5, 2) and table.ring_head == head
+    with pytest.raises(OverflowError):
+        table.move_unsellable(a, (1 << 63) - 1, 0, 3)
+    with pytest.raises(TypeError):
+        table.move_unsellable(a, 1.0, 0, 3)
+    with pytest.raises(AssertionError, match="seq 0"):
+        table.move_unsellable(a, 1, 1, 0)
+    assert table.counters(a) == (5, 0, 0) and table.unsellable(a) == 2
+
+
+def test_restore_unsellable(table):
+    a = table.restore("A", 10, 3, 2, 4)
+    assert table.unsellable(a) == 4 and table.reserve(["A"], [2], False, 1)[3] == (1,)
+    with pytest.raises(ValueError):
+        table.restore("B", 1, 0, 0, -1)
+    assert table.unsellable(table.restore("A", 1, 0, 0)) == 0
+
+
 # -- sequence order and invariants -------------------------------------------------------------
 
 
@@ -549,10 +595,11 @@ class Model:
         self.entries: list[tuple] = []
         # The lowest available a SKU may show: min(0, what the last recount left).
         self.floor: dict[str, int] = {}
+        self.unsellable: dict[str, int] = {}
 
     def available(self, sku):
         on_hand, reserved, committed = self.counters[sku]
-        return on_hand - reserved - committed
+        return on_hand - reserved - committed - self.unsellable[sku]
 
     def reserve(self, lines, partial, seq):
         if any(sku not in self.counters for sku, _ in lines):
@@ -660,6 +707,7 @@ class TableMachine(RuleBasedStateMachine):
         if sku not in self.model.counters:
             self.model.counters[sku] = [0, 0, 0]
             self.model.floor[sku] = 0
+            self.model.unsellable[sku] = 0
 
     @rule(lines=LINES, partial=st.booleans(), same_seq=st.booleans())
     def reserve(self, lines, partial, same_seq):
@@ -731,6 +779,32 @@ class TableMachine(RuleBasedStateMachine):
         assert error is None and result == on_hand
         self.model.recount(sku, on_hand, seq)
 
+    @rule(sku=st.sampled_from(SKUS), units=st.integers(0, 8),
+          shape=st.sampled_from(["return", "hold", "pass", "write_off"]))
+    def move_unsellable(self, sku, units, shape):
+        """The stock-state moves: a return into quarantine (+u, +u), a hold of sellable units
+        (0, +u, only from available, as reservd.stockstates checks), an inspection passing
+        units (0, -u), a write-off of damaged units (-u, -u)."""
+        if sku not in self.model.counters:
+            return
+        if shape == "hold":
+            units = min(units, max(self.model.available(sku), 0))
+        deltas = {"return": (units, units), "hold": (0, units), "pass": (0, -units),
+                  "write_off": (-units, -units)}[shape]
+        seq = self.next_seq(False)
+        result, error = self.both("move_unsellable", self.handle(sku), *deltas, seq)
+        row = self.model.counters[sku]
+        on_hand, unsellable = row[0] + deltas[0], self.model.unsellable[sku] + deltas[1]
+        if on_hand < 0 or unsellable < 0 or unsellable > on_hand:
+            assert error is ValueError
+            return
+        assert error is None and result == (on_hand, unsellable)
+        event(f"move_unsellable {shape}")
+        if deltas != (0, 0):
+            row[0] = on_hand
+            self.model.unsellable[sku] = unsellable
+            self.model.entries.append((seq, sku, *row))
+
     @rule(seq=st.integers(-1, 60))
     def position_after(self, seq):
         positions = [t.position_after(seq) for t in self.tables]
@@ -747,6 +821,8 @@ class TableMachine(RuleBasedStateMachine):
             assert sorted(table.items()) == expected
             assert len(table) == len(expected)
             assert table.ring_head == len(self.model.entries)
+            for sku, unsellable in self.model.unsellable.items():
+                assert table.unsellable(table.lookup(sku)) == unsellable
         for sku, (on_hand, reserved, committed) in self.model.counters.items():
             assert on_hand >= 0 and reserved >= 0 and committed >= 0
             assert self.model.available(sku) >= self.model.floor[sku], sku
