@@ -94,7 +94,7 @@ cdef inline object _line(object lines, Py_ssize_t i):
 cdef inline int64_t _available(const row_t* row) noexcept:
     # reserved + committed never exceeds INT64_MAX (reserve grants at most on_hand - both, commit
     # moves at most what it takes, restore checks it), so neither step can overflow; unsellable
-    # never exceeds on_hand when set (move_unsellable checks), and reality only lowers on_hand.
+    # is bounded by the ledger (every unit entering it entered on_hand, <= on_hand_max).
     return row.on_hand - (row.reserved + row.committed) - row.unsellable
 
 
@@ -606,8 +606,9 @@ cdef class Table:
         The one mutation of the stock states: a return arriving into quarantine is (+u, +u), an
         inspection passing units is (0, -u), a write-off of damaged units is (-u, -u). Returns
         (on_hand, unsellable). ValueError, with nothing changed, if on_hand or unsellable would
-        go below zero or unsellable above on_hand; OverflowError beyond int64. One change entry
-        if anything changed.
+        go below zero; OverflowError beyond int64. One change entry if anything changed.
+        unsellable may exceed on_hand after a recount (reality wins): available is then
+        negative, as under any shortfall.
         """
         cdef int64_t seq_value = self._begin(seq)
         cdef int64_t h = self._handle(handle)
@@ -617,8 +618,7 @@ cdef class Table:
         if (d_on_hand > 0 and row.on_hand > INT64_MAX - d_on_hand) or (
                 d_unsellable > 0 and row.unsellable > INT64_MAX - d_unsellable):
             raise OverflowError(f"moving stock of SKU {self._sku_of(h)!r} does not fit in int64")
-        if (row.on_hand + d_on_hand < 0 or row.unsellable + d_unsellable < 0
-                or row.unsellable + d_unsellable > row.on_hand + d_on_hand):
+        if row.on_hand + d_on_hand < 0 or row.unsellable + d_unsellable < 0:
             raise ValueError(
                 f"moving stock of SKU {self._sku_of(h)!r} by on_hand {d_on_hand:+d}, unsellable "
                 f"{d_unsellable:+d} would make on_hand={row.on_hand + d_on_hand}, "

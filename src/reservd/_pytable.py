@@ -341,7 +341,7 @@ class Table:
         unsellable = self._unsellable_of(handle) + d_unsellable
         if on_hand > INT64_MAX or unsellable > INT64_MAX:
             raise OverflowError(f"moving stock of SKU {self._sku_of(handle)!r} does not fit in int64")
-        if on_hand < 0 or unsellable < 0 or unsellable > on_hand:
+        if on_hand < 0 or unsellable < 0:
             raise ValueError(
                 f"moving stock of SKU {self._sku_of(handle)!r} by on_hand {d_on_hand:+d}, "
                 f"unsellable {d_unsellable:+d} would make on_hand={on_hand}, "
