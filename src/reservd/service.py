@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from reservd import validation
+from reservd import stockstates, validation
 from reservd.channelservice import AtsRpcs, ChannelAdminRpcs, line_extras
 from reservd.config import Limits
 from reservd.guard import Guard
@@ -233,16 +233,16 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
         except Invalid as error:
             await _invalid(context, error)
         stock = []
-        for i, (sku, counters) in enumerate(zip(skus, self.ledger.table.stock(skus))):
+        for i, (sku, counters) in enumerate(zip(skus, self.ledger.stock_rows(skus))):
             if counters is None:
                 await context.abort(
                     grpc.StatusCode.NOT_FOUND, f"skus[{i}]: sku {sku!r} is unknown"
                 )
-            on_hand, reserved, committed = counters
+            on_hand, reserved, committed, _ = counters
             stock.append(
                 pb.Stock(
                     sku=sku, on_hand=on_hand, reserved=reserved, committed=committed,
-                    available=on_hand - reserved - committed,
+                    available=stockstates.available(*counters),
                 )
             )
         return pb.GetStockResponse(stock=stock)
@@ -303,7 +303,10 @@ class AdminService(ChannelAdminRpcs, pb_grpc.AdminServicer):
             stock=pb.Stock(
                 sku=outcome.sku, on_hand=outcome.on_hand, reserved=outcome.reserved,
                 committed=outcome.committed,
-                available=outcome.on_hand - outcome.reserved - outcome.committed,
+                available=stockstates.available(
+                    outcome.on_hand, outcome.reserved, outcome.committed,
+                    self.ledger.states.unsellable_of(outcome.sku),
+                ),
             ),
             previous_on_hand=outcome.previous_on_hand,
             shortfall=outcome.shortfall,

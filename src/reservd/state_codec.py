@@ -14,6 +14,15 @@ versions (strings are a u16 byte length and UTF-8, as in reservd.records)::
     adjustment (3):   adjustment_id | kind u8 | sku | value i64 | expected_present u8 |
                       expected i64 | on_hand i64 | reserved i64 | committed i64 |
                       previous_on_hand i64 | seq i64 | finished_at_ms i64
+    states (4):       sku | quarantine i64 | damaged i64 | quality_control i64
+    return (5):       return_id | sku | units i64 | reservation_id | at_ms i64 | inspected u8 |
+                      sellable_units i64 | damaged_units i64 | quarantine i64 | damaged i64 |
+                      quality_control i64 | seq i64 (the last three and seq: right after the
+                      return's last command, for an idempotent repeat's answer)
+    write-off (6):    change_id | sku | units i64 | state | at_ms i64 | seq i64
+
+Format 4 added sections 4-6 (reservd.stockstates); format 3 (the same without them) is still
+read.
 
 Format 2 (pickled chunks of builtin types, written before format 3) is still read, so a data
 directory written by an older reservd recovers; it is never written.
@@ -29,7 +38,8 @@ from typing import Iterable, Iterator
 
 from reservd.records import Reader, put_str
 
-FORMAT = 3
+FORMAT = 4
+_FORMATS_READ = (3, 4)
 MAGIC = b"RSVDSTAT"
 _HEAD = struct.Struct("<8sIq")
 _SECTION = struct.Struct("<BI")
@@ -40,11 +50,18 @@ _ADJUSTMENT_HEAD = struct.Struct("<B")
 _ADJUSTMENT = struct.Struct("<qBqqqqqqq")
 _LEGACY_FORMAT = 2
 _LEGACY_CHUNK = struct.Struct("<I")
+_STATES = struct.Struct("<qqq")
+_RETURN_HEAD = struct.Struct("<q")
+_RETURN = struct.Struct("<qBqqqqqq")
+_WRITE_OFF = struct.Struct("<qqq")
 _SECTION_ROWS_MAX = 4096  # rows per section, so no section header needs a huge count
 
 STOCK = 1
 RESERVATION = 2
 ADJUSTMENT = 3
+STATES = 4
+RETURN = 5
+WRITE_OFF = 6
 
 
 def encode(
@@ -52,12 +69,18 @@ def encode(
     stock: Iterable[tuple],
     reservations: Iterable[tuple],
     adjustments: Iterable[tuple],
+    states: Iterable[tuple] = (),
+    returns: Iterable[tuple] = (),
+    write_offs: Iterable[tuple] = (),
 ) -> bytes:
-    """The state after ``seq`` as format-3 bytes; rows as :func:`decode` yields them."""
+    """The state after ``seq`` as format-4 bytes; rows as :func:`decode` yields them."""
     out = bytearray(_HEAD.pack(MAGIC, FORMAT, seq))
     _sections(out, STOCK, stock, _put_stock)
     _sections(out, RESERVATION, reservations, _put_reservation)
     _sections(out, ADJUSTMENT, adjustments, _put_adjustment)
+    _sections(out, STATES, states, _put_states)
+    _sections(out, RETURN, returns, _put_return)
+    _sections(out, WRITE_OFF, write_offs, _put_write_off)
     return bytes(out)
 
 
@@ -71,6 +94,10 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
     - ADJUSTMENT: (adjustment_id, kind, (sku, value, expected_on_hand or None),
       (sku, on_hand, reserved, committed, previous_on_hand, shortfall, seq, False),
       finished_at_ms)
+    - STATES: (sku, quarantine, damaged, quality_control), after the SKU's STOCK row
+    - RETURN: (return_id, sku, units, reservation_id, at_ms, inspected, sellable_units,
+      damaged_units, quarantine, damaged, quality_control, seq)
+    - WRITE_OFF: (change_id, sku, units, state, at_ms, seq)
 
     ValueError, naming the offset, for anything that does not parse exactly.
     """
@@ -80,9 +107,9 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
         _, version, seq = _HEAD.unpack_from(payload)
     except struct.error:
         raise ValueError("snapshot header is truncated") from None
-    if version != FORMAT:
+    if version not in _FORMATS_READ:
         raise ValueError(
-            f"snapshot format {version} is not one this reservd reads ({_LEGACY_FORMAT} or "
+            f"snapshot format {version} is not one this reservd reads ({_LEGACY_FORMAT} to "
             f"{FORMAT}): it was written by a newer reservd"
         )
     return seq, _rows(payload)
@@ -91,7 +118,10 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
 def _rows(payload: bytes) -> Iterator[tuple[int, tuple]]:
     reader = Reader(payload)
     reader.offset = _HEAD.size
-    readers = {STOCK: _read_stock, RESERVATION: _read_reservation, ADJUSTMENT: _read_adjustment}
+    readers = {
+        STOCK: _read_stock, RESERVATION: _read_reservation, ADJUSTMENT: _read_adjustment,
+        STATES: _read_states, RETURN: _read_return, WRITE_OFF: _read_write_off,
+    }
     try:
         while reader.offset < len(payload):
             kind, count = reader.unpack(_SECTION)
@@ -198,6 +228,52 @@ def _read_adjustment(reader: Reader) -> tuple:
         adjustment_id, kind, (sku, value, expected if expected_present else None), outcome,
         finished_at_ms,
     )
+
+
+def _put_states(parts: list, row: tuple) -> None:
+    sku, quarantine, damaged, quality_control = row
+    put_str(parts, sku)
+    parts.append(_STATES.pack(quarantine, damaged, quality_control))
+
+
+def _read_states(reader: Reader) -> tuple:
+    return (reader.text(), *reader.unpack(_STATES))
+
+
+def _put_return(parts: list, row: tuple) -> None:
+    (return_id, sku, units, reservation_id, at_ms, inspected, sellable, damaged, quarantine_then,
+     damaged_then, quality_control_then, seq) = row
+    put_str(parts, return_id)
+    put_str(parts, sku)
+    parts.append(_RETURN_HEAD.pack(units))
+    put_str(parts, reservation_id)
+    parts.append(_RETURN.pack(at_ms, inspected, sellable, damaged, quarantine_then,
+                              damaged_then, quality_control_then, seq))
+
+
+def _read_return(reader: Reader) -> tuple:
+    return_id = reader.text()
+    sku = reader.text()
+    (units,) = reader.unpack(_RETURN_HEAD)
+    reservation_id = reader.text()
+    at_ms, inspected, *rest = reader.unpack(_RETURN)
+    return (return_id, sku, units, reservation_id, at_ms, bool(inspected), *rest)
+
+
+def _put_write_off(parts: list, row: tuple) -> None:
+    change_id, sku, units, state, at_ms, seq = row
+    put_str(parts, change_id)
+    put_str(parts, sku)
+    put_str(parts, state)
+    parts.append(_WRITE_OFF.pack(units, at_ms, seq))
+
+
+def _read_write_off(reader: Reader) -> tuple:
+    change_id = reader.text()
+    sku = reader.text()
+    state = reader.text()
+    units, at_ms, seq = reader.unpack(_WRITE_OFF)
+    return (change_id, sku, units, state, at_ms, seq)
 
 
 def _decode_legacy(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
