@@ -340,7 +340,9 @@ class Table:
         on_hand = row[0] + d_on_hand
         unsellable = self._unsellable_of(handle) + d_unsellable
         if on_hand > INT64_MAX or unsellable > INT64_MAX:
-            raise OverflowError(f"moving stock of SKU {self._sku_of(handle)!r} does not fit in int64")
+            raise OverflowError(
+                f"moving stock of SKU {self._sku_of(handle)!r} does not fit in int64"
+            )
         if on_hand < 0 or unsellable < 0:
             raise ValueError(
                 f"moving stock of SKU {self._sku_of(handle)!r} by on_hand {d_on_hand:+d}, "

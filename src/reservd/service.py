@@ -8,6 +8,7 @@ from reservd import stockstates, validation
 from reservd.channelservice import AtsRpcs, ChannelAdminRpcs, line_extras
 from reservd.config import Limits
 from reservd.guard import Guard
+from reservd.stockservice import StockStateRpcs, stock_message
 from reservd.mirror import MirrorSlow, MirrorUnavailable
 from reservd.ledger import Code, Ledger, Rejection, Reservation, ReservationOutcome, State
 from reservd.v1 import reservd_pb2 as pb
@@ -238,13 +239,7 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
                 await context.abort(
                     grpc.StatusCode.NOT_FOUND, f"skus[{i}]: sku {sku!r} is unknown"
                 )
-            on_hand, reserved, committed, _ = counters
-            stock.append(
-                pb.Stock(
-                    sku=sku, on_hand=on_hand, reserved=reserved, committed=committed,
-                    available=stockstates.available(*counters),
-                )
-            )
+            stock.append(stock_message(sku, *counters[:3], self.ledger.states.of(sku)))
         return pb.GetStockResponse(stock=stock)
 
     async def WatchStock(self, request: pb.WatchStockRequest, context):
@@ -273,7 +268,7 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
             self.hub.release(watcher)
 
 
-class AdminService(ChannelAdminRpcs, pb_grpc.AdminServicer):
+class AdminService(ChannelAdminRpcs, StockStateRpcs, pb_grpc.AdminServicer):
     def __init__(self, ledger: Ledger, durability: Durability, guard: Guard, limits: Limits):
         self.ledger = ledger
         self.durability = durability
