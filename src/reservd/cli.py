@@ -12,7 +12,7 @@ from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
-from reservd import cli_channels, logs
+from reservd import cli_channels, cli_stock, logs
 from reservd.config import Config
 
 
@@ -152,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--count", type=int, default=0, help="stop after N updates (0: never)")
 
     cli_channels.add_parsers(command, client_command)
+    cli_stock.add_parsers(client_command)
 
     wal = command("wal", "inspect a data directory without starting")
     wal_commands = wal.add_subparsers(dest="wal_command", required=True)
@@ -264,6 +265,8 @@ async def _client(args) -> int:
             return await _watch(client, args)
         elif command in cli_channels.COMMANDS:
             return await cli_channels.run(client, args, _print)
+        elif command in cli_stock.COMMANDS:
+            return await cli_stock.run(client, args, _print)
     return 0
 
 
