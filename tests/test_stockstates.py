@@ -133,3 +133,10 @@ def test_replay_and_snapshot_rebuild_the_same_states(ledger, table_class):
     assert isinstance(again, StateOutcome) and again.replayed
     assert restored.inspect("ret-2", 2, 0).quarantine == 0
     assert available(restored, "A") == 2
+
+
+def test_the_mirror_writes_the_one_available():
+    from reservd import mirrorwrite
+
+    _, args = mirrorwrite.batch_command("t:", "apply", 1, 5, 0, 0, 1_000, [(5, "A", 9, 2, 1, 4)])
+    assert args[-6:] == ["newer", 5, 9, 2, 1, 2]  # 9 - 2 - 1 - 4 unsellable

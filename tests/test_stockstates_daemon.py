@@ -100,3 +100,22 @@ async def test_a_restart_rebuilds_the_same_states(tmp_path, snapshot_records_int
             return_id="rma-1", sellable_units=2, damaged_units=0))
         assert (await server.reservations.Reserve(cart("c2", ("cap", 2)))).granted
         assert await _stock(server, "cap") == (7, 4, 0, 0, 2, 1, 0)
+
+
+@aio
+async def test_watch_stock_shows_returned_units_on_hand_but_not_available():
+    async with running() as server:
+        await _set(server, "hat", 2)
+        stream = server.reservations.WatchStock(pb.WatchStockRequest(skus=["hat"]))
+        updates = stream.__aiter__()
+        first = await updates.__anext__()
+        assert first.snapshot and (first.on_hand, first.available) == (2, 2)
+        await server.admin.ReceiveReturn(pb.ReceiveReturnRequest(
+            return_id="rma-h", sku="hat", units=3))
+        update = await updates.__anext__()
+        assert (update.on_hand, update.available) == (5, 2)
+        await server.admin.Inspect(pb.InspectRequest(
+            return_id="rma-h", sellable_units=3, damaged_units=0))
+        update = await updates.__anext__()
+        assert (update.on_hand, update.available) == (5, 5)
+        stream.cancel()

@@ -31,6 +31,7 @@ cdef struct entry_t:
     int64_t on_hand
     int64_t reserved
     int64_t committed
+    int64_t unsellable
 
 
 @cython.final

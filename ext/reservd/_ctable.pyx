@@ -254,6 +254,7 @@ cdef class Table:
         entry.on_hand = row.on_hand
         entry.reserved = row.reserved
         entry.committed = row.committed
+        entry.unsellable = row.unsellable
         self._head += 1
         self._seq_last = seq
 
@@ -679,7 +680,8 @@ cdef class Table:
         """Up to ``limit`` entries from ``position`` (raised to ring_tail if older) with seq <=
         ``seq_max``, stopping at the first newer one.
 
-        Returns (next_position, [(seq, sku, on_hand, reserved, committed), ...]); a reader that
+        Returns (next_position, [(seq, sku, on_hand, reserved, committed, unsellable), ...]); a
+        reader that
         finds next_position moved past the position it asked for by more than the entries it
         got has lost entries to wrap-around. ValueError for a position beyond ring_head or a
         negative limit.
@@ -702,7 +704,7 @@ cdef class Table:
             if entry.seq > newest:
                 break
             result.append((entry.seq, self._sku_of(entry.handle), entry.on_hand,
-                           entry.reserved, entry.committed))
+                           entry.reserved, entry.committed, entry.unsellable))
             taken += 1
             start += 1
         return start, result

@@ -62,7 +62,7 @@ class Table:
         self._rows: list[list[list[int]]] = [[] for _ in range(shard_count)]
         self._unsellable_rows: list[list[int]] = [[] for _ in range(shard_count)]
         self._ring_capacity = capacity
-        self._ring: list[tuple[int, int, int, int, int]] = []  # grows to capacity, then reused
+        self._ring: list[tuple[int, ...]] = []  # grows to capacity, then reused
         self._head = 0
         self._seq_last = INT64_MIN
 
@@ -105,7 +105,7 @@ class Table:
         return value
 
     def _append(self, seq: int, handle: int) -> None:
-        entry = (seq, handle, *self._row(handle))
+        entry = (seq, handle, *self._row(handle), self._unsellable_of(handle))
         if len(self._ring) < self._ring_capacity:
             self._ring.append(entry)
         else:
@@ -387,7 +387,7 @@ class Table:
 
     def changes(
         self, position: int, limit: int, seq_max: int
-    ) -> tuple[int, list[tuple[int, str, int, int, int]]]:
+    ) -> tuple[int, list[tuple[int, str, int, int, int, int]]]:
         position = _int64(position, "position")
         limit = _int64(limit, "limit")
         seq_max = _int64(seq_max, "seq_max")
@@ -398,10 +398,10 @@ class Table:
         position = max(position, self.ring_tail)
         result = []
         while position < self._head and len(result) < limit:
-            seq, handle, on_hand, reserved, committed = self._ring[position % self._ring_capacity]
+            seq, handle, *counters = self._ring[position % self._ring_capacity]
             if seq > seq_max:
                 break
-            result.append((seq, self._sku_of(handle), on_hand, reserved, committed))
+            result.append((seq, self._sku_of(handle), *counters))
             position += 1
         return position, result
 

@@ -15,7 +15,8 @@ RESERVE_INSUFFICIENT = 1
 RESERVE_UNKNOWN_SKU = 2
 
 Counters = tuple[int, int, int]  # (on_hand, reserved, committed)
-Change = tuple[int, str, int, int, int]  # (sequence, sku, on_hand, reserved, committed)
+# (sequence, sku, on_hand, reserved, committed, unsellable)
+Change = tuple[int, str, int, int, int, int]
 
 
 class CounterTable(Protocol):
