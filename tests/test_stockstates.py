@@ -140,3 +140,28 @@ def test_the_mirror_writes_the_one_available():
 
     _, args = mirrorwrite.batch_command("t:", "apply", 1, 5, 0, 0, 1_000, [(5, "A", 9, 2, 1, 4)])
     assert args[-6:] == ["newer", 5, 9, 2, 1, 2]  # 9 - 2 - 1 - 4 unsellable
+
+
+def test_incoming_is_not_on_hand_and_receipts_book_it(ledger, table_class):
+    expected = ledger.expect_receipt("po-1", "A", 10, 1_800_000_000_000)
+    assert (expected.incoming, expected.on_hand, expected.received) == (10, 5, 0)
+    assert available(ledger, "A") == 5 and not reserve_all(ledger, "r1", "A", 6)
+    first = ledger.receive("rc-1", "po-1", 4)
+    assert (first.incoming, first.on_hand, first.received, first.over_received) == (6, 9, 4, 0)
+    assert ledger.receive("rc-1", "po-1", 4).replayed and ledger.incoming.of("A") == 6
+    assert ledger.receive("rc-1", "po-1", 5).code is Code.ALREADY_EXISTS
+    over = ledger.receive("rc-2", "po-1", 8)  # 2 more than the order still expects
+    assert (over.incoming, over.on_hand, over.received, over.over_received) == (0, 17, 12, 2)
+    assert ledger.receive("rc-3", "po-x", 1).field == "po_id"
+    assert ledger.expect_receipt("po-2", "NOPE", 1, 0).code is Code.NOT_FOUND
+    ledger.expect_receipt("po-2", "A", 3, 0)
+    replica = Ledger(table_class(), RecordingLog(), ManualClock(), Config())
+    for seq, record_type, payload in ledger.log.records:
+        replica.replay(seq, record_type, payload)
+    _, encode = ledger.snapshot_state()
+    restored = Ledger(table_class(), RecordingLog(), ManualClock(), Config())
+    restored.restore(encode())
+    for other in (replica, restored):
+        assert other.incoming.of("A") == 3 and available(other, "A") == 17
+        assert other.incoming.orders == ledger.incoming.orders
+        assert other.incoming.receipts == ledger.incoming.receipts

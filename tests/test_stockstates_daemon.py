@@ -119,3 +119,20 @@ async def test_watch_stock_shows_returned_units_on_hand_but_not_available():
         update = await updates.__anext__()
         assert (update.on_hand, update.available) == (5, 5)
         stream.cancel()
+
+
+@aio
+async def test_expect_and_receive_through_the_daemon():
+    async with running() as server:
+        await _set(server, "sock", 1)
+        answer = await server.admin.ExpectReceipt(pb.ExpectReceiptRequest(
+            po_id="po-9", sku="sock", units=5, eta_ms=1_800_000_000_000))
+        assert (answer.incoming, answer.on_hand) == (5, 1)
+        stock = (await server.reservations.GetStock(pb.GetStockRequest(skus=["sock"]))).stock[0]
+        assert (stock.on_hand, stock.available, stock.incoming) == (1, 1, 5)
+        answer = await server.admin.Receive(pb.ReceiveRequest(
+            receipt_id="rc-9", po_id="po-9", units=6))
+        assert (answer.incoming, answer.on_hand, answer.over_received) == (0, 7, 1)
+        code, details = await _code(server.admin.Receive(pb.ReceiveRequest(
+            receipt_id="rc-10", po_id="po-9", units=0)))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and "units" in details

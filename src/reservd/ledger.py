@@ -16,7 +16,7 @@ import enum
 import logging
 from typing import NamedTuple, Protocol, Sequence
 
-from reservd import records, state_codec, stockstates
+from reservd import incoming, records, state_codec, stockstates
 from reservd.channels import Channels
 from reservd.config import Config
 from reservd.expiry import Deadlines
@@ -44,8 +44,11 @@ _ENCODERS = {
     RecordType.RECEIVE_RETURN: records.encode_receive_return,
     RecordType.INSPECT: records.encode_inspect,
     RecordType.WRITE_OFF: records.encode_write_off,
+    RecordType.EXPECT_RECEIPT: records.encode_expect_receipt,
+    RecordType.RECEIVE: records.encode_receive,
 }
 _STATE_KINDS = (RecordType.RECEIVE_RETURN, RecordType.INSPECT, RecordType.WRITE_OFF)
+_INCOMING_KINDS = (RecordType.EXPECT_RECEIPT, RecordType.RECEIVE)
 
 
 class Code(enum.Enum):
@@ -114,6 +117,7 @@ class Ledger(ChannelCommands):
         self.reservations = ReservationStore(table)
         self.adjustments = AdjustmentStore(table)
         self.states = stockstates.StockStates(table)
+        self.incoming = incoming.Incoming(table)
         self.live = 0  # held + committed
         self.held = 0
         # Held reservations' ids by expiry second. An entry goes stale when its hold ends or
@@ -450,10 +454,26 @@ class Ledger(ChannelCommands):
             change_id, sku, units, state, self.clock.now_ms()
         ))
 
-    def _state_command(self, kind: RecordType, decided) -> stockstates.StateOutcome | Rejection:
+    def expect_receipt(
+        self, po_id: str, sku: str, units: int, eta_ms: int
+    ) -> incoming.IncomingOutcome | Rejection:
+        """A purchase order: ``units`` of ``sku`` due at ``eta_ms`` (incoming, not on hand)."""
+        return self._state_command(RecordType.EXPECT_RECEIPT, self.incoming.decide_expect(
+            po_id, sku, units, eta_ms, self.clock.now_ms()
+        ))
+
+    def receive(
+        self, receipt_id: str, po_id: str, units: int
+    ) -> incoming.IncomingOutcome | Rejection:
+        """A (partial) receipt against a purchase order; over-receipt is reported."""
+        return self._state_command(RecordType.RECEIVE, self.incoming.decide_receive(
+            receipt_id, po_id, units, self.clock.now_ms(), self.config.limits.on_hand_max
+        ))
+
+    def _state_command(self, kind: RecordType, decided):
         if isinstance(decided, stockstates.Refusal):
             return Rejection(Code[decided.code], decided.message, decided.field)
-        if isinstance(decided, stockstates.StateOutcome):
+        if isinstance(decided, (stockstates.StateOutcome, incoming.IncomingOutcome)):
             return decided  # an idempotent repeat
         refused = self._unwritable()
         if refused is not None:
@@ -499,6 +519,7 @@ class Ledger(ChannelCommands):
         decode_reservation = self.reservations.decode
         decode_adjustment = self.adjustments.decode
         states, returns, write_offs = self.states.snapshot_rows()
+        orders, receipts = self.incoming.snapshot_rows()
 
         def reservation_rows():
             for reservation_id, data in reservations:
@@ -522,7 +543,7 @@ class Ledger(ChannelCommands):
             return wrap(
                 state_codec.encode(
                     seq, stock, reservation_rows(), adjustment_rows(), states, returns,
-                    write_offs,
+                    write_offs, orders, receipts,
                 ),
                 channel_rows,
             )
@@ -547,6 +568,10 @@ class Ledger(ChannelCommands):
                 self.states.restore_return(row)
             elif kind == state_codec.WRITE_OFF:
                 self.states.restore_write_off(row)
+            elif kind == state_codec.ORDER:
+                self.incoming.restore_order(row)
+            elif kind == state_codec.RECEIPT:
+                self.incoming.restore_receipt(row)
             elif kind == state_codec.RESERVATION:
                 (reservation_id, channel, request, skus, quantities, committed, state_value,
                  expires_at_ms, reservation_seq, finished_at_ms) = row
@@ -624,6 +649,8 @@ class Ledger(ChannelCommands):
             return self._apply_expire(command, seq)
         if kind in _STATE_KINDS:
             return self.states.apply(kind, command, seq)
+        if kind in _INCOMING_KINDS:
+            return self.incoming.apply(kind, command, seq)
         if kind >= RecordType.SET_CHANNEL:
             return self._apply_channels(kind, command, seq)
         assert kind in (RecordType.SET_STOCK, RecordType.ADJUST_STOCK), kind

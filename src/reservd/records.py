@@ -38,6 +38,8 @@ class RecordType(enum.IntEnum):
     RECEIVE_RETURN = 12
     INSPECT = 13
     WRITE_OFF = 14
+    EXPECT_RECEIPT = 15
+    RECEIVE = 16
 
 
 class Reserve(NamedTuple):
@@ -143,6 +145,39 @@ class WriteOff(NamedTuple):
     sku: str
     units: int
     state: str
+
+
+class ExpectReceipt(NamedTuple):
+    """A purchase order: ``units`` of ``sku`` on the way, due at ``eta_ms`` (not on hand)."""
+
+    at_ms: int
+    po_id: str
+    sku: str
+    units: int
+    eta_ms: int
+
+
+class Receive(NamedTuple):
+    """A (partial) receipt against a purchase order: on_hand rises, incoming falls."""
+
+    at_ms: int
+    receipt_id: str
+    po_id: str
+    units: int
+
+
+def encode_expect_receipt(command: ExpectReceipt) -> bytes:
+    parts = [_STATE_HEAD.pack(command.at_ms, command.units, command.eta_ms)]
+    put_str(parts, command.po_id)
+    put_str(parts, command.sku)
+    return b"".join(parts)
+
+
+def encode_receive(command: Receive) -> bytes:
+    parts = [_STATE_HEAD.pack(command.at_ms, command.units, 0)]
+    put_str(parts, command.receipt_id)
+    put_str(parts, command.po_id)
+    return b"".join(parts)
 
 
 def encode_receive_return(command: ReceiveReturn) -> bytes:
@@ -347,6 +382,12 @@ def decode(record_type: int, payload: bytes):
         elif kind is RecordType.WRITE_OFF:
             at_ms, units, _ = reader.unpack(_STATE_HEAD)
             command = WriteOff(at_ms, reader.text(), reader.text(), units, reader.text())
+        elif kind is RecordType.EXPECT_RECEIPT:
+            at_ms, units, eta_ms = reader.unpack(_STATE_HEAD)
+            command = ExpectReceipt(at_ms, reader.text(), reader.text(), units, eta_ms)
+        elif kind is RecordType.RECEIVE:
+            at_ms, units, _ = reader.unpack(_STATE_HEAD)
+            command = Receive(at_ms, reader.text(), reader.text(), units)
         elif kind >= RecordType.SET_CHANNEL:
             command = _decode_channels(kind, reader)
         else:

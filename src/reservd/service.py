@@ -239,7 +239,9 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
                 await context.abort(
                     grpc.StatusCode.NOT_FOUND, f"skus[{i}]: sku {sku!r} is unknown"
                 )
-            stock.append(stock_message(sku, *counters[:3], self.ledger.states.of(sku)))
+            stock.append(stock_message(
+                sku, *counters[:3], self.ledger.states.of(sku), self.ledger.incoming.of(sku)
+            ))
         return pb.GetStockResponse(stock=stock)
 
     async def WatchStock(self, request: pb.WatchStockRequest, context):

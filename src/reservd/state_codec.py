@@ -20,8 +20,10 @@ versions (strings are a u16 byte length and UTF-8, as in reservd.records)::
                       quality_control i64 | seq i64 (the last three and seq: right after the
                       return's last command, for an idempotent repeat's answer)
     write-off (6):    change_id | sku | units i64 | state | at_ms i64 | seq i64
+    order (7):        po_id | sku | units i64 | eta_ms i64 | received i64
+    receipt (8):      receipt_id | po_id | units i64 | seq i64
 
-Format 4 added sections 4-6 (reservd.stockstates); format 3 (the same without them) is still
+Format 4 added sections 4-8 (reservd.stockstates, reservd.incoming); format 3 (the same without them) is still
 read.
 
 Format 2 (pickled chunks of builtin types, written before format 3) is still read, so a data
@@ -54,6 +56,8 @@ _STATES = struct.Struct("<qqq")
 _RETURN_HEAD = struct.Struct("<q")
 _RETURN = struct.Struct("<qBqqqqqq")
 _WRITE_OFF = struct.Struct("<qqq")
+_ORDER = struct.Struct("<qqq")
+_RECEIPT = struct.Struct("<qq")
 _SECTION_ROWS_MAX = 4096  # rows per section, so no section header needs a huge count
 
 STOCK = 1
@@ -62,6 +66,8 @@ ADJUSTMENT = 3
 STATES = 4
 RETURN = 5
 WRITE_OFF = 6
+ORDER = 7
+RECEIPT = 8
 
 
 def encode(
@@ -72,6 +78,8 @@ def encode(
     states: Iterable[tuple] = (),
     returns: Iterable[tuple] = (),
     write_offs: Iterable[tuple] = (),
+    orders: Iterable[tuple] = (),
+    receipts: Iterable[tuple] = (),
 ) -> bytes:
     """The state after ``seq`` as format-4 bytes; rows as :func:`decode` yields them."""
     out = bytearray(_HEAD.pack(MAGIC, FORMAT, seq))
@@ -81,6 +89,8 @@ def encode(
     _sections(out, STATES, states, _put_states)
     _sections(out, RETURN, returns, _put_return)
     _sections(out, WRITE_OFF, write_offs, _put_write_off)
+    _sections(out, ORDER, orders, _put_order)
+    _sections(out, RECEIPT, receipts, _put_receipt)
     return bytes(out)
 
 
@@ -98,6 +108,8 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
     - RETURN: (return_id, sku, units, reservation_id, at_ms, inspected, sellable_units,
       damaged_units, quarantine, damaged, quality_control, seq)
     - WRITE_OFF: (change_id, sku, units, state, at_ms, seq)
+    - ORDER: (po_id, sku, units, eta_ms, received)
+    - RECEIPT: (receipt_id, po_id, units, seq)
 
     ValueError, naming the offset, for anything that does not parse exactly.
     """
@@ -121,6 +133,7 @@ def _rows(payload: bytes) -> Iterator[tuple[int, tuple]]:
     readers = {
         STOCK: _read_stock, RESERVATION: _read_reservation, ADJUSTMENT: _read_adjustment,
         STATES: _read_states, RETURN: _read_return, WRITE_OFF: _read_write_off,
+        ORDER: _read_order, RECEIPT: _read_receipt,
     }
     try:
         while reader.offset < len(payload):
@@ -274,6 +287,28 @@ def _read_write_off(reader: Reader) -> tuple:
     state = reader.text()
     units, at_ms, seq = reader.unpack(_WRITE_OFF)
     return (change_id, sku, units, state, at_ms, seq)
+
+
+def _put_order(parts: list, row: tuple) -> None:
+    po_id, sku, units, eta_ms, received = row
+    put_str(parts, po_id)
+    put_str(parts, sku)
+    parts.append(_ORDER.pack(units, eta_ms, received))
+
+
+def _read_order(reader: Reader) -> tuple:
+    return (reader.text(), reader.text(), *reader.unpack(_ORDER))
+
+
+def _put_receipt(parts: list, row: tuple) -> None:
+    receipt_id, po_id, units, seq = row
+    put_str(parts, receipt_id)
+    put_str(parts, po_id)
+    parts.append(_RECEIPT.pack(units, seq))
+
+
+def _read_receipt(reader: Reader) -> tuple:
+    return (reader.text(), reader.text(), *reader.unpack(_RECEIPT))
 
 
 def _decode_legacy(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:

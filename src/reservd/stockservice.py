@@ -10,14 +10,22 @@ from reservd.validation import Invalid
 
 
 def stock_message(sku: str, on_hand: int, reserved: int, committed: int,
-                  states: tuple[int, int, int]) -> pb.Stock:
-    """A Stock message with the states and the one ``available``."""
+                  states: tuple[int, int, int], incoming: int = 0) -> pb.Stock:
+    """A Stock message with the states, incoming and the one ``available``."""
     quarantine, damaged, quality_control = states
     return pb.Stock(
         sku=sku, on_hand=on_hand, reserved=reserved, committed=committed,
         available=stockstates.available(on_hand, reserved, committed, sum(states)),
         quarantine=quarantine, damaged=damaged, quality_control=quality_control,
+        incoming=incoming,
     )
+
+
+def _positive(field: str, value: int, limits) -> int:
+    validation.on_hand(field, value, limits)
+    if value == 0:
+        raise Invalid(field, "must be at least 1")
+    return value
 
 
 class StockStateRpcs:
@@ -38,9 +46,7 @@ class StockStateRpcs:
         try:
             return_id = validation.text("return_id", request.return_id, limits.id_bytes_max)
             sku = validation.text("sku", request.sku, limits.id_bytes_max)
-            units = validation.on_hand("units", request.units, limits)
-            if units == 0:
-                raise Invalid("units", "must be at least 1")
+            units = _positive("units", request.units, limits)
             reservation_id = validation.text(
                 "reservation_id", request.reservation_id, limits.id_bytes_max, required=False
             )
@@ -67,9 +73,7 @@ class StockStateRpcs:
         try:
             change_id = validation.text("change_id", request.change_id, limits.id_bytes_max)
             sku = validation.text("sku", request.sku, limits.id_bytes_max)
-            units = validation.on_hand("units", request.units, limits)
-            if units == 0:
-                raise Invalid("units", "must be at least 1")
+            units = _positive("units", request.units, limits)
             state = validation.text("state", request.state, limits.id_bytes_max)
         except Invalid as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
@@ -77,3 +81,38 @@ class StockStateRpcs:
             lambda: self.ledger.write_off(change_id, sku, units, state), context
         )
 
+    async def ExpectReceipt(self, request: pb.ExpectReceiptRequest, context):
+        limits = self.limits
+        try:
+            po_id = validation.text("po_id", request.po_id, limits.id_bytes_max)
+            sku = validation.text("sku", request.sku, limits.id_bytes_max)
+            units = _positive("units", request.units, limits)
+            if request.eta_ms < 0:
+                raise Invalid("eta_ms", f"must be >= 0, not {request.eta_ms}")
+        except Invalid as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        outcome = await self._decided(
+            lambda: self.ledger.expect_receipt(po_id, sku, units, request.eta_ms), context
+        )
+        return _incoming_message(outcome)
+
+    async def Receive(self, request: pb.ReceiveRequest, context):
+        limits = self.limits
+        try:
+            receipt_id = validation.text("receipt_id", request.receipt_id, limits.id_bytes_max)
+            po_id = validation.text("po_id", request.po_id, limits.id_bytes_max)
+            units = _positive("units", request.units, limits)
+        except Invalid as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        outcome = await self._decided(
+            lambda: self.ledger.receive(receipt_id, po_id, units), context
+        )
+        return _incoming_message(outcome)
+
+
+def _incoming_message(outcome) -> pb.IncomingResponse:
+    return pb.IncomingResponse(
+        po_id=outcome.po_id, sku=outcome.sku, units=outcome.units, received=outcome.received,
+        over_received=outcome.over_received, incoming=outcome.incoming, on_hand=outcome.on_hand,
+        eta_ms=outcome.eta_ms, sequence=outcome.seq, replayed=outcome.replayed,
+    )
