@@ -1,10 +1,10 @@
-"""`reservd return`, `reservd inspect` and `reservd writeoff`: the stock-state commands of the
-CLI (reservd.cli wires them in)."""
+"""`reservd return`, `inspect`, `writeoff`, `expect` and `receive`: the stock-state and
+incoming-stock commands of the CLI (reservd.cli wires them in)."""
 from __future__ import annotations
 
 import uuid
 
-COMMANDS = ("return", "inspect", "writeoff")
+COMMANDS = ("return", "inspect", "writeoff", "expect", "receive")
 
 
 def add_parsers(client_command) -> None:
@@ -26,6 +26,18 @@ def add_parsers(client_command) -> None:
         "--change-id", default=None,
         help="makes a retry safe: the same id is applied once (default: a random UUID)",
     )
+    sub = client_command("expect", "a purchase order: units on the way (incoming, not on hand)")
+    sub.add_argument("po_id", help="the purchase order's id (a retry reuses it)")
+    sub.add_argument("sku", help="the SKU")
+    sub.add_argument("units", type=int, help="units ordered")
+    sub.add_argument("--eta-ms", type=int, default=0, help="Unix ms they are due (default 0)")
+    sub = client_command("receive", "a (partial) receipt against a purchase order")
+    sub.add_argument("po_id", help="the purchase order")
+    sub.add_argument("units", type=int, help="units received")
+    sub.add_argument(
+        "--receipt-id", default=None,
+        help="makes a retry safe: the same id is applied once (default: a random UUID)",
+    )
 
 
 async def run(client, args, emit) -> int:
@@ -35,6 +47,12 @@ async def run(client, args, emit) -> int:
         ))
     elif args.command == "inspect":
         emit(await client.inspect(args.return_id, args.sellable_units, args.damaged_units))
+    elif args.command == "expect":
+        emit(await client.expect_receipt(args.po_id, args.sku, args.units, args.eta_ms))
+    elif args.command == "receive":
+        emit(await client.receive(
+            args.po_id, args.units, receipt_id=args.receipt_id or str(uuid.uuid4())
+        ))
     else:
         emit(await client.write_off(
             args.sku, args.units, args.state, change_id=args.change_id or str(uuid.uuid4())

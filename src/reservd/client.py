@@ -253,6 +253,16 @@ class ReservdClient:
         request = pb.WriteOffRequest(change_id=change_id, sku=sku, units=units, state=state)
         return await self._call(self.admin.WriteOff, request)
 
+    async def expect_receipt(
+        self, po_id: str, sku: str, units: int, eta_ms: int
+    ) -> pb.IncomingResponse:
+        request = pb.ExpectReceiptRequest(po_id=po_id, sku=sku, units=units, eta_ms=eta_ms)
+        return await self._call(self.admin.ExpectReceipt, request)
+
+    async def receive(self, po_id: str, units: int, *, receipt_id: str) -> pb.IncomingResponse:
+        request = pb.ReceiveRequest(receipt_id=receipt_id, po_id=po_id, units=units)
+        return await self._call(self.admin.Receive, request)
+
     async def get_buckets(self, skus: Iterable[str]) -> list[pb.SkuBuckets]:
         response = await self._call(self.admin.GetBuckets, pb.GetBucketsRequest(skus=skus))
         return list(response.skus)
