@@ -446,33 +446,33 @@ async def test_the_script_never_applies_an_older_version(redis_server):
         return {k.decode(): int(v) for k, v in (await client.hgetall("t:stock:s")).items()}
 
     await call("mark", 1, 0, 0, [])
-    assert await call("apply", 1, 5, 0, [(5, "s", 10, 4, 0)]) == 1
+    assert await call("apply", 1, 5, 0, [(5, "s", 10, 4, 0, 0)]) == 1
     # A write that timed out on reservd's side and lands late: nothing changes.
-    assert await call("apply", 1, 3, 0, [(3, "s", 10, 1, 0)]) == 0
+    assert await call("apply", 1, 3, 0, [(3, "s", 10, 1, 0, 0)]) == 0
     assert await stock() == {
         "on_hand": 10, "reserved": 4, "committed": 0, "available": 6, "seq": 5, "epoch": 1
     }
     watermark = await client.hgetall("t:watermark")
     assert (int(watermark[b"seq"]), int(watermark[b"time_ms"])) == (5, 1_000)
     # Not durable yet ("lower"): more available is not written, less is.
-    assert await call("apply", 1, 5, 5, [(6, "s", 10, 2, 0)], lower={"s"}) == 0
+    assert await call("apply", 1, 5, 5, [(6, "s", 10, 2, 0, 0)], lower={"s"}) == 0
     assert (await stock())["available"] == 6
-    assert await call("apply", 1, 5, 5, [(7, "s", 10, 5, 0)], lower={"s"}) == 1
+    assert await call("apply", 1, 5, 5, [(7, "s", 10, 5, 0, 0)], lower={"s"}) == 1
     assert (await stock())["available"] == 5
-    assert await call("apply", 1, 5, 5, [(8, "new", 3, 0, 0)], lower={"new"}) == 0
+    assert await call("apply", 1, 5, 5, [(8, "new", 3, 0, 0, 0)], lower={"new"}) == 0
     assert not await client.exists("t:stock:new")  # a SKU not durable yet is not shown
-    assert await call("apply", 1, 7, 5, [(7, "s", 10, 4, 0)]) == 0  # same version
+    assert await call("apply", 1, 7, 5, [(7, "s", 10, 4, 0, 0)]) == 0  # same version
     # An older write in a newer epoch (a full rewrite after Redis lost data) does apply...
-    await call("rewrite", 2, 4, 0, [(4, "s", 10, 2, 0)])
+    await call("rewrite", 2, 4, 0, [(4, "s", 10, 2, 0, 0)])
     assert (await stock())["reserved"] == 2
     # ... and a write of the old epoch no longer does, whatever its sequence.
     with pytest.raises(Exception, match="RESERVD_NEWER"):
-        await call("rewrite", 1, 9, 0, [(9, "s", 10, 9, 0)])
+        await call("rewrite", 1, 9, 0, [(9, "s", 10, 9, 0, 0)])
     assert (await stock())["reserved"] == 2
     # A batch is refused whole when Redis does not hold what reservd knows it wrote.
     await client.delete("t:watermark")
     with pytest.raises(Exception, match="RESERVD_LOST"):
-        await call("apply", 2, 6, 4, [(6, "s", 10, 3, 0)])
+        await call("apply", 2, 6, 4, [(6, "s", 10, 3, 0, 0)])
     assert (await stock())["reserved"] == 2
     await client.aclose()
 
@@ -703,8 +703,8 @@ async def test_a_grant_waits_for_the_mirror_at_most_grant_wait_then_is_returned_
 
 def _lua_rules(redis: dict[str, tuple[int, int]], rows, lower) -> None:
     """BATCH_SCRIPT's two rules on a dict sku -> (seq, available) (one epoch)."""
-    for seq, sku, on_hand, reserved, committed in rows:
-        available = on_hand - reserved - committed
+    for seq, sku, on_hand, reserved, committed, unsellable in rows:
+        available = on_hand - reserved - committed - unsellable
         stored = redis.get(sku)
         if sku in lower:
             if stored is not None and stored[0] < seq and available < stored[1]:

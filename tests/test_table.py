@@ -200,7 +200,7 @@ def test_reserve_all_or_nothing_ok(table):
     result = table.reserve(["A", "B"], [4, 5], False, 7)
     assert result == (reservd.table.RESERVE_OK, (a, b), (4, 5), (6, 0))
     assert table.counters(a) == (10, 4, 0) and table.counters(b) == (5, 5, 0)
-    assert entries(table, head) == [(7, "A", 10, 4, 0), (7, "B", 5, 5, 0)]
+    assert entries(table, head) == [(7, "A", 10, 4, 0, 0), (7, "B", 5, 5, 0, 0)]
 
 
 def test_reserve_insufficient_applies_nothing(table):
@@ -232,7 +232,7 @@ def test_reserve_partial_clamps_each_line(table):
     result = table.reserve(["A", "B", "C"], [4, 5, 2], True, 9)
     assert result == (reservd.table.RESERVE_OK, (a, b, c), (4, 3, 0), (6, 0, 0))
     # The line granted 0 appends no entry.
-    assert entries(table, head) == [(9, "A", 10, 4, 0), (9, "B", 3, 3, 0)]
+    assert entries(table, head) == [(9, "A", 10, 4, 0, 0), (9, "B", 3, 3, 0, 0)]
 
 
 def test_reserve_partial_nothing_granted_is_insufficient(table):
@@ -268,7 +268,7 @@ def test_reserve_repeated_sku_sees_earlier_lines(table):
     assert table.reserve(["A", "A"], [4, 4], True, 2) == (0, (a, a), (4, 1), (0, 0))
     assert table.counters(a) == (5, 5, 0)
     # One entry per line that changed the SKU, each with the counters right after that line.
-    assert entries(table, head) == [(2, "A", 5, 4, 0), (2, "A", 5, 5, 0)]
+    assert entries(table, head) == [(2, "A", 5, 4, 0, 0), (2, "A", 5, 5, 0, 0)]
 
 
 def test_reserve_arguments(table):
@@ -306,7 +306,7 @@ def test_release(table):
     head = table.ring_head
     table.release([a, b], [3, 0], 2)
     assert table.counters(a) == (10, 1, 0) and table.counters(b) == (10, 2, 0)
-    assert entries(table, head) == [(2, "A", 10, 1, 0)]  # a zero line changes nothing
+    assert entries(table, head) == [(2, "A", 10, 1, 0, 0)]  # a zero line changes nothing
 
 
 def test_release_more_than_reserved_asserts_and_changes_nothing(table):
@@ -331,7 +331,7 @@ def test_commit(table):
     head = table.ring_head
     table.commit([a, b], [4, 2], [3, 0], 2)  # A partly committed, B voided
     assert table.counters(a) == (10, 0, 3) and table.counters(b) == (10, 0, 0)
-    assert entries(table, head) == [(2, "A", 10, 0, 3), (2, "B", 10, 0, 0)]
+    assert entries(table, head) == [(2, "A", 10, 0, 3, 0), (2, "B", 10, 0, 0, 0)]
 
 
 def test_commit_arguments(table):
@@ -358,7 +358,7 @@ def test_uncommit(table):
         table.uncommit([a], [5], 3)
     table.uncommit([a], [3], 3)
     assert table.counters(a) == (10, 0, 1)
-    assert entries(table, table.ring_head - 1) == [(3, "A", 10, 0, 1)]
+    assert entries(table, table.ring_head - 1) == [(3, "A", 10, 0, 1, 0)]
 
 
 def test_fulfil(table):
@@ -369,11 +369,11 @@ def test_fulfil(table):
         table.fulfil([a], [5], 3)  # more than committed
     table.fulfil([a], [3], 3)
     assert table.counters(a) == (7, 0, 1)
-    assert entries(table, table.ring_head - 1) == [(3, "A", 7, 0, 1)]
+    assert entries(table, table.ring_head - 1) == [(3, "A", 7, 0, 1, 0)]
     table.set_on_hand(a, 0, 4)  # everything lost in a recount: a shortfall of 1
     table.fulfil([a], [1], 5)  # the parcel left anyway: committed drops, on_hand stays at 0
     assert table.counters(a) == (0, 0, 0)
-    assert entries(table, table.ring_head - 1) == [(5, "A", 0, 0, 0)]
+    assert entries(table, table.ring_head - 1) == [(5, "A", 0, 0, 0, 0)]
 
 
 def test_fulfil_under_a_shortfall_takes_on_hand_down_to_zero_only(table):
@@ -413,7 +413,7 @@ def test_set_on_hand(table):
     with pytest.raises(ValueError):
         table.set_on_hand(a, -1, 4)
     assert table.counters(a) == (7, 0, 0)
-    assert entries(table) == [(1, "A", 10, 0, 0), (2, "A", 7, 0, 0)]
+    assert entries(table) == [(1, "A", 10, 0, 0, 0), (2, "A", 7, 0, 0, 0)]
 
 
 def test_adjust_on_hand(table):
@@ -449,6 +449,52 @@ def test_restore(table):
     with pytest.raises(ValueError):
         table.restore("B", 0, 1 << 62, 1 << 62)  # reserved + committed beyond int64
     assert table.lookup("B") == -1
+
+
+def test_unsellable_is_on_hand_but_never_available(table):
+    a = stocked(table, "A", 5, seq=1)
+    assert table.unsellable(a) == 0
+    # A return of 3 arrives into quarantine: on hand, not available.
+    assert table.move_unsellable(a, 3, 3, 2) == (8, 3)
+    assert table.counters(a) == (8, 0, 0) and table.unsellable(a) == 3
+    status, _, granted, available = table.reserve(["A"], [6], False, 3)
+    assert status == reservd.table.RESERVE_INSUFFICIENT and available == (5,)
+    status, _, granted, available = table.reserve(["A"], [6], True, 3)
+    assert granted == (5,) and available == (0,)
+    # Inspection passes 2: they become available; the damaged one stays unsellable.
+    assert table.move_unsellable(a, 0, -2, 4) == (8, 1)
+    assert table.reserve(["A"], [2], False, 5)[3] == (0,)
+    # Write-off of the damaged unit leaves on_hand and unsellable together.
+    assert table.move_unsellable(a, -1, -1, 6) == (7, 0)
+    assert table.reserve(["A"], [1], False, 7)[3] == (0,)
+    assert [e[2:] for e in entries(table)] == [
+        (5, 0, 0, 0), (8, 0, 0, 3), (8, 5, 0, 3), (8, 5, 0, 1), (8, 7, 0, 1), (7, 7, 0, 0)]
+
+
+def test_move_unsellable_refuses_and_changes_nothing(table):
+    a = stocked(table, "A", 5, seq=1)
+    table.move_unsellable(a, 0, 2, 2)
+    head = table.ring_head
+    for on_hand_delta, unsellable_delta in [(0, -3), (-6, 0), (-6, -2), (-1, -3)]:
+        with pytest.raises(ValueError, match="'A'"):
+            table.move_unsellable(a, on_hand_delta, unsellable_delta, 3)
+    assert table.counters(a) == (5, 0, 0) and table.unsellable(a) == 2
+    assert table.move_unsellable(a, 0, 0, 3) == (5, 2) and table.ring_head == head
+    with pytest.raises(OverflowError):
+        table.move_unsellable(a, (1 << 63) - 1, 0, 3)
+    with pytest.raises(TypeError):
+        table.move_unsellable(a, 1.0, 0, 3)
+    with pytest.raises(AssertionError, match="seq 0"):
+        table.move_unsellable(a, 1, 1, 0)
+    assert table.counters(a) == (5, 0, 0) and table.unsellable(a) == 2
+
+
+def test_restore_unsellable(table):
+    a = table.restore("A", 10, 3, 2, 4)
+    assert table.unsellable(a) == 4 and table.reserve(["A"], [2], False, 1)[3] == (1,)
+    with pytest.raises(ValueError):
+        table.restore("B", 1, 0, 0, -1)
+    assert table.unsellable(table.restore("A", 1, 0, 0)) == 0
 
 
 # -- sequence order and invariants -------------------------------------------------------------
@@ -498,11 +544,11 @@ def test_ring_wraps(impl):
     position, got = table.changes(0, 100, SEQ_ALL)
     assert position == 20
     assert got == [
-        (seq, sku, on_hand, 0, 0)
+        (seq, sku, on_hand, 0, 0, 0)
         for seq in range(7, 11)
         for sku, on_hand in (("A", seq), ("B", 100 + seq))
     ]
-    assert table.changes(15, 2, SEQ_ALL) == (17, [(8, "B", 108, 0, 0), (9, "A", 9, 0, 0)])
+    assert table.changes(15, 2, SEQ_ALL) == (17, [(8, "B", 108, 0, 0, 0), (9, "A", 9, 0, 0, 0)])
     assert table.position_after(0) == 12  # older than everything retained: the tail
     assert table.position_after(6) == 12
     assert table.position_after(7) == 14
@@ -523,15 +569,15 @@ def test_every_mutation_appends_its_changes(table):
     table.release([], [], 6)
     table.adjust_on_hand(b, -4, 7)
     assert entries(table) == [
-        (1, "A", 10, 0, 0),
-        (1, "B", 10, 0, 0),
-        (2, "A", 10, 2, 0),
-        (2, "B", 10, 3, 0),
-        (3, "A", 10, 0, 2),
-        (3, "B", 10, 0, 1),
-        (4, "B", 10, 0, 0),
-        (5, "A", 8, 0, 0),
-        (7, "B", 6, 0, 0),
+        (1, "A", 10, 0, 0, 0),
+        (1, "B", 10, 0, 0, 0),
+        (2, "A", 10, 2, 0, 0),
+        (2, "B", 10, 3, 0, 0),
+        (3, "A", 10, 0, 2, 0),
+        (3, "B", 10, 0, 1, 0),
+        (4, "B", 10, 0, 0, 0),
+        (5, "A", 8, 0, 0, 0),
+        (7, "B", 6, 0, 0, 0),
     ]
 
 
@@ -549,10 +595,11 @@ class Model:
         self.entries: list[tuple] = []
         # The lowest available a SKU may show: min(0, what the last recount left).
         self.floor: dict[str, int] = {}
+        self.unsellable: dict[str, int] = {}
 
     def available(self, sku):
         on_hand, reserved, committed = self.counters[sku]
-        return on_hand - reserved - committed
+        return on_hand - reserved - committed - self.unsellable[sku]
 
     def reserve(self, lines, partial, seq):
         if any(sku not in self.counters for sku, _ in lines):
@@ -573,7 +620,7 @@ class Model:
         for (sku, _), grant in zip(lines, granted):
             if grant:
                 self.counters[sku][1] += grant
-                self.entries.append((seq, sku, *self.counters[sku]))
+                self.entries.append((seq, sku, *self.counters[sku], self.unsellable[sku]))
         return reservd.table.RESERVE_OK, granted
 
     @staticmethod
@@ -600,14 +647,14 @@ class Model:
         for sku, amount, moved in lines:
             if amount:
                 self.take(self.counters[sku], op, amount, moved)
-                self.entries.append((seq, sku, *self.counters[sku]))
+                self.entries.append((seq, sku, *self.counters[sku], self.unsellable[sku]))
         return True
 
     def recount(self, sku, on_hand, seq):
         row = self.counters[sku]
         if on_hand != row[0]:
             row[0] = on_hand
-            self.entries.append((seq, sku, *row))
+            self.entries.append((seq, sku, *row, self.unsellable[sku]))
         self.floor[sku] = min(0, self.available(sku))
 
 
@@ -660,6 +707,7 @@ class TableMachine(RuleBasedStateMachine):
         if sku not in self.model.counters:
             self.model.counters[sku] = [0, 0, 0]
             self.model.floor[sku] = 0
+            self.model.unsellable[sku] = 0
 
     @rule(lines=LINES, partial=st.booleans(), same_seq=st.booleans())
     def reserve(self, lines, partial, same_seq):
@@ -731,6 +779,32 @@ class TableMachine(RuleBasedStateMachine):
         assert error is None and result == on_hand
         self.model.recount(sku, on_hand, seq)
 
+    @rule(sku=st.sampled_from(SKUS), units=st.integers(0, 8),
+          shape=st.sampled_from(["return", "hold", "pass", "write_off"]))
+    def move_unsellable(self, sku, units, shape):
+        """The stock-state moves: a return into quarantine (+u, +u), a hold of sellable units
+        (0, +u, only from available, as reservd.stockstates checks), an inspection passing
+        units (0, -u), a write-off of damaged units (-u, -u)."""
+        if sku not in self.model.counters:
+            return
+        if shape == "hold":
+            units = min(units, max(self.model.available(sku), 0))
+        deltas = {"return": (units, units), "hold": (0, units), "pass": (0, -units),
+                  "write_off": (-units, -units)}[shape]
+        seq = self.next_seq(False)
+        result, error = self.both("move_unsellable", self.handle(sku), *deltas, seq)
+        row = self.model.counters[sku]
+        on_hand, unsellable = row[0] + deltas[0], self.model.unsellable[sku] + deltas[1]
+        if on_hand < 0 or unsellable < 0:
+            assert error is ValueError
+            return
+        assert error is None and result == (on_hand, unsellable)
+        event(f"move_unsellable {shape}")
+        if deltas != (0, 0):
+            row[0] = on_hand
+            self.model.unsellable[sku] = unsellable
+            self.model.entries.append((seq, sku, *row, self.model.unsellable[sku]))
+
     @rule(seq=st.integers(-1, 60))
     def position_after(self, seq):
         positions = [t.position_after(seq) for t in self.tables]
@@ -747,6 +821,8 @@ class TableMachine(RuleBasedStateMachine):
             assert sorted(table.items()) == expected
             assert len(table) == len(expected)
             assert table.ring_head == len(self.model.entries)
+            for sku, unsellable in self.model.unsellable.items():
+                assert table.unsellable(table.lookup(sku)) == unsellable
         for sku, (on_hand, reserved, committed) in self.model.counters.items():
             assert on_hand >= 0 and reserved >= 0 and committed >= 0
             assert self.model.available(sku) >= self.model.floor[sku], sku

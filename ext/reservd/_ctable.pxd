@@ -10,6 +10,9 @@ cdef struct row_t:
     int64_t on_hand
     int64_t reserved
     int64_t committed
+    # Units on hand but not sellable (quarantine + damaged + quality_control), maintained by the
+    # ledger from reservd.stockstates; subtracted from available so reserve checks it atomically.
+    int64_t unsellable
     # Scratch of the check phase of one bulk call: what the call's earlier lines take from this
     # row, so a SKU repeated within the call is checked against them. Zero between calls.
     int64_t pending
@@ -28,6 +31,7 @@ cdef struct entry_t:
     int64_t on_hand
     int64_t reserved
     int64_t committed
+    int64_t unsellable
 
 
 @cython.final

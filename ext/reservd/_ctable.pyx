@@ -93,12 +93,13 @@ cdef inline object _line(object lines, Py_ssize_t i):
 
 cdef inline int64_t _available(const row_t* row) noexcept:
     # reserved + committed never exceeds INT64_MAX (reserve grants at most on_hand - both, commit
-    # moves at most what it takes, restore checks it), so neither step can overflow.
-    return row.on_hand - (row.reserved + row.committed)
+    # moves at most what it takes, restore checks it), so neither step can overflow; unsellable
+    # is bounded by the ledger (every unit entering it entered on_hand, <= on_hand_max).
+    return row.on_hand - (row.reserved + row.committed) - row.unsellable
 
 
 cdef inline bint _row_ok(const row_t* row) noexcept:
-    return row.on_hand >= 0 and row.reserved >= 0 and row.committed >= 0
+    return row.on_hand >= 0 and row.reserved >= 0 and row.committed >= 0 and row.unsellable >= 0
 
 
 cdef tuple _int_tuple(const int64_t* values, Py_ssize_t n):
@@ -253,6 +254,7 @@ cdef class Table:
         entry.on_hand = row.on_hand
         entry.reserved = row.reserved
         entry.committed = row.committed
+        entry.unsellable = row.unsellable
         self._head += 1
         self._seq_last = seq
 
@@ -388,7 +390,7 @@ cdef class Table:
         if shard.count == shard.capacity:
             self._grow(shard)
         row = &shard.rows[shard.count]
-        row.on_hand = row.reserved = row.committed = row.pending = 0
+        row.on_hand = row.reserved = row.committed = row.unsellable = row.pending = 0
         self._names[s].append(sku)
         self._index[s][sku] = shard.count
         handle = (<int64_t>shard.count) << self._shard_bits | s
@@ -595,7 +597,44 @@ cdef class Table:
             _debug_check(self)
         return row.on_hand
 
-    def restore(self, sku, on_hand, reserved, committed):
+    def unsellable(self, handle):
+        """Units of the SKU a handle names that are on hand but not sellable."""
+        return self._row(self._handle(handle)).unsellable
+
+    def move_unsellable(self, handle, on_hand_delta, unsellable_delta, seq):
+        """on_hand += ``on_hand_delta`` and unsellable += ``unsellable_delta`` (items), at once.
+
+        The one mutation of the stock states: a return arriving into quarantine is (+u, +u), an
+        inspection passing units is (0, -u), a write-off of damaged units is (-u, -u). Returns
+        (on_hand, unsellable). ValueError, with nothing changed, if on_hand or unsellable would
+        go below zero; OverflowError beyond int64. One change entry if anything changed.
+        unsellable may exceed on_hand after a recount (reality wins): available is then
+        negative, as under any shortfall.
+        """
+        cdef int64_t seq_value = self._begin(seq)
+        cdef int64_t h = self._handle(handle)
+        cdef int64_t d_on_hand = _int64(on_hand_delta, "on_hand_delta")
+        cdef int64_t d_unsellable = _int64(unsellable_delta, "unsellable_delta")
+        cdef row_t* row = self._row(h)
+        if (d_on_hand > 0 and row.on_hand > INT64_MAX - d_on_hand) or (
+                d_unsellable > 0 and row.unsellable > INT64_MAX - d_unsellable):
+            raise OverflowError(f"moving stock of SKU {self._sku_of(h)!r} does not fit in int64")
+        if row.on_hand + d_on_hand < 0 or row.unsellable + d_unsellable < 0:
+            raise ValueError(
+                f"moving stock of SKU {self._sku_of(h)!r} by on_hand {d_on_hand:+d}, unsellable "
+                f"{d_unsellable:+d} would make on_hand={row.on_hand + d_on_hand}, "
+                f"unsellable={row.unsellable + d_unsellable}"
+            )
+        row.on_hand += d_on_hand
+        row.unsellable += d_unsellable
+        self._check_row(h)
+        if d_on_hand != 0 or d_unsellable != 0:
+            self._append(seq_value, h, row)
+        if RESERVD_DEBUG:
+            _debug_check(self)
+        return (row.on_hand, row.unsellable)
+
+    def restore(self, sku, on_hand, reserved, committed, unsellable=0):
         """Snapshot load: set a SKU's counters (creating it); appends no change entry.
 
         ValueError, with nothing changed, for a negative counter or reserved + committed beyond
@@ -604,9 +643,10 @@ cdef class Table:
         cdef int64_t on_hand_value = _int64(on_hand, "on_hand")
         cdef int64_t reserved_value = _int64(reserved, "reserved")
         cdef int64_t committed_value = _int64(committed, "committed")
+        cdef int64_t unsellable_value = _int64(unsellable, "unsellable")
         cdef int64_t handle
         cdef row_t* row
-        if on_hand_value < 0 or reserved_value < 0 or committed_value < 0:
+        if on_hand_value < 0 or reserved_value < 0 or committed_value < 0 or unsellable_value < 0:
             raise ValueError(
                 f"negative counters for SKU {sku!r}: on_hand={on_hand_value}, "
                 f"reserved={reserved_value}, committed={committed_value}"
@@ -618,6 +658,7 @@ cdef class Table:
         row.on_hand = on_hand_value
         row.reserved = reserved_value
         row.committed = committed_value
+        row.unsellable = unsellable_value
         self._check_row(handle)
         if RESERVD_DEBUG:
             _debug_check(self)
@@ -639,7 +680,8 @@ cdef class Table:
         """Up to ``limit`` entries from ``position`` (raised to ring_tail if older) with seq <=
         ``seq_max``, stopping at the first newer one.
 
-        Returns (next_position, [(seq, sku, on_hand, reserved, committed), ...]); a reader that
+        Returns (next_position, [(seq, sku, on_hand, reserved, committed, unsellable), ...]); a
+        reader that
         finds next_position moved past the position it asked for by more than the entries it
         got has lost entries to wrap-around. ValueError for a position beyond ring_head or a
         negative limit.
@@ -662,7 +704,7 @@ cdef class Table:
             if entry.seq > newest:
                 break
             result.append((entry.seq, self._sku_of(entry.handle), entry.on_hand,
-                           entry.reserved, entry.committed))
+                           entry.reserved, entry.committed, entry.unsellable))
             taken += 1
             start += 1
         return start, result

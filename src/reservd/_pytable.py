@@ -35,9 +35,6 @@ def _lines(values: Sequence, name: str) -> Sequence:
     return values if isinstance(values, (list, tuple)) else list(values)
 
 
-def _available(row: list[int]) -> int:
-    on_hand, reserved, committed = row
-    return on_hand - reserved - committed
 
 
 class Table:
@@ -63,8 +60,9 @@ class Table:
         self._index: list[dict[str, int]] = [{} for _ in range(shard_count)]
         self._names: list[list[str]] = [[] for _ in range(shard_count)]
         self._rows: list[list[list[int]]] = [[] for _ in range(shard_count)]
+        self._unsellable_rows: list[list[int]] = [[] for _ in range(shard_count)]
         self._ring_capacity = capacity
-        self._ring: list[tuple[int, int, int, int, int]] = []  # grows to capacity, then reused
+        self._ring: list[tuple[int, ...]] = []  # grows to capacity, then reused
         self._head = 0
         self._seq_last = INT64_MIN
 
@@ -90,6 +88,13 @@ class Table:
     def _row(self, handle: int) -> list[int]:
         return self._rows[handle & self._shard_mask][handle >> self._shard_bits]
 
+    def _available(self, handle: int) -> int:
+        on_hand, reserved, committed = self._row(handle)
+        return on_hand - reserved - committed - self._unsellable_of(handle)
+
+    def _unsellable_of(self, handle: int) -> int:
+        return self._unsellable_rows[handle & self._shard_mask][handle >> self._shard_bits]
+
     def _sku_of(self, handle: int) -> str:
         return self._names[handle & self._shard_mask][handle >> self._shard_bits]
 
@@ -100,7 +105,7 @@ class Table:
         return value
 
     def _append(self, seq: int, handle: int) -> None:
-        entry = (seq, handle, *self._row(handle))
+        entry = (seq, handle, *self._row(handle), self._unsellable_of(handle))
         if len(self._ring) < self._ring_capacity:
             self._ring.append(entry)
         else:
@@ -117,7 +122,7 @@ class Table:
             )
 
     def _available_tuple(self, handles: list[int]) -> tuple[int, ...]:
-        return tuple(_available(self._row(h)) if h >= 0 else 0 for h in handles)
+        return tuple(self._available(h) if h >= 0 else 0 for h in handles)
 
     def _bulk(self, op: str, handles, amounts, committed, seq) -> None:
         """release / commit / uncommit / fulfil: resolve, check, apply."""
@@ -195,6 +200,7 @@ class Table:
         shard = hash(sku) & self._shard_mask
         slot = len(self._rows[shard])
         self._rows[shard].append([0, 0, 0])
+        self._unsellable_rows[shard].append(0)
         self._names[shard].append(sku)
         self._index[shard][sku] = slot
         return slot << self._shard_bits | shard
@@ -253,7 +259,7 @@ class Table:
         pending: dict[int, int] = {}
         granted: list[int] = []
         for handle, quantity in zip(handles, wanted):
-            free = _available(self._row(handle)) - pending.get(handle, 0)
+            free = self._available(handle) - pending.get(handle, 0)
             if partial:
                 grant = min(quantity, max(free, 0))
             elif quantity <= free:
@@ -319,11 +325,45 @@ class Table:
             self._append(seq, handle)
         return row[0]
 
-    def restore(self, sku: str, on_hand: int, reserved: int, committed: int) -> int:
+    def unsellable(self, handle: int) -> int:
+        return self._unsellable_of(self._handle(handle))
+
+    def move_unsellable(
+        self, handle: int, on_hand_delta: int, unsellable_delta: int, seq: int
+    ) -> tuple[int, int]:
+        """See Table.move_unsellable in ext/reservd/_ctable.pyx."""
+        seq = self._begin(seq)
+        handle = self._handle(handle)
+        d_on_hand = _int64(on_hand_delta, "on_hand_delta")
+        d_unsellable = _int64(unsellable_delta, "unsellable_delta")
+        row = self._row(handle)
+        on_hand = row[0] + d_on_hand
+        unsellable = self._unsellable_of(handle) + d_unsellable
+        if on_hand > INT64_MAX or unsellable > INT64_MAX:
+            raise OverflowError(
+                f"moving stock of SKU {self._sku_of(handle)!r} does not fit in int64"
+            )
+        if on_hand < 0 or unsellable < 0:
+            raise ValueError(
+                f"moving stock of SKU {self._sku_of(handle)!r} by on_hand {d_on_hand:+d}, "
+                f"unsellable {d_unsellable:+d} would make on_hand={on_hand}, "
+                f"unsellable={unsellable}"
+            )
+        row[0] = on_hand
+        self._unsellable_rows[handle & self._shard_mask][handle >> self._shard_bits] = unsellable
+        self._check_row(handle)
+        if d_on_hand != 0 or d_unsellable != 0:
+            self._append(seq, handle)
+        return (on_hand, unsellable)
+
+    def restore(
+        self, sku: str, on_hand: int, reserved: int, committed: int, unsellable: int = 0
+    ) -> int:
         on_hand = _int64(on_hand, "on_hand")
+        unsellable = _int64(unsellable, "unsellable")
         reserved = _int64(reserved, "reserved")
         committed = _int64(committed, "committed")
-        if on_hand < 0 or reserved < 0 or committed < 0:
+        if on_hand < 0 or reserved < 0 or committed < 0 or unsellable < 0:
             raise ValueError(
                 f"negative counters for SKU {sku!r}: on_hand={on_hand}, "
                 f"reserved={reserved}, committed={committed}"
@@ -332,6 +372,7 @@ class Table:
             raise ValueError(f"reserved + committed of SKU {sku!r} exceeds int64")
         handle = self.ensure(sku)
         self._row(handle)[:] = [on_hand, reserved, committed]
+        self._unsellable_rows[handle & self._shard_mask][handle >> self._shard_bits] = unsellable
         return handle
 
     # -- change ring --------------------------------------------------------------------------
@@ -346,7 +387,7 @@ class Table:
 
     def changes(
         self, position: int, limit: int, seq_max: int
-    ) -> tuple[int, list[tuple[int, str, int, int, int]]]:
+    ) -> tuple[int, list[tuple[int, str, int, int, int, int]]]:
         position = _int64(position, "position")
         limit = _int64(limit, "limit")
         seq_max = _int64(seq_max, "seq_max")
@@ -357,10 +398,10 @@ class Table:
         position = max(position, self.ring_tail)
         result = []
         while position < self._head and len(result) < limit:
-            seq, handle, on_hand, reserved, committed = self._ring[position % self._ring_capacity]
+            seq, handle, *counters = self._ring[position % self._ring_capacity]
             if seq > seq_max:
                 break
-            result.append((seq, self._sku_of(handle), on_hand, reserved, committed))
+            result.append((seq, self._sku_of(handle), *counters))
             position += 1
         return position, result
 

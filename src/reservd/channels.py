@@ -26,6 +26,7 @@ import collections
 import dataclasses
 from typing import NamedTuple
 
+from reservd import stockstates
 from reservd.channelpolicy import (
     DEFAULT_POLICY as _DEFAULT, OVERRIDABLE, Ats, Enforcement, Policy, ats, policy_from_row,
     policy_row,
@@ -105,8 +106,7 @@ class Channels:
         handle = self.table.lookup(sku)
         if handle < 0:
             return None
-        on_hand, reserved, committed = self.table.counters(handle)
-        return on_hand - reserved - committed
+        return stockstates.available(*self.table.counters(handle), self.table.unsellable(handle))
 
     def shared(self, sku: str, available: int) -> int:
         """Free units of ``shared``: available minus the named buckets' free units (negative
@@ -147,7 +147,7 @@ class Channels:
         on_hand, reserved, committed = self.table.counters(handle)
         named = sorted(self.buckets.get(sku, {}).items())
         shared = [
-            on_hand - reserved - committed,
+            stockstates.available(on_hand, reserved, committed, self.table.unsellable(handle)),
             reserved - sum(c[_RESERVED] for _, c in named),
             committed - sum(c[_COMMITTED] for _, c in named),
         ]
@@ -187,7 +187,7 @@ class Channels:
             if counters is None:
                 out.append(-1)  # the table names the unknown SKU
                 continue
-            available = counters[0] - counters[1] - counters[2]
+            available = self.available(sku)
             drawable = self.drawable(sku, policy, available)
             if strict:
                 drawable = min(drawable, ats(policy, available, drawable).ats)

@@ -9,7 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from reservd import cli_channels, logs, output
+from reservd import cli_channels, cli_stock, logs, output
 from reservd.config import Config, ConfigError
 
 
@@ -222,6 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--count", type=int, default=0, help="stop after N updates (0: never)")
 
     cli_channels.add_parsers(command, client_command)
+    cli_stock.add_parsers(client_command)
 
     wal = command("wal", "inspect a data directory without starting")
     wal_commands = wal.add_subparsers(dest="wal_command", required=True)
@@ -354,6 +355,8 @@ async def _client(args) -> int:
             return await _watch(client, args)
         elif command in cli_channels.COMMANDS:
             return await cli_channels.run(client, args, _print)
+        elif command in cli_stock.COMMANDS:
+            return await cli_stock.run(client, args, _print)
     return 0
 
 

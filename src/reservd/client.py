@@ -255,6 +255,38 @@ class ReservdClient:
         )
         return await self._call(self.admin.Allocate, request)
 
+    async def receive_return(
+        self, return_id: str, sku: str, units: int, *, reservation_id: str = ""
+    ) -> pb.StockStateResponse:
+        request = pb.ReceiveReturnRequest(
+            return_id=return_id, sku=sku, units=units, reservation_id=reservation_id
+        )
+        return await self._call(self.admin.ReceiveReturn, request)
+
+    async def inspect(
+        self, return_id: str, sellable_units: int, damaged_units: int
+    ) -> pb.StockStateResponse:
+        request = pb.InspectRequest(
+            return_id=return_id, sellable_units=sellable_units, damaged_units=damaged_units
+        )
+        return await self._call(self.admin.Inspect, request)
+
+    async def write_off(
+        self, sku: str, units: int, state: str, *, change_id: str
+    ) -> pb.StockStateResponse:
+        request = pb.WriteOffRequest(change_id=change_id, sku=sku, units=units, state=state)
+        return await self._call(self.admin.WriteOff, request)
+
+    async def expect_receipt(
+        self, po_id: str, sku: str, units: int, eta_ms: int
+    ) -> pb.IncomingResponse:
+        request = pb.ExpectReceiptRequest(po_id=po_id, sku=sku, units=units, eta_ms=eta_ms)
+        return await self._call(self.admin.ExpectReceipt, request)
+
+    async def receive(self, po_id: str, units: int, *, receipt_id: str) -> pb.IncomingResponse:
+        request = pb.ReceiveRequest(receipt_id=receipt_id, po_id=po_id, units=units)
+        return await self._call(self.admin.Receive, request)
+
     async def get_buckets(self, skus: Iterable[str]) -> list[pb.SkuBuckets]:
         response = await self._call(self.admin.GetBuckets, pb.GetBucketsRequest(skus=skus))
         return list(response.skus)

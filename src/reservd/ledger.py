@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, Sequence
 
-from reservd import records, state_codec
+from reservd import incoming, records, state_codec, stockstates
 from reservd.channels import Channels
 from reservd.config import Config
 from reservd.expiry import Deadlines
@@ -41,7 +41,14 @@ _ENCODERS = {
     RecordType.SET_CHANNEL: records.encode_set_channel,
     RecordType.SET_SKU_POLICY: records.encode_sku_policy,
     RecordType.ALLOCATE: records.encode_allocate,
+    RecordType.RECEIVE_RETURN: records.encode_receive_return,
+    RecordType.INSPECT: records.encode_inspect,
+    RecordType.WRITE_OFF: records.encode_write_off,
+    RecordType.EXPECT_RECEIPT: records.encode_expect_receipt,
+    RecordType.RECEIVE: records.encode_receive,
 }
+_STATE_KINDS = (RecordType.RECEIVE_RETURN, RecordType.INSPECT, RecordType.WRITE_OFF)
+_INCOMING_KINDS = (RecordType.EXPECT_RECEIPT, RecordType.RECEIVE)
 
 
 class Code(enum.Enum):
@@ -109,6 +116,8 @@ class Ledger(ChannelCommands):
         # Mappings of compact records, decoded on access (reservd.store).
         self.reservations = ReservationStore(table)
         self.adjustments = AdjustmentStore(table)
+        self.states = stockstates.StockStates(table)
+        self.incoming = incoming.Incoming(table)
         self.live = 0  # held + committed
         self.held = 0
         # Held reservations' ids by expiry second. An entry goes stale when its hold ends or
@@ -424,6 +433,60 @@ class Ledger(ChannelCommands):
             )
         return outcome
 
+    # -- Stock states and returns (rules in reservd.stockstates) --------------------------------
+
+    def receive_return(
+        self, return_id: str, sku: str, units: int, reservation_id: str
+    ) -> stockstates.StateOutcome | Rejection:
+        """Returned ``units`` of ``sku`` arrive into quarantine: on hand, not available."""
+        return self._state_command(RecordType.RECEIVE_RETURN, self.states.decide_return(
+            return_id, sku, units, reservation_id, self.clock.now_ms(),
+            self.config.limits.on_hand_max,
+        ))
+
+    def inspect(
+        self, return_id: str, sellable_units: int, damaged_units: int
+    ) -> stockstates.StateOutcome | Rejection:
+        """End a return's quarantine: sellable units become available, damaged ones damaged."""
+        return self._state_command(RecordType.INSPECT, self.states.decide_inspect(
+            return_id, sellable_units, damaged_units, self.clock.now_ms()
+        ))
+
+    def write_off(
+        self, change_id: str, sku: str, units: int, state: str
+    ) -> stockstates.StateOutcome | Rejection:
+        """Remove ``units`` of an unsellable ``state`` (damaged): on_hand falls with it."""
+        return self._state_command(RecordType.WRITE_OFF, self.states.decide_write_off(
+            change_id, sku, units, state, self.clock.now_ms()
+        ))
+
+    def expect_receipt(
+        self, po_id: str, sku: str, units: int, eta_ms: int
+    ) -> incoming.IncomingOutcome | Rejection:
+        """A purchase order: ``units`` of ``sku`` due at ``eta_ms`` (incoming, not on hand)."""
+        return self._state_command(RecordType.EXPECT_RECEIPT, self.incoming.decide_expect(
+            po_id, sku, units, eta_ms, self.clock.now_ms()
+        ))
+
+    def receive(
+        self, receipt_id: str, po_id: str, units: int
+    ) -> incoming.IncomingOutcome | Rejection:
+        """A (partial) receipt against a purchase order; over-receipt is reported."""
+        return self._state_command(RecordType.RECEIVE, self.incoming.decide_receive(
+            receipt_id, po_id, units, self.clock.now_ms(), self.config.limits.on_hand_max
+        ))
+
+    def _state_command(self, kind: RecordType, decided):
+        if isinstance(decided, stockstates.Refusal):
+            return Rejection(Code[decided.code], decided.message, decided.field)
+        if isinstance(decided, (stockstates.StateOutcome, incoming.IncomingOutcome)):
+            return decided  # an idempotent repeat
+        refused = self._unwritable()
+        if refused is not None:
+            return refused
+        outcome, _ = self._execute(kind, decided)
+        return outcome
+
     # -- Replay and snapshots -------------------------------------------------------------------
 
     def replay(self, seq: int, record_type: int, payload: bytes) -> None:
@@ -461,6 +524,8 @@ class Ledger(ChannelCommands):
         adjustments = self.adjustments.raw()
         decode_reservation = self.reservations.decode
         decode_adjustment = self.adjustments.decode
+        states, returns, write_offs = self.states.snapshot_rows()
+        orders, receipts = self.incoming.snapshot_rows()
 
         # Filled while the reservation rows are encoded, and written after them: one decode each.
         owners: list[tuple[str, str]] = []
@@ -487,7 +552,10 @@ class Ledger(ChannelCommands):
 
         def encode() -> bytes:
             return wrap(
-                state_codec.encode(seq, stock, reservation_rows(), adjustment_rows(), owners),
+                state_codec.encode(
+                    seq, stock, reservation_rows(), adjustment_rows(), states, returns,
+                    write_offs, orders, receipts, owners,
+                ),
                 channel_rows,
             )
 
@@ -505,6 +573,16 @@ class Ledger(ChannelCommands):
         for kind, row in rows:
             if kind == state_codec.STOCK:
                 self.table.restore(*row)
+            elif kind == state_codec.STATES:
+                self.states.restore_state(row)
+            elif kind == state_codec.RETURN:
+                self.states.restore_return(row)
+            elif kind == state_codec.WRITE_OFF:
+                self.states.restore_write_off(row)
+            elif kind == state_codec.ORDER:
+                self.incoming.restore_order(row)
+            elif kind == state_codec.RECEIPT:
+                self.incoming.restore_receipt(row)
             elif kind == state_codec.RESERVATION:
                 (reservation_id, channel, request, skus, quantities, committed, state_value,
                  expires_at_ms, reservation_seq, finished_at_ms) = row
@@ -585,6 +663,10 @@ class Ledger(ChannelCommands):
             return self._apply_fulfil(command, seq)
         if kind is RecordType.EXPIRE:
             return self._apply_expire(command, seq)
+        if kind in _STATE_KINDS:
+            return self.states.apply(kind, command, seq)
+        if kind in _INCOMING_KINDS:
+            return self.incoming.apply(kind, command, seq)
         if kind >= RecordType.SET_CHANNEL:
             return self._apply_channels(kind, command, seq)
         assert kind in (RecordType.SET_STOCK, RecordType.ADJUST_STOCK), kind
@@ -668,9 +750,17 @@ class Ledger(ChannelCommands):
 
     def _available(self, skus: tuple[str, ...]) -> tuple[int, ...]:
         return tuple(
-            counters[0] - counters[1] - counters[2] if counters else 0
-            for counters in self.table.stock(skus)
+            stockstates.available(*row) if row else 0 for row in self.stock_rows(skus)
         )
+
+    def stock_rows(self, skus: Sequence[str]) -> list[tuple[int, int, int, int] | None]:
+        """(on_hand, reserved, committed, unsellable) per SKU, None for an unknown one."""
+        table = self.table
+        rows: list[tuple[int, int, int, int] | None] = []
+        for sku, counters in zip(skus, table.stock(skus)):
+            rows.append(None if counters is None else (*counters, table.unsellable(
+                table.lookup(sku))))
+        return rows
 
     def _apply_reserve(
         self, command: records.Reserve, skus: tuple[str, ...], handles: tuple[int, ...],

@@ -614,12 +614,12 @@ class RedisMirror:
         _, pending = read_entries(table, position, seq, batch_max)
         skipped = {change[1] for change in pending}
         time_ms = time.time_ns() // 1_000_000
-        rows = [row for row in table.items() if row[0] not in skipped]
+        rows = [(*row, table.unsellable(table.lookup(row[0])))
+                for row in table.items() if row[0] not in skipped]
         for start in range(0, len(rows), batch_max):
             keys, args = batch_command(
                 prefix, "rewrite", epoch, durable, 0, 0, self.stale_after_ms,
-                ((durable, sku, on_hand, reserved, committed)
-                 for sku, on_hand, reserved, committed in rows[start:start + batch_max]),
+                ((durable, *row) for row in rows[start:start + batch_max]),
             )
             async with asyncio.timeout(timeout):
                 await client.evalsha(self._batch_sha, len(keys), *keys, *args)

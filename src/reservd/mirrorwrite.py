@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Container, Iterable
 
+from reservd import stockstates
 from reservd.table import Change, CounterTable
 
 # One batch, applied atomically. KEYS[1]: the watermark; KEYS[2..]: stock hashes.
@@ -91,16 +92,16 @@ def batch_command(
     stale_after_ms: int, rows: Iterable[Change], lower: Container[str] = (),
 ) -> tuple[list[str], list]:
     """KEYS and ARGV of one :data:`BATCH_SCRIPT` call; ``rows`` as the change ring has them:
-    (seq, sku, on_hand, reserved, committed); the SKUs in ``lower`` are written by the "lower"
+    (seq, sku, on_hand, reserved, committed, unsellable); the SKUs in ``lower`` are written by the "lower"
     rule (not durable yet), the others by the "newer" rule."""
     stock = prefix + "stock:"
     keys = [prefix + "watermark"]
     args: list = [mode, epoch, seq, time_ms, expected_seq, stale_after_ms]
-    for version, sku, on_hand, reserved, committed in rows:
+    for version, sku, on_hand, reserved, committed, unsellable in rows:
         keys.append(stock + sku)
         args += (
             "lower" if sku in lower else "newer", version, on_hand, reserved, committed,
-            on_hand - reserved - committed,
+            stockstates.available(on_hand, reserved, committed, unsellable),
         )
     return keys, args
 
@@ -117,7 +118,7 @@ def pack(arguments: Iterable[str | int]) -> bytes:
 
 
 def _available(change: Change) -> int:
-    return change[2] - change[3] - change[4]
+    return stockstates.available(*change[2:])
 
 
 def read_entries(table: CounterTable, position: int, seq_max: int, read_max: int):

@@ -21,6 +21,7 @@ _LINE = struct.Struct("<qq")  # requested, granted
 _AT = struct.Struct("<q")
 _AT_Q = struct.Struct("<qq")
 _STOCK_HEAD = struct.Struct("<qqBq")  # at_ms, value, has_expected, expected
+_STATE_HEAD = struct.Struct("<qqq")  # at_ms, units, second count (damaged units; 0 otherwise)
 
 
 class RecordType(enum.IntEnum):
@@ -35,6 +36,12 @@ class RecordType(enum.IntEnum):
     SET_CHANNEL = 9
     SET_SKU_POLICY = 10
     ALLOCATE = 11
+    # Stock states (reservd.stockstates); appended so older logs still decode.
+    RECEIVE_RETURN = 12
+    INSPECT = 13
+    WRITE_OFF = 14
+    EXPECT_RECEIPT = 15
+    RECEIVE = 16
 
 
 class Reserve(NamedTuple):
@@ -112,6 +119,91 @@ class Allocate(NamedTuple):
 
 
 _NONE = -(1 << 63)  # an absent optional number (max_units None: no cap)
+
+
+class ReceiveReturn(NamedTuple):
+    """Returned units arrive into quarantine: on hand, not available."""
+
+    at_ms: int
+    return_id: str
+    sku: str
+    units: int
+    reservation_id: str  # the order they came from; "" when unknown
+
+
+class Inspect(NamedTuple):
+    """A return's quarantined units leave quarantine: sellable ones become available,
+    damaged ones move to damaged."""
+
+    at_ms: int
+    return_id: str
+    sellable_units: int
+    damaged_units: int
+
+
+class WriteOff(NamedTuple):
+    """Units of an unsellable state leave the building: on_hand and the state both drop."""
+
+    at_ms: int
+    change_id: str
+    sku: str
+    units: int
+    state: str
+
+
+class ExpectReceipt(NamedTuple):
+    """A purchase order: ``units`` of ``sku`` on the way, due at ``eta_ms`` (not on hand)."""
+
+    at_ms: int
+    po_id: str
+    sku: str
+    units: int
+    eta_ms: int
+
+
+class Receive(NamedTuple):
+    """A (partial) receipt against a purchase order: on_hand rises, incoming falls."""
+
+    at_ms: int
+    receipt_id: str
+    po_id: str
+    units: int
+
+
+def encode_expect_receipt(command: ExpectReceipt) -> bytes:
+    parts = [_STATE_HEAD.pack(command.at_ms, command.units, command.eta_ms)]
+    put_str(parts, command.po_id)
+    put_str(parts, command.sku)
+    return b"".join(parts)
+
+
+def encode_receive(command: Receive) -> bytes:
+    parts = [_STATE_HEAD.pack(command.at_ms, command.units, 0)]
+    put_str(parts, command.receipt_id)
+    put_str(parts, command.po_id)
+    return b"".join(parts)
+
+
+def encode_receive_return(command: ReceiveReturn) -> bytes:
+    parts = [_STATE_HEAD.pack(command.at_ms, command.units, 0)]
+    put_str(parts, command.return_id)
+    put_str(parts, command.sku)
+    put_str(parts, command.reservation_id)
+    return b"".join(parts)
+
+
+def encode_inspect(command: Inspect) -> bytes:
+    parts = [_STATE_HEAD.pack(command.at_ms, command.sellable_units, command.damaged_units)]
+    put_str(parts, command.return_id)
+    return b"".join(parts)
+
+
+def encode_write_off(command: WriteOff) -> bytes:
+    parts = [_STATE_HEAD.pack(command.at_ms, command.units, 0)]
+    put_str(parts, command.change_id)
+    put_str(parts, command.sku)
+    put_str(parts, command.state)
+    return b"".join(parts)
 
 
 def put_str(parts: list, text: str) -> None:
@@ -294,6 +386,21 @@ def decode(record_type: int, payload: bytes):
         elif kind in (RecordType.RELEASE, RecordType.FULFIL, RecordType.EXPIRE):
             (at_ms,) = reader.unpack(_AT)
             command = Finish(at_ms, reader.text())
+        elif kind is RecordType.RECEIVE_RETURN:
+            at_ms, units, _ = reader.unpack(_STATE_HEAD)
+            command = ReceiveReturn(at_ms, reader.text(), reader.text(), units, reader.text())
+        elif kind is RecordType.INSPECT:
+            at_ms, sellable, damaged = reader.unpack(_STATE_HEAD)
+            command = Inspect(at_ms, reader.text(), sellable, damaged)
+        elif kind is RecordType.WRITE_OFF:
+            at_ms, units, _ = reader.unpack(_STATE_HEAD)
+            command = WriteOff(at_ms, reader.text(), reader.text(), units, reader.text())
+        elif kind is RecordType.EXPECT_RECEIPT:
+            at_ms, units, eta_ms = reader.unpack(_STATE_HEAD)
+            command = ExpectReceipt(at_ms, reader.text(), reader.text(), units, eta_ms)
+        elif kind is RecordType.RECEIVE:
+            at_ms, units, _ = reader.unpack(_STATE_HEAD)
+            command = Receive(at_ms, reader.text(), reader.text(), units)
         elif kind >= RecordType.SET_CHANNEL:
             command = _decode_channels(kind, reader)
         else:

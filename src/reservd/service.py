@@ -6,10 +6,11 @@ import logging
 
 import grpc
 
-from reservd import auth, validation
+from reservd import auth, stockstates, validation
 from reservd.channelservice import AtsRpcs, ChannelAdminRpcs, line_extras
 from reservd.config import Limits
 from reservd.guard import Guard
+from reservd.stockservice import StockStateRpcs, stock_message
 from reservd.mirror import MirrorSlow, MirrorUnavailable
 from reservd.ledger import Code, Ledger, Rejection, Reservation, ReservationOutcome, State
 from reservd.v1 import reservd_pb2 as pb
@@ -251,18 +252,14 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
         except Invalid as error:
             await _invalid(context, error)
         stock = []
-        for i, (sku, counters) in enumerate(zip(skus, self.ledger.table.stock(skus))):
+        for i, (sku, counters) in enumerate(zip(skus, self.ledger.stock_rows(skus))):
             if counters is None:
                 await context.abort(
                     grpc.StatusCode.NOT_FOUND, f"skus[{i}]: sku {sku!r} is unknown"
                 )
-            on_hand, reserved, committed = counters
-            stock.append(
-                pb.Stock(
-                    sku=sku, on_hand=on_hand, reserved=reserved, committed=committed,
-                    available=on_hand - reserved - committed,
-                )
-            )
+            stock.append(stock_message(
+                sku, *counters[:3], self.ledger.states.of(sku), self.ledger.incoming.of(sku)
+            ))
         return pb.GetStockResponse(stock=stock)
 
     async def WatchStock(self, request: pb.WatchStockRequest, context):
@@ -291,7 +288,7 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
             self.hub.release(watcher)
 
 
-class AdminService(ChannelAdminRpcs, pb_grpc.AdminServicer):
+class AdminService(ChannelAdminRpcs, StockStateRpcs, pb_grpc.AdminServicer):
     def __init__(self, ledger: Ledger, durability: Durability, guard: Guard, limits: Limits):
         self.ledger = ledger
         self.durability = durability
@@ -328,7 +325,10 @@ class AdminService(ChannelAdminRpcs, pb_grpc.AdminServicer):
             stock=pb.Stock(
                 sku=outcome.sku, on_hand=outcome.on_hand, reserved=outcome.reserved,
                 committed=outcome.committed,
-                available=outcome.on_hand - outcome.reserved - outcome.committed,
+                available=stockstates.available(
+                    outcome.on_hand, outcome.reserved, outcome.committed,
+                    self.ledger.states.unsellable_of(outcome.sku),
+                ),
             ),
             previous_on_hand=outcome.previous_on_hand,
             shortfall=outcome.shortfall,

@@ -11,11 +11,22 @@ versions (strings are a u16 byte length and UTF-8, as in reservd.records)::
                       expires_at_ms i64 | seq i64 | finished_at_ms i64 | committed_present u8 |
                       lines u16, then per request line: sku | requested i64 | granted i64 |
                       committed i64
-    owner (4):        reservation_id | owner (only reservations made by an identity; the
+    owner (9):        reservation_id | owner (only reservations made by an identity; the
                       rows follow the reservations they name; older snapshots have none)
     adjustment (3):   adjustment_id | kind u8 | sku | value i64 | expected_present u8 |
                       expected i64 | on_hand i64 | reserved i64 | committed i64 |
                       previous_on_hand i64 | seq i64 | finished_at_ms i64
+    states (4):       sku | quarantine i64 | damaged i64 | quality_control i64
+    return (5):       return_id | sku | units i64 | reservation_id | at_ms i64 | inspected u8 |
+                      sellable_units i64 | damaged_units i64 | quarantine i64 | damaged i64 |
+                      quality_control i64 | seq i64 (the last three and seq: right after the
+                      return's last command, for an idempotent repeat's answer)
+    write-off (6):    change_id | sku | units i64 | state | at_ms i64 | seq i64
+    order (7):        po_id | sku | units i64 | eta_ms i64 | received i64
+    receipt (8):      receipt_id | po_id | units i64 | seq i64
+
+Format 4 added sections 4-8 (reservd.stockstates, reservd.incoming); format 3 (the same without them) is still
+read.
 
 Format 2 (pickled chunks of builtin types, written before format 3) is still read, so a data
 directory written by an older reservd recovers; it is never written.
@@ -31,7 +42,8 @@ from typing import Iterable, Iterator
 
 from reservd.records import Reader, put_str
 
-FORMAT = 3
+FORMAT = 4
+_FORMATS_READ = (3, 4)
 MAGIC = b"RSVDSTAT"
 _HEAD = struct.Struct("<8sIq")
 _SECTION = struct.Struct("<BI")
@@ -42,12 +54,23 @@ _ADJUSTMENT_HEAD = struct.Struct("<B")
 _ADJUSTMENT = struct.Struct("<qBqqqqqqq")
 _LEGACY_FORMAT = 2
 _LEGACY_CHUNK = struct.Struct("<I")
+_STATES = struct.Struct("<qqq")
+_RETURN_HEAD = struct.Struct("<q")
+_RETURN = struct.Struct("<qBqqqqqq")
+_WRITE_OFF = struct.Struct("<qqq")
+_ORDER = struct.Struct("<qqq")
+_RECEIPT = struct.Struct("<qq")
 _SECTION_ROWS_MAX = 4096  # rows per section, so no section header needs a huge count
 
 STOCK = 1
 RESERVATION = 2
 ADJUSTMENT = 3
-OWNER = 4
+STATES = 4
+RETURN = 5
+WRITE_OFF = 6
+ORDER = 7
+RECEIPT = 8
+OWNER = 9
 
 
 def encode(
@@ -55,15 +78,25 @@ def encode(
     stock: Iterable[tuple],
     reservations: Iterable[tuple],
     adjustments: Iterable[tuple],
+    states: Iterable[tuple] = (),
+    returns: Iterable[tuple] = (),
+    write_offs: Iterable[tuple] = (),
+    orders: Iterable[tuple] = (),
+    receipts: Iterable[tuple] = (),
     owners: Iterable[tuple] = (),
 ) -> bytes:
-    """The state after ``seq`` as format-3 bytes; rows as :func:`decode` yields them.
+    """The state after ``seq`` as format-4 bytes; rows as :func:`decode` yields them.
     ``owners`` is read after ``reservations`` has been consumed."""
     out = bytearray(_HEAD.pack(MAGIC, FORMAT, seq))
     _sections(out, STOCK, stock, _put_stock)
     _sections(out, RESERVATION, reservations, _put_reservation)
     _sections(out, OWNER, owners, _put_owner)
     _sections(out, ADJUSTMENT, adjustments, _put_adjustment)
+    _sections(out, STATES, states, _put_states)
+    _sections(out, RETURN, returns, _put_return)
+    _sections(out, WRITE_OFF, write_offs, _put_write_off)
+    _sections(out, ORDER, orders, _put_order)
+    _sections(out, RECEIPT, receipts, _put_receipt)
     return bytes(out)
 
 
@@ -78,6 +111,12 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
     - ADJUSTMENT: (adjustment_id, kind, (sku, value, expected_on_hand or None),
       (sku, on_hand, reserved, committed, previous_on_hand, shortfall, seq, False),
       finished_at_ms)
+    - STATES: (sku, quarantine, damaged, quality_control), after the SKU's STOCK row
+    - RETURN: (return_id, sku, units, reservation_id, at_ms, inspected, sellable_units,
+      damaged_units, quarantine, damaged, quality_control, seq)
+    - WRITE_OFF: (change_id, sku, units, state, at_ms, seq)
+    - ORDER: (po_id, sku, units, eta_ms, received)
+    - RECEIPT: (receipt_id, po_id, units, seq)
 
     ValueError, naming the offset, for anything that does not parse exactly.
     """
@@ -87,9 +126,9 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
         _, version, seq = _HEAD.unpack_from(payload)
     except struct.error:
         raise ValueError("snapshot header is truncated") from None
-    if version != FORMAT:
+    if version not in _FORMATS_READ:
         raise ValueError(
-            f"snapshot format {version} is not one this reservd reads ({_LEGACY_FORMAT} or "
+            f"snapshot format {version} is not one this reservd reads ({_LEGACY_FORMAT} to "
             f"{FORMAT}): it was written by a newer reservd"
         )
     return seq, _rows(payload)
@@ -101,6 +140,8 @@ def _rows(payload: bytes) -> Iterator[tuple[int, tuple]]:
     readers = {
         STOCK: _read_stock, RESERVATION: _read_reservation, OWNER: _read_owner,
         ADJUSTMENT: _read_adjustment,
+        STATES: _read_states, RETURN: _read_return, WRITE_OFF: _read_write_off,
+        ORDER: _read_order, RECEIPT: _read_receipt,
     }
     try:
         while reader.offset < len(payload):
@@ -218,6 +259,74 @@ def _read_adjustment(reader: Reader) -> tuple:
         adjustment_id, kind, (sku, value, expected if expected_present else None), outcome,
         finished_at_ms,
     )
+
+
+def _put_states(parts: list, row: tuple) -> None:
+    sku, quarantine, damaged, quality_control = row
+    put_str(parts, sku)
+    parts.append(_STATES.pack(quarantine, damaged, quality_control))
+
+
+def _read_states(reader: Reader) -> tuple:
+    return (reader.text(), *reader.unpack(_STATES))
+
+
+def _put_return(parts: list, row: tuple) -> None:
+    (return_id, sku, units, reservation_id, at_ms, inspected, sellable, damaged, quarantine_then,
+     damaged_then, quality_control_then, seq) = row
+    put_str(parts, return_id)
+    put_str(parts, sku)
+    parts.append(_RETURN_HEAD.pack(units))
+    put_str(parts, reservation_id)
+    parts.append(_RETURN.pack(at_ms, inspected, sellable, damaged, quarantine_then,
+                              damaged_then, quality_control_then, seq))
+
+
+def _read_return(reader: Reader) -> tuple:
+    return_id = reader.text()
+    sku = reader.text()
+    (units,) = reader.unpack(_RETURN_HEAD)
+    reservation_id = reader.text()
+    at_ms, inspected, *rest = reader.unpack(_RETURN)
+    return (return_id, sku, units, reservation_id, at_ms, bool(inspected), *rest)
+
+
+def _put_write_off(parts: list, row: tuple) -> None:
+    change_id, sku, units, state, at_ms, seq = row
+    put_str(parts, change_id)
+    put_str(parts, sku)
+    put_str(parts, state)
+    parts.append(_WRITE_OFF.pack(units, at_ms, seq))
+
+
+def _read_write_off(reader: Reader) -> tuple:
+    change_id = reader.text()
+    sku = reader.text()
+    state = reader.text()
+    units, at_ms, seq = reader.unpack(_WRITE_OFF)
+    return (change_id, sku, units, state, at_ms, seq)
+
+
+def _put_order(parts: list, row: tuple) -> None:
+    po_id, sku, units, eta_ms, received = row
+    put_str(parts, po_id)
+    put_str(parts, sku)
+    parts.append(_ORDER.pack(units, eta_ms, received))
+
+
+def _read_order(reader: Reader) -> tuple:
+    return (reader.text(), reader.text(), *reader.unpack(_ORDER))
+
+
+def _put_receipt(parts: list, row: tuple) -> None:
+    receipt_id, po_id, units, seq = row
+    put_str(parts, receipt_id)
+    put_str(parts, po_id)
+    parts.append(_RECEIPT.pack(units, seq))
+
+
+def _read_receipt(reader: Reader) -> tuple:
+    return (reader.text(), reader.text(), *reader.unpack(_RECEIPT))
 
 
 def _decode_legacy(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:

@@ -15,13 +15,16 @@ RESERVE_INSUFFICIENT = 1
 RESERVE_UNKNOWN_SKU = 2
 
 Counters = tuple[int, int, int]  # (on_hand, reserved, committed)
-Change = tuple[int, str, int, int, int]  # (sequence, sku, on_hand, reserved, committed)
+# (sequence, sku, on_hand, reserved, committed, unsellable)
+Change = tuple[int, str, int, int, int, int]
 
 
 class CounterTable(Protocol):
     """Sharded SKU -> (on_hand, reserved, committed) int64 counters.
 
-    ``available`` is always derived: ``on_hand - reserved - committed``. A *handle* is an int
+    ``available`` is always derived, here and only here (reservd.stockstates.available mirrors
+    it for the service): ``on_hand - reserved - committed - unsellable``, where ``unsellable``
+    counts units on hand but not sellable (quarantine, damaged, quality_control). A *handle* is an int
     naming one SKU's slot; it stays valid for the table's life, so the ledger keeps handles in
     its reservations and never looks a SKU up twice. Every mutation is applied synchronously and
     atomically (there is no await inside), carries the sequence number of the mutation that
@@ -49,7 +52,13 @@ class CounterTable(Protocol):
     def fulfil(self, handles: Sequence[int], quantities: Sequence[int], seq: int) -> None: ...
     def set_on_hand(self, handle: int, on_hand: int, seq: int) -> int: ...
     def adjust_on_hand(self, handle: int, delta: int, seq: int) -> int: ...
-    def restore(self, sku: str, on_hand: int, reserved: int, committed: int) -> int: ...
+    def unsellable(self, handle: int) -> int: ...
+    def move_unsellable(
+        self, handle: int, on_hand_delta: int, unsellable_delta: int, seq: int
+    ) -> tuple[int, int]: ...
+    def restore(
+        self, sku: str, on_hand: int, reserved: int, committed: int, unsellable: int = 0
+    ) -> int: ...
     def items(self) -> Iterator[tuple[str, int, int, int]]: ...
 
     @property

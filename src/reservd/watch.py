@@ -22,6 +22,7 @@ import time
 import weakref
 from typing import AsyncIterator
 
+from reservd import stockstates
 from reservd.config import Config
 from reservd.futures import SharedFuture
 from reservd.table import CounterTable
@@ -35,10 +36,11 @@ class TooManyWatchers(Exception):
 
 
 def _update(seq: int, sku: str, on_hand: int, reserved: int, committed: int,
-            snapshot: bool) -> pb.StockUpdate:
+            unsellable: int, snapshot: bool) -> pb.StockUpdate:
     return pb.StockUpdate(
         sku=sku, on_hand=on_hand, reserved=reserved, committed=committed,
-        available=on_hand - reserved - committed, sequence=seq, snapshot=snapshot,
+        available=stockstates.available(on_hand, reserved, committed, unsellable),
+        sequence=seq, snapshot=snapshot,
     )
 
 
@@ -169,11 +171,13 @@ class WatchHub:
             self.position, changes = table.changes(start, buffer_max, self.durable_seq)
             if not changes:
                 break
-            for offset, (seq, sku, on_hand, reserved, committed) in enumerate(changes):
+            for offset, (seq, sku, on_hand, reserved, committed, unsellable) in enumerate(
+                changes
+            ):
                 watchers = by_sku.get(sku)
                 if watchers is None and not everyone:
                     continue
-                update = _update(seq, sku, on_hand, reserved, committed, False)
+                update = _update(seq, sku, on_hand, reserved, committed, unsellable, False)
                 for group in (watchers, everyone):
                     if not group:
                         continue
@@ -303,8 +307,8 @@ class WatchHub:
             watcher.position = position
             skus = watcher.skus
             batch = [
-                _update(seq, sku, on_hand, reserved, committed, False)
-                for seq, sku, on_hand, reserved, committed in changes
+                _update(seq, sku, on_hand, reserved, committed, unsellable, False)
+                for seq, sku, on_hand, reserved, committed, unsellable in changes
                 if skus is None or sku in skus
             ]
             self.updates += len(batch)
@@ -322,7 +326,8 @@ class WatchHub:
             if snapshot is None or snapshot.position < table.ring_tail:
                 seq = ledger.seq
                 snapshot = _Snapshot(seq, table.ring_head, [
-                    _update(seq, sku, on_hand, reserved, committed, True)
+                    _update(seq, sku, on_hand, reserved, committed,
+                            table.unsellable(table.lookup(sku)), True)
                     for sku, on_hand, reserved, committed in table.items()
                 ])
                 self._snapshot = weakref.ref(snapshot)
@@ -332,7 +337,7 @@ class WatchHub:
             seq, position = ledger.seq, table.ring_head
             ordered = sorted(watcher.skus)
             updates = [
-                _update(seq, sku, *counters, True)
+                _update(seq, sku, *counters, table.unsellable(table.lookup(sku)), True)
                 for sku, counters in zip(ordered, table.stock(ordered))
                 if counters is not None
             ]

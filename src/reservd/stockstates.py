@@ -1,0 +1,264 @@
+"""Stock states beside on_hand, and the returns flow: the rules of issue 12's first part.
+
+Vocabulary (all in units of stock items, per SKU):
+
+- ``quarantine``: returned units awaiting inspection. On hand, never available.
+- ``damaged``: units inspected as unsellable, until written off. On hand, never available.
+- ``quality_control``: units held for checks. On hand, never available (no command moves units
+  into it yet; it is counted so the vocabulary and ``unsellable`` are complete).
+- ``unsellable`` = quarantine + damaged + quality_control: the one row counter the table keeps,
+  so ``available = on_hand - reserved - committed - unsellable`` is checked atomically by every
+  Reserve (reservd.table; :func:`available` is the same formula for the service).
+
+Returns flow: ``ReceiveReturn`` puts units in quarantine (on_hand and unsellable rise together,
+available does not move); ``Inspect`` ends a return's quarantine: sellable units leave
+``unsellable`` and so become available, damaged ones move to ``damaged``; ``WriteOff`` removes
+damaged units (on_hand and unsellable fall together). Each is idempotent by its id.
+
+This module decides (checks every precondition, returning a :class:`Refusal` value) and applies
+(the table asserts); the ledger orders decide -> apply -> log, so replay reuses :meth:`apply`.
+"""
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+from reservd import records
+from reservd.records import RecordType
+
+QUARANTINE, DAMAGED, QUALITY_CONTROL = 0, 1, 2
+STATE_NAMES = ("quarantine", "damaged", "quality_control")
+WRITE_OFF_STATES = ("damaged",)
+
+
+def available(on_hand: int, reserved: int, committed: int, unsellable: int) -> int:
+    """Units a Reserve may grant: the table's formula, for readers outside the table."""
+    return on_hand - reserved - committed - unsellable
+
+
+class Refusal(NamedTuple):
+    """A refused request: the ledger turns it into a Rejection (code is a ledger.Code name)."""
+
+    code: str
+    message: str
+    field: str = ""
+
+
+class StateOutcome(NamedTuple):
+    """What a state command left: the SKU's counters and states right after it."""
+
+    sku: str
+    on_hand: int
+    reserved: int
+    committed: int
+    quarantine: int
+    damaged: int
+    quality_control: int
+    seq: int
+    replayed: bool
+
+
+class Return(NamedTuple):
+    sku: str
+    units: int
+    reservation_id: str
+    at_ms: int
+    inspected: bool
+    sellable_units: int
+    damaged_units: int
+    outcome: StateOutcome  # of the last command on this return (receive, then inspect)
+
+
+class WrittenOff(NamedTuple):
+    request: tuple  # (sku, units, state): the idempotency key
+    outcome: StateOutcome
+    at_ms: int
+
+
+class StockStates:
+    """Per-SKU state counters, returns by id and write-offs by id, over the counter table."""
+
+    def __init__(self, table) -> None:
+        self.table = table
+        self.counts: dict[str, list[int]] = {}  # sku -> [quarantine, damaged, quality_control]
+        self.returns: dict[str, Return] = {}
+        self.write_offs: dict[str, WrittenOff] = {}
+
+    def of(self, sku: str) -> tuple[int, int, int]:
+        """(quarantine, damaged, quality_control) of ``sku``, zeros if it has none."""
+        row = self.counts.get(sku)
+        return (0, 0, 0) if row is None else (row[0], row[1], row[2])
+
+    # -- decide ---------------------------------------------------------------------------------
+
+    def decide_return(
+        self, return_id: str, sku: str, units: int, reservation_id: str, now_ms: int,
+        on_hand_max: int,
+    ) -> records.ReceiveReturn | StateOutcome | Refusal:
+        previous = self.returns.get(return_id)
+        if previous is not None:
+            if (previous.sku, previous.units, previous.reservation_id) != (
+                sku, units, reservation_id
+            ):
+                return Refusal("ALREADY_EXISTS", f"return {return_id!r} exists with a different "
+                               "payload")
+            return previous.outcome._replace(replayed=True)
+        handle = self.table.lookup(sku)
+        if handle < 0:
+            return Refusal("NOT_FOUND", f"sku {sku!r} is unknown: SetStock creates it", "sku")
+        on_hand = self.table.counters(handle)[0]
+        if on_hand + units > on_hand_max:
+            return Refusal(
+                "FAILED_PRECONDITION",
+                f"{units} returned units would make on_hand of sku {sku!r} {on_hand + units} "
+                f"(> on_hand_max {on_hand_max})", "units",
+            )
+        return records.ReceiveReturn(now_ms, return_id, sku, units, reservation_id)
+
+    def decide_inspect(
+        self, return_id: str, sellable_units: int, damaged_units: int, now_ms: int
+    ) -> records.Inspect | StateOutcome | Refusal:
+        entry = self.returns.get(return_id)
+        if entry is None:
+            return Refusal("NOT_FOUND", f"return {return_id!r} is unknown", "return_id")
+        if entry.inspected:
+            if (entry.sellable_units, entry.damaged_units) != (sellable_units, damaged_units):
+                return Refusal(
+                    "ALREADY_EXISTS",
+                    f"return {return_id!r} was inspected as {entry.sellable_units} sellable, "
+                    f"{entry.damaged_units} damaged",
+                )
+            return entry.outcome._replace(replayed=True)
+        if sellable_units + damaged_units != entry.units:
+            return Refusal(
+                "FAILED_PRECONDITION",
+                f"return {return_id!r} holds {entry.units} units in quarantine: sellable_units "
+                f"+ damaged_units must be {entry.units}, not {sellable_units + damaged_units}",
+                "sellable_units",
+            )
+        return records.Inspect(now_ms, return_id, sellable_units, damaged_units)
+
+    def decide_write_off(
+        self, change_id: str, sku: str, units: int, state: str, now_ms: int
+    ) -> records.WriteOff | StateOutcome | Refusal:
+        previous = self.write_offs.get(change_id)
+        if previous is not None:
+            if previous.request != (sku, units, state):
+                return Refusal(
+                    "ALREADY_EXISTS", f"write-off {change_id!r} exists with a different payload"
+                )
+            return previous.outcome._replace(replayed=True)
+        if state not in WRITE_OFF_STATES:
+            return Refusal(
+                "FAILED_PRECONDITION", f"state must be one of {', '.join(WRITE_OFF_STATES)}, "
+                f"not {state!r}", "state",
+            )
+        held = self.of(sku)[STATE_NAMES.index(state)]
+        on_hand = self._on_hand(sku)
+        if units > held or units > on_hand:
+            return Refusal(
+                "FAILED_PRECONDITION",
+                f"sku {sku!r} has {held} {state} units and {on_hand} on hand: cannot write off "
+                f"{units}", "units",
+            )
+        return records.WriteOff(now_ms, change_id, sku, units, state)
+
+    # -- apply (live and replay) ----------------------------------------------------------------
+
+    def apply(self, kind: RecordType, command, seq: int) -> StateOutcome:
+        """Apply a decided command as mutation ``seq``; asserts (a bug) if it does not fit."""
+        if kind is RecordType.RECEIVE_RETURN:
+            self._move(command.sku, command.units, QUARANTINE, command.units, seq)
+            outcome = self._outcome(command.sku, seq)
+            self.returns[command.return_id] = Return(
+                command.sku, command.units, command.reservation_id, command.at_ms, False, 0, 0,
+                outcome,
+            )
+            return outcome
+        if kind is RecordType.INSPECT:
+            entry = self.returns[command.return_id]
+            assert not entry.inspected, f"return {command.return_id!r} inspected twice"
+            assert command.sellable_units + command.damaged_units == entry.units
+            row = self.counts[entry.sku]
+            assert row[QUARANTINE] >= entry.units, (entry.sku, row)
+            row[QUARANTINE] -= entry.units
+            row[DAMAGED] += command.damaged_units
+            self._table_move(entry.sku, 0, -command.sellable_units, seq)
+            outcome = self._outcome(entry.sku, seq)
+            self.returns[command.return_id] = entry._replace(
+                inspected=True, sellable_units=command.sellable_units,
+                damaged_units=command.damaged_units, outcome=outcome,
+            )
+            return outcome
+        assert kind is RecordType.WRITE_OFF, kind
+        index = STATE_NAMES.index(command.state)
+        self._move(command.sku, -command.units, index, -command.units, seq)
+        outcome = self._outcome(command.sku, seq)
+        self.write_offs[command.change_id] = WrittenOff(
+            (command.sku, command.units, command.state), outcome, command.at_ms
+        )
+        return outcome
+
+    def _move(self, sku: str, on_hand_delta: int, state: int, units: int, seq: int) -> None:
+        row = self.counts.setdefault(sku, [0, 0, 0])
+        assert row[state] + units >= 0, f"{STATE_NAMES[state]} of sku {sku!r} would go negative"
+        self._table_move(sku, on_hand_delta, units, seq)
+        row[state] += units
+
+    def _table_move(self, sku: str, on_hand_delta: int, unsellable_delta: int, seq: int) -> None:
+        handle = self.table.lookup(sku)
+        assert handle >= 0, f"state change of unknown sku {sku!r}"
+        try:
+            self.table.move_unsellable(handle, on_hand_delta, unsellable_delta, seq)
+        except ValueError as error:  # decide checked it: not fitting is a bug
+            raise AssertionError(str(error)) from None
+
+    def _on_hand(self, sku: str) -> int:
+        handle = self.table.lookup(sku)
+        return self.table.counters(handle)[0] if handle >= 0 else 0
+
+    def _outcome(self, sku: str, seq: int) -> StateOutcome:
+        on_hand, reserved, committed = self.table.counters(self.table.lookup(sku))
+        return StateOutcome(sku, on_hand, reserved, committed, *self.of(sku), seq, False)
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def unsellable_of(self, sku: str) -> int:
+        return sum(self.of(sku))
+
+    def snapshot_rows(self) -> tuple[list, list, list]:
+        """(state rows, return rows, write-off rows) as plain tuples for reservd.state_codec."""
+        states = [(sku, *row) for sku, row in self.counts.items() if any(row)]
+        returns = [(return_id, *entry[:7], *entry.outcome[4:8])
+                   for return_id, entry in self.returns.items()]
+        write_offs = [(change_id, *w.request, w.at_ms, w.outcome.seq)
+                      for change_id, w in self.write_offs.items()]
+        return states, returns, write_offs
+
+    def restore_state(self, row: tuple) -> None:
+        sku, quarantine, damaged, quality_control = row
+        self.counts[sku] = [quarantine, damaged, quality_control]
+        handle = self.table.lookup(sku)
+        if handle < 0:
+            raise ValueError(f"snapshot has states for sku {sku!r} but no stock row")
+        self.table.restore(sku, *self.table.counters(handle),
+                           quarantine + damaged + quality_control)
+
+    def restore_return(self, row: tuple) -> None:
+        (return_id, sku, units, reservation_id, at_ms, inspected, sellable, damaged,
+         quarantine_then, damaged_then, quality_control_then, seq) = row
+        handle = self.table.lookup(sku)
+        counters = self.table.counters(handle) if handle >= 0 else (0, 0, 0)
+        outcome = StateOutcome(sku, *counters, quarantine_then, damaged_then,
+                               quality_control_then, seq, False)
+        self.returns[return_id] = Return(sku, units, reservation_id, at_ms, bool(inspected),
+                                         sellable, damaged, outcome)
+
+    def restore_write_off(self, row: tuple) -> None:
+        change_id, sku, units, state, at_ms, seq = row
+        handle = self.table.lookup(sku)
+        counters = self.table.counters(handle) if handle >= 0 else (0, 0, 0)
+        outcome = StateOutcome(sku, *counters, *self.of(sku), seq, False)
+        self.write_offs[change_id] = WrittenOff((sku, units, state), outcome, at_ms)
+
+    def items(self) -> Iterator[tuple[str, int, int, int]]:
+        return ((sku, *row) for sku, row in self.counts.items())
