@@ -173,6 +173,11 @@ REQUESTS = {
         sku="a", from_bucket="shared", to_bucket="pool", units=1, change_id="l"
     ),
     ("Admin", "GetBuckets"): pb.GetBucketsRequest(skus=["a"]),
+    ("Admin", "ReceiveReturn"): pb.ReceiveReturnRequest(return_id="t", sku="a", units=1),
+    ("Admin", "Inspect"): pb.InspectRequest(return_id="t", sellable_units=1),
+    ("Admin", "WriteOff"): pb.WriteOffRequest(change_id="w", sku="a", units=1, state="damaged"),
+    ("Admin", "ExpectReceipt"): pb.ExpectReceiptRequest(po_id="p", sku="a", units=1),
+    ("Admin", "Receive"): pb.ReceiveRequest(receipt_id="c", po_id="p", units=1),
 }
 ALLOWED = {
     "checkout": {"Reserve", "Commit", "Extend", "Release", "Fulfil", "GetReservation", "GetStock",
