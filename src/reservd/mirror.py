@@ -276,7 +276,10 @@ class RedisMirror:
         self._closing = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Only waits for the cancellations: a task that failed before was already reported by
+        # the supervisor's done callback, which owns failures.
+        if self._tasks:
+            await asyncio.wait(self._tasks)
         if self._open and self._client is not None and self._behind():
             try:
                 await self._write(self.ledger.seq)
