@@ -182,7 +182,12 @@ def _crash_cycles(tmp_path, seed: int, batching_client: bool) -> None:
           f"kill -9 x{len(crashes_ns)}: {report}")
     assert report.ok, report
     assert len(crashes_ns) >= CYCLES
-    assert report.acknowledged > 300 and report.indefinite > 0, report
+    assert report.acknowledged > 300, report
+    if not batching_client:
+        # Raw batches are always mid-air at a kill. The batching client's calls are caught
+        # mid-air only when a kill lands while a batch is on the wire (0 of 30,786 once in a
+        # CI run): there the check is that whatever was in flight is absent or whole.
+        assert report.indefinite > 0, report
 
 
 def test_kill_9_with_batch_rpcs_in_flight_checks_out(tmp_path):
