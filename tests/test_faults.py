@@ -182,7 +182,7 @@ class _KeepingDeletedSegments(PowerLossFiles):
     def __init__(self, directory: Path, archive: Path) -> None:
         super().__init__(directory)
         self.archive = archive
-        archive.mkdir(parents=True)
+        archive.mkdir(parents=True, exist_ok=True)
 
     def unlink(self, path):
         name = Path(path).name
@@ -235,7 +235,9 @@ async def _power_loss_round(
         await daemon.stop(grace_seconds=0)
     kept = files.power_loss(rng if tear else None)
     reservation_ids = {op.key for op in recorder.ops if op.kind != "set_stock"}
-    async with running(test_config(data_dir=data)) as server:
+    # The restarted daemon snapshots and deletes covered segments too: keep them for the check.
+    restarted_files = _KeepingDeletedSegments(data, files.archive)
+    async with running(test_config(data_dir=data), wal_files=restarted_files) as server:
         final = await read_final_state(server.reservations, SUPPLIED, reservation_ids,
                                        seq=server.daemon.ledger.seq)
     report = check(recorder.ops, wal=read_wal(data, files.archive), final=final)
