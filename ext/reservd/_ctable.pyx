@@ -597,6 +597,25 @@ cdef class Table:
             _debug_check(self)
         return row.on_hand
 
+    def touch(self, handle, seq):
+        """Append a change entry with the SKU's counters as they are, as mutation ``seq``:
+        something derived from the SKU beside the table changed (its channel buckets or
+        policies), and the ring's readers (the mirror, WatchAts) must see it."""
+        cdef int64_t seq_value = self._begin(seq)
+        cdef int64_t h = self._handle(handle)
+        self._append(seq_value, h, self._row(h))
+
+    def touch_all(self, seq):
+        """:meth:`touch` every SKU, shard by shard (a channel policy changed)."""
+        cdef int64_t seq_value = self._begin(seq)
+        cdef Py_ssize_t s, slot
+        for s in range(self.shards):
+            for slot in range(self._shard[s].count):
+                self._append(
+                    seq_value, (<int64_t>slot) << self._shard_bits | s,
+                    &self._shard[s].rows[slot],
+                )
+
     def unsellable(self, handle):
         """Units of the SKU a handle names that are on hand but not sellable."""
         return self._row(self._handle(handle)).unsellable

@@ -325,6 +325,16 @@ class Table:
             self._append(seq, handle)
         return row[0]
 
+    def touch(self, handle: int, seq: int) -> None:
+        seq = self._begin(seq)
+        self._append(seq, self._handle(handle))
+
+    def touch_all(self, seq: int) -> None:
+        seq = self._begin(seq)
+        for shard, names in enumerate(self._names):
+            for slot in range(len(names)):
+                self._append(seq, slot << self._shard_bits | shard)
+
     def unsellable(self, handle: int) -> int:
         return self._unsellable_of(self._handle(handle))
 

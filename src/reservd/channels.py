@@ -154,6 +154,29 @@ class Channels:
         shared[_FREE] -= sum(c[_FREE] for _, c in named)
         return [(SHARED, *shared)] + [(name, *counters) for name, counters in named]
 
+    def mirror_fields(self, sku: str) -> tuple[tuple[str, int], ...]:
+        """The SKU's channel fields for the Redis mirror (reservd.mirrorwrite): per configured
+        channel ``ats:<channel>`` and ``level:<channel>``, then ``level`` (the most severe of
+        them), then ``free:<bucket>`` for ``shared`` and each named bucket. Empty while no
+        channel and no bucket exists, or for an unknown SKU."""
+        if not self.active:
+            return ()
+        rows = self.bucket_rows(sku)
+        if rows is None:
+            return ()
+        available = rows[0][1] + sum(row[1] for row in rows[1:])
+        fields: list[tuple[str, int]] = []
+        worst = -1
+        for channel in sorted(self.policies):
+            value = self.ats_of(sku, channel, available)
+            fields.append(("ats:" + channel, value.ats))
+            fields.append(("level:" + channel, int(value.level)))
+            worst = max(worst, int(value.level))
+        if worst >= 0:
+            fields.append(("level", worst))
+        fields.extend(("free:" + name, free) for name, free, _, _ in rows)
+        return tuple(fields)
+
     def draws_of(self, reservation_id: str) -> dict[str, tuple[tuple[str, int], ...]]:
         """sku -> (bucket, units) of a live reservation that touched a named bucket."""
         held = self.held.get(reservation_id)

@@ -210,7 +210,8 @@ class ChannelAdminRpcs:
 
     async def _decided(self, decide, context):
         """Run the ledger's decision while writes are open; answer a refusal; wait until the
-        change is durable."""
+        change is durable and, like a grant, in the Redis mirror: a change of buckets or
+        policies may take a channel's ats or a bucket's free units down."""
         if self.guard.write_reason is not None:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, f"writes are closed: {self.guard.write_reason}"
@@ -219,7 +220,7 @@ class ChannelAdminRpcs:
         if isinstance(outcome, Rejection):
             await context.abort(_STATUS[outcome.code], outcome.text())
         if outcome.seq:
-            await self.durability.wait(outcome.seq, context)
+            await self.durability.wait(outcome.seq, context, grant=True)
         return outcome
 
     def _change_id(self, request) -> str:

@@ -133,6 +133,8 @@ class Ledger(ChannelCommands):
         # Called with the sequence of every mutation right after it is applied and logged
         # (reservd.atswatch computes the ats of what is watched at that very state).
         self.on_applied = None
+        # The Redis mirror's reservd.mirrorfields.FieldJournal, told the same.
+        self.field_journal = None
 
     # -- Reservations ------------------------------------------------------------------------
 
@@ -645,6 +647,8 @@ class Ledger(ChannelCommands):
         self.seq = seq
         if self.on_applied is not None:
             self.on_applied(seq)
+        if self.field_journal is not None:
+            self.field_journal.on_applied(seq)
 
     def _rejection(self, code: str, text: str) -> Rejection:
         """A reservd.channels refusal, ``(code, "field: message")``, as a Rejection."""

@@ -167,6 +167,14 @@ class ChannelCommands:
             request = (
                 "allocate", command.sku, command.from_bucket, command.to_bucket, command.units
             )
+        # A change ring entry for every SKU whose ats or buckets this may have moved: the
+        # mirror and WatchAts read what changed from the ring.
+        if kind is RecordType.SET_CHANNEL:
+            self.table.touch_all(seq)
+        else:
+            handle = self.table.lookup(command.sku)
+            assert handle >= 0, f"{kind.name} of unknown sku {command.sku!r}"
+            self.table.touch(handle, seq)
         channels.note_change(
             command.change_id, request, seq, command.at_ms,
             self.config.retention_seconds * 1000,

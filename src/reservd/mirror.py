@@ -56,8 +56,9 @@ from typing import Container, Iterable
 from reservd.config import Config
 from reservd.futures import SharedFuture
 from reservd.guard import Guard
+from reservd.mirrorfields import FieldJournal, FieldsDropped
 from reservd.mirrorwrite import (
-    BATCH_SCRIPT, EPOCH_SCRIPT, batch_command, pack, plan, read_entries,
+    BATCH_SCRIPT, EPOCH_SCRIPT, ChannelRow, batch_command, pack, plan, read_entries,
 )
 from reservd.table import Change, CounterTable
 
@@ -172,6 +173,10 @@ class RedisMirror:
         self.mirrored_seq = 0
         self.settled_seq = 0
         self.stats = MirrorStats()
+        # Each ring entry's channel fields, recorded right after its mutation (the ledger
+        # calls it): what the plan needs to show every ats and bucket the safe way.
+        self.fields = FieldJournal(table, ledger.channels)
+        ledger.field_journal = self.fields
         # Told each successful batch write's seconds (reservd.metrics.Metrics).
         self.observer = None
         self._position = 0  # ring position after the last entry <= settled_seq
@@ -259,6 +264,7 @@ class RedisMirror:
         """Rewrite the recovered state in a new epoch, then keep mirroring. If Redis does not
         answer now, reservd starts failed closed and reopens by itself once it does."""
         self.ledger.log.add_durable_listener(self._on_durable)
+        self.fields.begin()
         try:
             await self._resync()
         except AssertionError:
@@ -364,24 +370,31 @@ class RedisMirror:
         assert durable >= self.settled_seq and target >= self.mirrored_seq, (
             durable, self.settled_seq, target, self.mirrored_seq)
         batch_max = self.config.mirror_batch_max
-        step = plan(table, self._position, durable, target, batch_max)
+        try:
+            step = plan(table, self._position, durable, target, batch_max, self.fields.at)
+        except FieldsDropped as error:
+            raise _Rebuild(str(error)) from None
         time_ms = time.time_ns() // 1_000_000  # the table was at ``target`` now
         rows = step.rows
         chunks = [rows[start:start + batch_max] for start in range(0, len(rows), batch_max)]
         for chunk in chunks[:-1]:  # not the last call: leave the watermark where it is
-            await self._apply(chunk, self.settled_seq, 0, step.lower)
-        await self._apply(chunks[-1] if chunks else [], durable, time_ms, step.lower)
+            await self._apply(chunk, self.settled_seq, 0, step.lower, step.channels)
+        await self._apply(
+            chunks[-1] if chunks else [], durable, time_ms, step.lower, step.channels
+        )
         self._position = step.settled_position
+        self.fields.settle(step.settled_position)
         self.settled_seq = durable
         self.mirrored_seq = target
         self.stats.changes += step.settled_entries
 
     async def _apply(
-        self, rows: Iterable[Change], seq: int, time_ms: int, lower: Container[str] = ()
+        self, rows: Iterable[Change], seq: int, time_ms: int, lower: Container[str] = (),
+        channels: dict[str, ChannelRow] | None = None,
     ) -> None:
         keys, args = batch_command(
             self.prefix, "apply", self.epoch, seq, time_ms, self.settled_seq,
-            self.stale_after_ms, rows, lower,
+            self.stale_after_ms, rows, lower, channels,
         )
         started = time.monotonic()
         await self._call(pack(("EVALSHA", self._batch_sha, len(keys), *keys, *args)))
@@ -576,7 +589,9 @@ class RedisMirror:
         if seq >= self.settled_seq:
             return "replay"
         # Redis came back with less than it had acknowledged (an older snapshot or AOF).
-        if seq >= self._rewrite_seq and self._retained_after(seq):
+        if seq >= self._rewrite_seq and self._retained_after(seq) and self.fields.keeps(
+            table.position_after(seq)
+        ):
             log.warning(
                 "Redis lost mirrored changes: replaying them",
                 extra={"watermark_seq": seq, "settled_seq": self.settled_seq},
@@ -619,10 +634,15 @@ class RedisMirror:
         time_ms = time.time_ns() // 1_000_000
         rows = [(*row, table.unsellable(table.lookup(row[0])))
                 for row in table.items() if row[0] not in skipped]
+        # A SKU without changes not durable yet is in its durable state, channel fields too
+        # (every change to a SKU's buckets or policies is a ring entry of that SKU).
+        mirror_fields = self.ledger.channels.mirror_fields
         for start in range(0, len(rows), batch_max):
+            chunk = rows[start:start + batch_max]
+            channels = {row[0]: (durable, 1, mirror_fields(row[0])) for row in chunk}
             keys, args = batch_command(
                 prefix, "rewrite", epoch, durable, 0, 0, self.stale_after_ms,
-                ((durable, *row) for row in rows[start:start + batch_max]),
+                ((durable, *row) for row in chunk), (), channels,
             )
             async with asyncio.timeout(timeout):
                 await client.evalsha(self._batch_sha, len(keys), *keys, *args)

@@ -6,14 +6,16 @@ Pure functions and constants, no I/O: reservd.mirror owns the connection and sen
 from __future__ import annotations
 
 import dataclasses
-from typing import Container, Iterable
+from typing import Callable, Container, Iterable, Mapping
 
 from reservd import stockstates
+from reservd.mirrorfields import Fields, safest
 from reservd.table import Change, CounterTable
 
 # One batch, applied atomically. KEYS[1]: the watermark; KEYS[2..]: stock hashes.
-# ARGV: mode, epoch, seq, time_ms (0: leave the time), expected_seq, stale_after_ms, then six
-# per stock hash: rule, seq, on_hand, reserved, committed, available.
+# ARGV: mode, epoch, seq, time_ms (0: leave the time), expected_seq, stale_after_ms, then per
+# stock hash: rule, seq, on_hand, reserved, committed, available, channels_seq, channels_exact,
+# n, then n channel field (name, value) pairs.
 #   apply:   refuse the whole batch unless the watermark is of this epoch and at least
 #            expected_seq (otherwise Redis lost what it held: reservd must rewrite everything);
 #            write each stock hash by its rule; move the watermark forward.
@@ -22,6 +24,11 @@ from reservd.table import Change, CounterTable
 # Rules: "newer": write when the stored version is older (the values are safe to show as they
 # are); "lower": write only over a hash of this epoch with an older version *and* more
 # available (the values are not durable yet: they may only take availability down).
+# The channel fields (ats:<channel>, level:<channel>, level, free:<bucket>) have their own
+# version, (channels_seq, channels_exact), and the same two rules: "newer" replaces them all
+# (removing fields no longer there); "lower" takes each one only the safe way: the lower ats or
+# free units, the higher level, a bucket absent from the hash or from the new state counting 0
+# free units there.
 BATCH_SCRIPT = """
 local mode = ARGV[1]
 local epoch = tonumber(ARGV[2])
@@ -37,30 +44,120 @@ if mark_epoch and mark_epoch > epoch then
   return redis.error_reply('RESERVD_NEWER the watermark has epoch ' .. mark[1] ..
     ', newer than ' .. ARGV[2] .. ': is another reservd mirroring under this prefix?')
 end
+local function channel_field(name)
+  return string.sub(name, 1, 4) == 'ats:' or string.sub(name, 1, 5) == 'level' or
+    string.sub(name, 1, 5) == 'free:'
+end
 local written = 0
+local at = 7
 for i = 2, #KEYS do
-  local at = 6 + (i - 2) * 6
-  local version = tonumber(ARGV[at + 2])
-  local stored = redis.call('HMGET', KEYS[i], 'epoch', 'seq', 'available')
+  local key = KEYS[i]
+  local rule = ARGV[at]
+  local version = tonumber(ARGV[at + 1])
+  local cseq = tonumber(ARGV[at + 6])
+  local cexact = tonumber(ARGV[at + 7])
+  local count = tonumber(ARGV[at + 8])
+  local first = at + 9
+  local stored = redis.call('HMGET', key, 'epoch', 'seq', 'available', 'channels_seq',
+    'channels_exact')
   local stored_epoch = tonumber(stored[1])
   if stored_epoch and stored_epoch > epoch then
-    return redis.error_reply('RESERVD_NEWER ' .. KEYS[i] .. ' has epoch ' .. stored[1] ..
+    return redis.error_reply('RESERVD_NEWER ' .. key .. ' has epoch ' .. stored[1] ..
       ', newer than ' .. ARGV[2] .. ': is another reservd mirroring under this prefix?')
   end
   local older = (tonumber(stored[2]) or -1) < version
-  local write
-  if ARGV[at + 1] == 'lower' then
+  local stored_cseq = tonumber(stored[4])
+  local colder = not stored_cseq or stored_cseq < cseq or
+    (stored_cseq == cseq and (tonumber(stored[5]) or 0) < cexact)
+  local lower = rule == 'lower'
+  local write, cwrite
+  if lower then
     write = stored_epoch == epoch and older and
-      tonumber(ARGV[at + 6]) < (tonumber(stored[3]) or 0)
+      tonumber(ARGV[at + 5]) < (tonumber(stored[3]) or 0)
+    cwrite = stored_epoch == epoch and colder and count > 0
   else
-    write = not stored_epoch or stored_epoch < epoch or older
+    local replace = not stored_epoch or stored_epoch < epoch
+    write = replace or older
+    cwrite = (replace or colder) and (count > 0 or stored_cseq ~= nil)
   end
   if write then
-    redis.call('HSET', KEYS[i], 'on_hand', ARGV[at + 3], 'reserved', ARGV[at + 4],
-      'committed', ARGV[at + 5], 'available', ARGV[at + 6], 'seq', ARGV[at + 2],
+    redis.call('HSET', key, 'on_hand', ARGV[at + 2], 'reserved', ARGV[at + 3],
+      'committed', ARGV[at + 4], 'available', ARGV[at + 5], 'seq', ARGV[at + 1],
       'epoch', ARGV[2])
+  end
+  if cwrite then
+    local values = {}
+    if lower then
+      local names = {}
+      local given = {}
+      for j = 0, count - 1 do
+        names[j + 1] = ARGV[first + 2 * j]
+        given[names[j + 1]] = true
+      end
+      if stored_cseq ~= nil then
+        -- A bucket the hash shows and the new state lacks has 0 free units there.
+        local shown = redis.call('HGETALL', key)
+        for j = 1, #shown, 2 do
+          local name = shown[j]
+          if string.sub(name, 1, 5) == 'free:' and not given[name] and
+              tonumber(shown[j + 1]) > 0 then
+            values[#values + 1] = name
+            values[#values + 1] = '0'
+          end
+        end
+      end
+      local old = redis.call('HMGET', key, unpack(names))
+      for j = 0, count - 1 do
+        local name = names[j + 1]
+        local value = tonumber(ARGV[first + 2 * j + 1])
+        local before = tonumber(old[j + 1])
+        if before == nil and string.sub(name, 1, 5) == 'free:' then
+          before = 0
+        end
+        if before ~= nil then
+          if string.sub(name, 1, 5) == 'level' then
+            value = math.max(value, before)
+          else
+            value = math.min(value, before)
+          end
+        end
+        values[#values + 1] = name
+        values[#values + 1] = string.format('%d', value)
+      end
+    else
+      local keep = {}
+      for j = 0, count - 1 do
+        local name = ARGV[first + 2 * j]
+        keep[name] = true
+        values[#values + 1] = name
+        values[#values + 1] = ARGV[first + 2 * j + 1]
+      end
+      if stored_cseq ~= nil then
+        local stale = {}
+        for _, name in ipairs(redis.call('HKEYS', key)) do
+          if channel_field(name) and not keep[name] then
+            stale[#stale + 1] = name
+          end
+        end
+        if #stale > 0 then
+          redis.call('HDEL', key, unpack(stale))
+        end
+      end
+    end
+    if count > 0 then
+      values[#values + 1] = 'channels_seq'
+      values[#values + 1] = ARGV[at + 6]
+      values[#values + 1] = 'channels_exact'
+      values[#values + 1] = ARGV[at + 7]
+      redis.call('HSET', key, unpack(values))
+    else
+      redis.call('HDEL', key, 'channels_seq', 'channels_exact')
+    end
+  end
+  if write or cwrite then
     written = written + 1
   end
+  at = first + 2 * count
 end
 if mode ~= 'rewrite' then
   local time_ms = tonumber(ARGV[4])
@@ -90,19 +187,26 @@ return epoch
 def batch_command(
     prefix: str, mode: str, epoch: int, seq: int, time_ms: int, expected_seq: int,
     stale_after_ms: int, rows: Iterable[Change], lower: Container[str] = (),
+    channels: Mapping[str, ChannelRow] | None = None,
 ) -> tuple[list[str], list]:
     """KEYS and ARGV of one :data:`BATCH_SCRIPT` call; ``rows`` as the change ring has them:
     (seq, sku, on_hand, reserved, committed, unsellable); the SKUs in ``lower`` are written by the "lower"
-    rule (not durable yet), the others by the "newer" rule."""
+    rule (not durable yet), the others by the "newer" rule. ``channels``: per SKU its channel
+    fields and their version (a SKU without: none, at the row's own version)."""
     stock = prefix + "stock:"
     keys = [prefix + "watermark"]
     args: list = [mode, epoch, seq, time_ms, expected_seq, stale_after_ms]
+    channels = channels or {}
     for version, sku, on_hand, reserved, committed, unsellable in rows:
         keys.append(stock + sku)
+        channels_seq, channels_exact, fields = channels.get(sku) or (version, 1, ())
         args += (
             "lower" if sku in lower else "newer", version, on_hand, reserved, committed,
             stockstates.available(on_hand, reserved, committed, unsellable),
+            channels_seq, channels_exact, len(fields),
         )
+        for pair in fields:
+            args += pair
     return keys, args
 
 
@@ -115,6 +219,12 @@ def pack(arguments: Iterable[str | int]) -> bytes:
         parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
     parts[0] = b"*%d\r\n" % (len(parts) - 1)
     return b"".join(parts)
+
+
+# A SKU's channel fields in one write: (channels_seq, channels_exact, fields). channels_seq is
+# the sequence of the SKU's newest change they account for; channels_exact 1 when they are its
+# state then (durable), 0 when the safest value over the states a recovery could bring back.
+ChannelRow = tuple[int, int, Fields]
 
 
 def _available(change: Change) -> int:
@@ -134,17 +244,20 @@ def read_entries(table: CounterTable, position: int, seq_max: int, read_max: int
 @dataclasses.dataclass
 class Plan:
     """One mirror write: ``rows`` (one per SKU), the SKUs among them written by the "lower"
-    rule, and the ring position after the last durable entry read (where the next plan starts).
+    rule, their channel fields, and the ring position after the last durable entry read (where
+    the next plan starts).
     """
 
     rows: list[Change]
     lower: set[str]
     settled_position: int
     settled_entries: int  # durable entries read (changes mirrored for good)
+    channels: dict[str, ChannelRow] = dataclasses.field(default_factory=dict)
 
 
 def plan(
-    table: CounterTable, position: int, durable_seq: int, target: int, read_max: int
+    table: CounterTable, position: int, durable_seq: int, target: int, read_max: int,
+    fields_at: Callable[[int], Fields] | None = None,
 ) -> Plan:
     """What to write so that Redis shows every change up to ``target`` that lowers
     availability, and never more available than any state a recovery could bring back.
@@ -168,6 +281,13 @@ def plan(
 
     Releases, expiries, commits of fewer units, restocks (anything that raises availability)
     therefore reach Redis once durable; grants and stock taken down reach it ahead of the fsync.
+
+    The channel fields (``fields_at``: ring position -> that entry's fields; None: there are
+    none) take the same states field by field: each shows its safest value over the base and
+    the pending entries (:func:`reservd.mirrorfields.safest`: an ``ats`` or free units its
+    lowest, a level its highest), versioned (newest entry's sequence, exact once no entry is
+    pending), so an ``ats`` or a bucket going down reaches Redis ahead of the fsync and one
+    going up only once durable.
     """
     settled_position, durable = read_entries(table, position, durable_seq, read_max)
     _, pending = read_entries(table, settled_position, target, read_max)
@@ -178,6 +298,9 @@ def plan(
         current = least.get(sku)
         if current is None or _available(change) <= _available(current):
             least[sku] = change
+    channels: dict[str, ChannelRow] = {}
+    if fields_at is not None:
+        channels = _channel_rows(position, durable, settled_position, pending, fields_at)
     rows: list[Change] = []
     lower: set[str] = set()
     for sku, change in base.items():
@@ -187,4 +310,28 @@ def plan(
         rows.append(change)
     rows += least.values()
     lower.update(least)
-    return Plan(rows, lower, settled_position, len(durable))
+    return Plan(rows, lower, settled_position, len(durable), channels)
+
+
+def _channel_rows(
+    position: int, durable: list[Change], settled_position: int, pending: list[Change],
+    fields_at: Callable[[int], Fields],
+) -> dict[str, ChannelRow]:
+    """Per SKU, its channel fields over its base (newest durable entry) and pending entries."""
+    base_at: dict[str, int] = {}
+    newest: dict[str, int] = {}
+    for offset, change in enumerate(durable):
+        base_at[change[1]] = position + offset
+        newest[change[1]] = change[0]
+    states: dict[str, list[Fields]] = {sku: [fields_at(at)] for sku, at in base_at.items()}
+    waiting: set[str] = set()
+    for offset, change in enumerate(pending):
+        sku = change[1]
+        states.setdefault(sku, []).append(fields_at(settled_position + offset))
+        newest[sku] = change[0]
+        waiting.add(sku)
+    rows: dict[str, ChannelRow] = {}
+    for sku, seen in states.items():
+        fields = seen[0] if len(seen) == 1 else tuple(safest(seen).items())
+        rows[sku] = (newest[sku], 0 if sku in waiting else 1, fields)
+    return rows
