@@ -30,6 +30,12 @@ Systems (--systems; a system that cannot start is skipped with the reason):
   reservd-batched         reservd-wal driven through the auto-batching client
                           (ReservdClient(batching=True)): concurrent calls share Batch RPCs
   reservd-batched-mirror  the same with the Redis mirror
+  reservd-mirror-channels, reservd-batched-mirror-channels
+                  reservd-mirror and reservd-batched-mirror with the example config's seven
+                  channels (examples/channels.json) and pools on every SKU (tiktok 30 %,
+                  tiktok-fbt 10 %, seeding 1 % of its stock), each Reserve from one of amazon,
+                  walmart, shopify, ebay, tiktok in turn: what channels cost the mirror (every
+                  hash then also carries each channel's ats and level and each bucket)
   reservd-batched-stream  reservd-wal, the same auto-batcher sending its batches over one
                           BatchStream (8 batches in flight) instead of unary Batch calls
   redis-lua       a redis-server with appendonly yes and appendfsync always, and a Lua script
@@ -94,13 +100,24 @@ from reservd.v1 import reservd_pb2_grpc as pb_grpc  # noqa: E402
 
 SYSTEMS = (
     "reservd-memory", "reservd-wal", "reservd-mirror", "reservd-batched", "reservd-batched-mirror",
-    "reservd-batched-stream", "redis-lua", "redis-lua-pipelined", "grpc-ceiling", "postgres",
+    "reservd-batched-stream", "reservd-mirror-channels", "reservd-batched-mirror-channels",
+    "redis-lua", "redis-lua-pipelined", "grpc-ceiling", "postgres",
 )
 RESERVD_SYSTEMS = (
     "reservd-memory", "reservd-wal", "reservd-mirror", "reservd-batched", "reservd-batched-mirror",
-    "reservd-batched-stream",
+    "reservd-batched-stream", "reservd-mirror-channels", "reservd-batched-mirror-channels",
 )
-BATCHED_SYSTEMS = ("reservd-batched", "reservd-batched-mirror", "reservd-batched-stream")
+BATCHED_SYSTEMS = (
+    "reservd-batched", "reservd-batched-mirror", "reservd-batched-stream",
+    "reservd-batched-mirror-channels",
+)
+MIRROR_SYSTEMS = (
+    "reservd-mirror", "reservd-batched-mirror", "reservd-mirror-channels",
+    "reservd-batched-mirror-channels",
+)
+CHANNELS_FILE = ROOT / "examples" / "channels.json"
+RESERVE_CHANNELS = ("amazon", "walmart", "shopify", "ebay", "tiktok")
+POOLS_PERCENT = (("tiktok", 30), ("tiktok-fbt", 10), ("seeding", 1))
 PIPELINE_OPS_MAX = 1_000
 PIPELINES_IN_FLIGHT_MAX = 2
 STREAM_BATCHES_IN_FLIGHT_MAX = 8
@@ -333,7 +350,7 @@ class GrpcSystem(System):
             else:
                 self.data_dir = Path(tempfile.mkdtemp(prefix="bench-reservd-"))
                 command += ["--data-dir", str(self.data_dir)]
-            if self.name in ("reservd-mirror", "reservd-batched-mirror"):
+            if self.name in MIRROR_SYSTEMS:
                 # A Redis as durable as the redis-lua system's: the harder case for the mirror.
                 redis = await RedisServer("--appendonly", "yes", "--appendfsync", "always").start()
                 self.servers.append(redis)
@@ -346,6 +363,16 @@ class GrpcSystem(System):
         self.reservations = pb_grpc.ReservationsStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
         self.client = None
+        self.channels = self.name.endswith("-channels")
+        self.reserves = 0
+        if self.channels:
+            from google.protobuf.json_format import ParseDict
+
+            presets = json.loads(CHANNELS_FILE.read_text())["channels"]
+            for channel, policy in presets.items():
+                await self.admin.SetChannel(pb.SetChannelRequest(
+                    channel=channel, policy=ParseDict(policy, pb.ChannelPolicy()),
+                    change_id=f"bench-{channel}"), timeout=CALL_TIMEOUT_SECONDS)
         if self.name in BATCHED_SYSTEMS:
             # Its own channel, as a checkout service would have; restocks stay unary.
             self.client = ReservdClient(
@@ -371,11 +398,27 @@ class GrpcSystem(System):
                 )
 
         await asyncio.gather(*(one(sku, on_hand) for sku, on_hand in stock.items()))
+        if self.channels:
+            await asyncio.gather(*(
+                self._pools(limit, sku, on_hand) for sku, on_hand in stock.items()
+            ))
+
+    async def _pools(self, limit: asyncio.Semaphore, sku: str, on_hand: int) -> None:
+        async with limit:
+            for bucket, percent in POOLS_PERCENT:
+                await self.admin.Allocate(pb.AllocateRequest(
+                    sku=sku, from_bucket="shared", to_bucket=bucket,
+                    units=max(1, on_hand * percent // 100), change_id=f"pool-{sku}-{bucket}",
+                ), timeout=CALL_TIMEOUT_SECONDS)
 
     async def reserve(self, reservation_id: str, sku: str, units: int) -> bool:
+        channel = ""
+        if self.channels:
+            channel = RESERVE_CHANNELS[self.reserves % len(RESERVE_CHANNELS)]
+            self.reserves += 1
         if self.client is not None:
             result = await self.client.reserve(
-                reservation_id, ((sku, units),), ttl_seconds=TTL_SECONDS
+                reservation_id, ((sku, units),), channel=channel, ttl_seconds=TTL_SECONDS
             )
             if result.error is not None:
                 raise result.error
@@ -383,7 +426,7 @@ class GrpcSystem(System):
         response = await self.reservations.Reserve(
             pb.ReserveRequest(
                 reservation_id=reservation_id, lines=[pb.Line(sku=sku, quantity=units)],
-                ttl_seconds=TTL_SECONDS,
+                ttl_seconds=TTL_SECONDS, channel=channel,
             ),
             timeout=CALL_TIMEOUT_SECONDS,
         )
@@ -411,7 +454,7 @@ class GrpcSystem(System):
 
     def mirror_counters(self) -> dict[str, float] | None:
         """Fail-closed episodes and slow writes of the mirror (reservd-mirror only)."""
-        if self.name not in ("reservd-mirror", "reservd-batched-mirror"):
+        if self.name not in MIRROR_SYSTEMS:
             return None
         return scrape(self.metrics_port, prefix="reservd_mirror_")
 

@@ -91,6 +91,7 @@ async def settled(node, client: aioredis.Redis, skus) -> None:
             break
         await asyncio.sleep(0.01)
     assert await shown_hashes(client, skus) == await expected_hashes(node, skus)
+    assert len(daemon.mirror.fields) == 0  # every entry's fields settled and dropped
 
 
 @aio

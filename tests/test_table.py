@@ -190,6 +190,23 @@ def test_items_every_sku_in_a_stable_order(table):
     assert sorted(first) == sorted((f"S{i}", i, i // 2, i // 4) for i in range(20))
 
 
+def test_touch_appends_the_counters_as_they_are(table):
+    a = stocked(table, "A", 10, 1)
+    stocked(table, "B", 4, 2)
+    table.reserve(["A"], [3], False, 3)
+    head = table.ring_head
+    table.touch(a, 4)
+    assert entries(table, head) == [(4, "A", 10, 3, 0, 0)]
+    assert table.counters(a) == (10, 3, 0)
+    table.touch_all(5)
+    assert sorted(entries(table, head + 1)) == [(5, "A", 10, 3, 0, 0), (5, "B", 4, 0, 0, 0)]
+    with pytest.raises(AssertionError):
+        table.touch(a, 4)  # an older sequence
+    with pytest.raises(IndexError):
+        table.touch(99, 6)
+    assert table.ring_head == head + 3
+
+
 # -- reserve ----------------------------------------------------------------------------------
 
 

@@ -216,6 +216,12 @@ class Metrics:
             yield CounterMetricFamily(
                 "reservd_mirror_batches", "Mirror writes (one Lua call each)", value=stats.batches
             )
+            yield GaugeMetricFamily(
+                "reservd_mirror_channel_fields",
+                "Change ring entries whose channel fields the mirror keeps until they are "
+                "settled in Redis (at most watch_ring_capacity)",
+                value=len(mirror.fields),
+            )
             yield CounterMetricFamily(
                 "reservd_mirror_failures", "Mirror writes that failed", value=stats.failures
             )
