@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 
+import grpc
 import pytest
 import redis.asyncio as aioredis
 from conftest import aio, cart, running, test_config
@@ -348,3 +349,64 @@ def test_safest_takes_each_field_its_safe_way():
         (("ats:a", 5), ("level", 1), ("free:p", 3)),
         (("ats:a", 7), ("level", 3), ("free:shared", 2)),
     ]) == {"ats:a": 5, "level": 3, "free:p": 0, "free:shared": 0}
+
+
+@pytest.mark.parametrize("fault", ["pause", "kill"])
+@aio
+async def test_after_healing_the_hash_equals_get_ats_key_for_key(tmp_path, redis_server, fault):
+    """Redis paused (the mirror replays its ring) or killed and restarted empty (it rewrites
+    every key) while releases, commits, allocations and a policy change go on: once reopened,
+    every hash equals GetAts and GetBuckets again."""
+    client = aioredis.Redis(port=redis_server.port)
+    config = test_config(
+        tmp_path / "data", redis_url=redis_server.url, mirror_timeout_ms=50,
+        mirror_silence_ms_max=300, mirror_lag_ms_max=600, mirror_retry_ms_max=200,
+    )
+    skus = ("hero", "plain")
+    async with running(config) as node:
+        guard = node.daemon.guard
+        await node.set_stock("hero", 200)
+        await node.set_stock("plain", 40)
+        await _set_channel(node, "tiktok", pool="tiktok")
+        await _set_channel(node, "amazon", share_bp=9000)
+        await _allocate(node, "hero", "shared", "tiktok", 60)
+        await _allocate(node, "hero", "shared", "spike", 20)
+        for i, (sku, channel) in enumerate([("hero", "tiktok"), ("hero", "amazon"),
+                                            ("plain", "amazon"), ("plain", "tiktok")]):
+            assert (await node.reservations.Reserve(
+                cart(f"h{i}", (sku, 8), channel=channel))).granted
+        await settled(node, client, skus)
+        if fault == "pause":
+            redis_server.stop()
+        else:
+            redis_server.kill()
+        for _ in range(1000):
+            if guard.grant_reason is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert guard.grant_reason is not None
+        # While closed: releases and a commit are acknowledged on the WAL alone; a change of
+        # buckets or policies is applied and answered UNAVAILABLE (not in the mirror).
+        await node.reservations.Release(pb.ReleaseRequest(reservation_id="h0"))
+        await node.reservations.Release(pb.ReleaseRequest(reservation_id="h2"))
+        await node.reservations.Commit(pb.CommitRequest(reservation_id="h1"))
+        for call in (_allocate(node, "hero", "spike", "tiktok", 20),
+                     _set_channel(node, "amazon", share_bp=8000)):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        if fault == "pause":
+            redis_server.cont()
+        else:
+            await asyncio.to_thread(redis_server.restart, False)
+        for _ in range(1000):
+            if guard.grant_reason is None:
+                break
+            await asyncio.sleep(0.01)
+        assert guard.grant_reason is None
+        await settled(node, client, skus)
+        shown = (await shown_hashes(client, ["hero"]))["hero"]
+        assert "free:spike" not in shown and shown["free:tiktok"] == 80  # 60 + 20, h0 released
+        stats = node.daemon.mirror.stats
+        assert (stats.replays if fault == "pause" else stats.rewrites - 1) >= 1, stats
+    await client.aclose()
