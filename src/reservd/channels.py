@@ -73,6 +73,7 @@ class Channels:
         self.named_free: dict[str, int] = {}
         self.held: dict[str, _Held] = {}  # reservation id -> its draws
         self._resolved: dict[tuple[str, str], Policy] = {}
+        self._names: list[tuple[str, str, str]] | None = None  # see _field_names
         # Anything to check on a Reserve at all: no channel and no bucket costs nothing.
         self.active = False
         # While WatchAts streams are open: the (sku, channel) pairs a channel command touched
@@ -158,24 +159,43 @@ class Channels:
         """The SKU's channel fields for the Redis mirror (reservd.mirrorwrite): per configured
         channel ``ats:<channel>`` and ``level:<channel>``, then ``level`` (the most severe of
         them), then ``free:<bucket>`` for ``shared`` and each named bucket. Empty while no
-        channel and no bucket exists, or for an unknown SKU."""
+        channel and no bucket exists, or for an unknown SKU. Called after every mutation while
+        the mirror runs: the values are :meth:`ats_of`'s and :meth:`bucket_rows`' free units,
+        computed with as little as possible per channel."""
         if not self.active:
             return ()
-        rows = self.bucket_rows(sku)
-        if rows is None:
+        available = self.available(sku)
+        if available is None:
             return ()
-        available = rows[0][1] + sum(row[1] for row in rows[1:])
         fields: list[tuple[str, int]] = []
+        append = fields.append
+        policy_of, drawable = self.policy, self.drawable
         worst = -1
-        for channel in sorted(self.policies):
-            value = self.ats_of(sku, channel, available)
-            fields.append(("ats:" + channel, value.ats))
-            fields.append(("level:" + channel, int(value.level)))
-            worst = max(worst, int(value.level))
+        for channel, ats_name, level_name in self._field_names():
+            policy = policy_of(sku, channel)
+            units, level = ats(policy, available, drawable(sku, policy, available))
+            append((ats_name, units))
+            append((level_name, int(level)))
+            if level > worst:
+                worst = level
         if worst >= 0:
-            fields.append(("level", worst))
-        fields.extend(("free:" + name, free) for name, free, _, _ in rows)
+            append(("level", int(worst)))
+        append(("free:shared", self.shared(sku, available)))
+        named = self.buckets.get(sku)
+        if named:
+            for name in sorted(named):
+                append(("free:" + name, named[name][_FREE]))
         return tuple(fields)
+
+    def _field_names(self) -> list[tuple[str, str, str]]:
+        """(channel, "ats:<channel>", "level:<channel>") by channel name, kept until the
+        channels change."""
+        names = self._names
+        if names is None:
+            names = self._names = [
+                (channel, "ats:" + channel, "level:" + channel) for channel in sorted(self.policies)
+            ]
+        return names
 
     def draws_of(self, reservation_id: str) -> dict[str, tuple[tuple[str, int], ...]]:
         """sku -> (bucket, units) of a live reservation that touched a named bucket."""
@@ -337,6 +357,7 @@ class Channels:
     def apply_set_channel(self, channel: str, policy: Policy) -> None:
         self.policies[channel] = policy
         self._resolved.clear()
+        self._names = None
         self.active = True
         if self.tracking:
             self.touched.add((None, channel))
@@ -496,4 +517,5 @@ class Channels:
         else:
             raise ValueError(f"unknown channels snapshot part {kind!r}")
         self._resolved.clear()
+        self._names = None
         self.active = bool(self.policies or self.buckets)

@@ -22,6 +22,9 @@ Key layout, under ``P`` = ``config.redis_prefix`` ("reservd:" by default):
     ``on_hand``, ``reserved``, ``committed``, ``available``: the SKU's counters (items), and
     ``epoch``, ``seq``: their version: the mirror epoch that wrote them and the sequence of the
     change they reflect (or, after a full rewrite, the sequence the rewrite was taken at).
+    With channels or buckets (reservd.mirrorfields): ``ats:<channel>``, ``level:<channel>``,
+    ``level`` (the most severe), ``free:<bucket>`` (units), versioned by ``channels_seq`` and
+    ``channels_exact``, each field only ever shown on its safe side.
 ``P + "watermark"`` (hash)
     ``epoch``, ``seq``: every change up to ``seq`` (a durable sequence) is in the stock hashes
     of this epoch, and so are the grants after it that the hashes hold;
