@@ -1,10 +1,12 @@
 """What channels cost a Reserve: RPC/s with no channel configured vs the five example channels
 with pools and reserves on every SKU, at 64 concurrent clients, against a daemon subprocess.
 
-    .venv/bin/python bench/bench_channels.py [--ops 6000] [--rounds 3] [--clients 64]
+    .venv/bin/python bench/bench_channels.py [--ops 6000] [--rounds 3] [--clients 64] [--mirror]
 
 Each round runs both setups (alternating which goes first) on a fresh in-memory daemon, so the
-machine's other load hits both alike; prints each round and the median ratio.
+machine's other load hits both alike; prints each round and the median ratio. ``--mirror``: the
+daemon keeps its WAL in a temporary directory and mirrors to a redis-server of its own (every
+stock hash then also carries each channel's ats and level and each bucket's free units).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import asyncio
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from daemonproc import DaemonProcess  # noqa: E402
+from redisserver import RedisServer  # noqa: E402
 
 from reservd.v1 import reservd_pb2 as pb  # noqa: E402
 from reservd.v1 import reservd_pb2_grpc as pb_grpc  # noqa: E402
@@ -81,18 +85,29 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=6000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--mirror", action="store_true",
+                        help="WAL and the Redis mirror instead of in memory")
     args = parser.parse_args()
     ratios, cpu_ratios = [], []
     for round_ in range(args.rounds):
         rates, cpu = {}, {}
         order = (False, True) if round_ % 2 == 0 else (True, False)
         for configured in order:
-            daemon = DaemonProcess("--in-memory").start()
-            try:
-                rates[configured], cpu[configured] = uvloop.run(_run(
-                    daemon.target, daemon.process.pid, configured, args.ops, args.clients))
-            finally:
-                daemon.kill()
+            with tempfile.TemporaryDirectory() as directory:
+                options, redis = ["--in-memory"], None
+                if args.mirror:
+                    redis = RedisServer(Path(directory) / "redis")
+                    redis.start()
+                    options = ["--data-dir", str(Path(directory) / "data"),
+                               "--redis-url", redis.url]
+                daemon = DaemonProcess(*options).start()
+                try:
+                    rates[configured], cpu[configured] = uvloop.run(_run(
+                        daemon.target, daemon.process.pid, configured, args.ops, args.clients))
+                finally:
+                    daemon.kill()
+                    if redis is not None:
+                        redis.close()
         ratio = rates[True] / rates[False]
         ratios.append(ratio)
         cpu_ratios.append(cpu[True] / cpu[False])
@@ -101,7 +116,8 @@ def main() -> None:
               f"({cpu[True]:.0f} us), ratio {ratio:.3f}", flush=True)
     print(f"median RPC/s ratio {statistics.median(ratios):.3f}, median daemon CPU per RPC "
           f"ratio {statistics.median(cpu_ratios):.3f} over {args.rounds} rounds "
-          f"({args.ops} Reserve RPCs each, {args.clients} clients, {SKUS} SKUs)")
+          f"({args.ops} Reserve RPCs each, {args.clients} clients, {SKUS} SKUs"
+          f"{', WAL + Redis mirror' if args.mirror else ', in memory'})")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ from reservd.mirrorfields import Fields, safest
 from reservd.table import Change, CounterTable
 
 # One batch, applied atomically. KEYS[1]: the watermark; KEYS[2..]: stock hashes.
-# ARGV: mode, epoch, seq, time_ms (0: leave the time), expected_seq, stale_after_ms, then per
-# stock hash: rule, seq, on_hand, reserved, committed, available, channels_seq, channels_exact,
-# n, then n channel field (name, value) pairs.
+# ARGV: mode, epoch, seq, time_ms (0: leave the time), expected_seq, stale_after_ms, then nine
+# per stock hash: rule, seq, on_hand, reserved, committed, available, channels_seq,
+# channels_exact, and its channel fields as one string "name\nvalue\nname\nvalue..." (one
+# argument, not two per field: packing them was most of a write's cost; names are printable).
 #   apply:   refuse the whole batch unless the watermark is of this epoch and at least
 #            expected_seq (otherwise Redis lost what it held: reservd must rewrite everything);
 #            write each stock hash by its rule; move the watermark forward.
@@ -49,15 +50,18 @@ local function channel_field(name)
     string.sub(name, 1, 5) == 'free:'
 end
 local written = 0
-local at = 7
 for i = 2, #KEYS do
+  local at = 7 + (i - 2) * 9
   local key = KEYS[i]
   local rule = ARGV[at]
   local version = tonumber(ARGV[at + 1])
   local cseq = tonumber(ARGV[at + 6])
   local cexact = tonumber(ARGV[at + 7])
-  local count = tonumber(ARGV[at + 8])
-  local first = at + 9
+  local parts = {}
+  for part in string.gmatch(ARGV[at + 8], '[^\\n]+') do
+    parts[#parts + 1] = part
+  end
+  local count = #parts / 2
   local stored = redis.call('HMGET', key, 'epoch', 'seq', 'available', 'channels_seq',
     'channels_exact')
   local stored_epoch = tonumber(stored[1])
@@ -91,7 +95,7 @@ for i = 2, #KEYS do
       local names = {}
       local given = {}
       for j = 0, count - 1 do
-        names[j + 1] = ARGV[first + 2 * j]
+        names[j + 1] = parts[2 * j + 1]
         given[names[j + 1]] = true
       end
       if stored_cseq ~= nil then
@@ -109,7 +113,7 @@ for i = 2, #KEYS do
       local old = redis.call('HMGET', key, unpack(names))
       for j = 0, count - 1 do
         local name = names[j + 1]
-        local value = tonumber(ARGV[first + 2 * j + 1])
+        local value = tonumber(parts[2 * j + 2])
         local before = tonumber(old[j + 1])
         if before == nil and string.sub(name, 1, 5) == 'free:' then
           before = 0
@@ -127,10 +131,10 @@ for i = 2, #KEYS do
     else
       local keep = {}
       for j = 0, count - 1 do
-        local name = ARGV[first + 2 * j]
+        local name = parts[2 * j + 1]
         keep[name] = true
         values[#values + 1] = name
-        values[#values + 1] = ARGV[first + 2 * j + 1]
+        values[#values + 1] = parts[2 * j + 2]
       end
       if stored_cseq ~= nil then
         local stale = {}
@@ -157,7 +161,6 @@ for i = 2, #KEYS do
   if write or cwrite then
     written = written + 1
   end
-  at = first + 2 * count
 end
 if mode ~= 'rewrite' then
   local time_ms = tonumber(ARGV[4])
@@ -203,10 +206,9 @@ def batch_command(
         args += (
             "lower" if sku in lower else "newer", version, on_hand, reserved, committed,
             stockstates.available(on_hand, reserved, committed, unsellable),
-            channels_seq, channels_exact, len(fields),
+            channels_seq, channels_exact,
+            "\n".join([f"{name}\n{value}" for name, value in fields]),
         )
-        for pair in fields:
-            args += pair
     return keys, args
 
 
