@@ -139,7 +139,7 @@ def test_the_mirror_writes_the_one_available():
     from reservd import mirrorwrite
 
     _, args = mirrorwrite.batch_command("t:", "apply", 1, 5, 0, 0, 1_000, [(5, "A", 9, 2, 1, 4)])
-    assert args[-6:] == ["newer", 5, 9, 2, 1, 2]  # 9 - 2 - 1 - 4 unsellable
+    assert args[6:12] == ["newer", 5, 9, 2, 1, 2]  # 9 - 2 - 1 - 4 unsellable
 
 
 def test_incoming_is_not_on_hand_and_receipts_book_it(ledger, table_class):
