@@ -128,6 +128,7 @@ HOT_RESTOCK_UNITS = 25
 STEADY_SKUS = 10_000
 STEADY_ON_HAND = 1_000
 SEED_CONCURRENCY = 64
+SEED_ATTEMPTS_MAX = 5  # an Allocate answered UNAVAILABLE is retried with its change_id
 TTL_SECONDS = 86_400  # no hold expires during the run: expiry would be work only reservd does
 START_TIMEOUT_SECONDS = 30
 CALL_TIMEOUT_SECONDS = 30
@@ -406,10 +407,20 @@ class GrpcSystem(System):
     async def _pools(self, limit: asyncio.Semaphore, sku: str, on_hand: int) -> None:
         async with limit:
             for bucket, percent in POOLS_PERCENT:
-                await self.admin.Allocate(pb.AllocateRequest(
+                request = pb.AllocateRequest(
                     sku=sku, from_bucket="shared", to_bucket=bucket,
                     units=max(1, on_hand * percent // 100), change_id=f"pool-{sku}-{bucket}",
-                ), timeout=CALL_TIMEOUT_SECONDS)
+                )
+                for attempt in range(SEED_ATTEMPTS_MAX):
+                    try:
+                        await self.admin.Allocate(request, timeout=CALL_TIMEOUT_SECONDS)
+                        break
+                    except grpc.aio.AioRpcError as error:
+                        # A mirror slower than mirror_grant_wait_ms_max on a loaded machine:
+                        # the allocation is applied; the same change_id answers it.
+                        if (error.code() != grpc.StatusCode.UNAVAILABLE
+                                or attempt == SEED_ATTEMPTS_MAX - 1):
+                            raise
 
     async def reserve(self, reservation_id: str, sku: str, units: int) -> bool:
         channel = ""
