@@ -16,7 +16,8 @@ import enum
 import logging
 from typing import NamedTuple, Protocol, Sequence
 
-from reservd import incoming, records, state_codec, stockstates
+from reservd import alerts, incoming, records, state_codec, stockstates
+from reservd.alertrules import SNAPSHOT_KINDS as _RULE_KINDS, AlertRules
 from reservd.channels import Channels
 from reservd.config import Config
 from reservd.expiry import Deadlines
@@ -130,6 +131,9 @@ class Ledger(ChannelCommands):
         self._finished = Fifo()
         self._adjusted = Fifo()
         self.channels = Channels(table, config.channels_max, config.buckets_per_sku_max)
+        # Alerts raised inside applies (reservd.alerts), and the ledger's own alert rules.
+        self.alerts = alerts.AlertFeed(config, clock)
+        self.alert_rules = AlertRules(self.alerts, table, config)
         # Called with the sequence of every mutation right after it is applied and logged
         # (reservd.atswatch computes the ats of what is watched at that very state).
         self.on_applied = None
@@ -190,6 +194,7 @@ class Ledger(ChannelCommands):
             now_ms, reservation_id, channel, ttl_seconds, allow_partial,
             now_ms + ttl_seconds * 1000, skus, quantities, granted, owner,
         )
+        self.alerts.begin(seq, now_ms)
         if all(granted):
             self._apply_reserve(command, skus, handles, granted, seq)
         else:
@@ -495,6 +500,7 @@ class Ledger(ChannelCommands):
         assert seq == self.seq + 1, f"replay out of order: {seq} after {self.seq}"
         command = records.decode(record_type, payload)
         kind = RecordType(record_type)
+        self.alerts.begin(seq, command.at_ms, replayed=True)
         if kind is RecordType.RESERVE:
             lines = [
                 (sku, granted) for sku, granted in zip(command.skus, command.granted) if granted
@@ -511,6 +517,13 @@ class Ledger(ChannelCommands):
         else:
             self._apply(kind, command, seq)
         self.seq = seq
+        self._alerts_after(seq)
+
+    def _alerts_after(self, seq: int) -> None:
+        """The command ``seq`` is applied: the rules that read its result, then no more alerts
+        for it."""
+        self.alert_rules.applied(seq)
+        self.alerts.end(seq)
 
     def snapshot_state(self):
         """Capture the state after ``self.seq`` now (cheap copies, no encoding); returns
@@ -548,7 +561,10 @@ class Ledger(ChannelCommands):
                     a.finished_at_ms,
                 )
 
-        channel_rows = self.channels.snapshot_rows()
+        channel_rows = {
+            **self.channels.snapshot_rows(), **self.alerts.snapshot_rows(),
+            **self.alert_rules.snapshot_rows(),
+        }
 
         def encode() -> bytes:
             return wrap(
@@ -567,7 +583,12 @@ class Ledger(ChannelCommands):
         assert not self.reservations and len(self.table) == 0, "restore into a fresh ledger"
         payload, channel_rows = unwrap(payload)
         for kind, rows in channel_rows.items():
-            self.channels.restore_rows(kind, rows)
+            if kind in alerts.SNAPSHOT_KINDS:
+                self.alerts.restore_rows(kind, rows)
+            elif kind in _RULE_KINDS:
+                self.alert_rules.restore_rows(kind, rows)
+            else:
+                self.channels.restore_rows(kind, rows)
         seq, rows = state_codec.decode(payload)
         lookup = self.table.lookup
         for kind, row in rows:
@@ -613,6 +634,7 @@ class Ledger(ChannelCommands):
                 self._adjusted.append(finished_at_ms, adjustment_id)
         self._finished.sort()
         self._adjusted.sort()
+        self.alert_rules.restart_ring()
         self.seq = seq
 
     # -- Internals ------------------------------------------------------------------------------
@@ -636,6 +658,7 @@ class Ledger(ChannelCommands):
         a command that replay could not apply.
         """
         seq = self.seq + 1
+        self.alerts.begin(seq, command.at_ms)
         result = self._apply(kind, command, seq)
         self._append(seq, kind, _ENCODERS[kind](command))
         return result, seq
@@ -643,6 +666,7 @@ class Ledger(ChannelCommands):
     def _append(self, seq: int, kind: RecordType, payload: bytes) -> None:
         self.log.append(seq, kind, payload)
         self.seq = seq
+        self._alerts_after(seq)
         if self.on_applied is not None:
             self.on_applied(seq)
 
@@ -857,6 +881,7 @@ class Ledger(ChannelCommands):
             (kind, command.sku, command.value, command.expected_on_hand), outcome, command.at_ms
         )
         self._adjusted.append(command.at_ms, command.adjustment_id)
+        self.alert_rules.stock_changed(command.sku, on_hand, reserved, committed, command.at_ms)
         return outcome
 
     def _prune(self, now_ms: int) -> None:
