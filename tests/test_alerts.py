@@ -14,7 +14,11 @@ from conftest import aio, cart, eventually, running, test_config
 from redisserver import RedisServer, require_redis_server
 from walfaults import FaultyFiles
 
+from reservd.alerts import AlertFeed
+from reservd.alertwatch import AlertHub
 from reservd.clock import ManualClock
+from reservd.config import Config
+from reservd.guard import Guard
 from reservd.v1 import reservd_pb2 as pb
 
 _ids = itertools.count(1)
@@ -282,3 +286,49 @@ async def test_replay_from_the_wal_gives_the_same_alerts(tmp_path, snapshot_reco
         assert [(a.kind, a.sku, a.level) for a in after] == [
             ("reserve_level", "c", 1), ("shortfall", "b", 2)]
         assert figures(after[1])["skus_short_in_window"] == 2
+
+
+def _command(feed: AlertFeed, seq: int, sku: str) -> None:
+    feed.begin(seq, 1_000 + seq)
+    feed.emit("reserve_level", 1, sku=sku, figures={"available": 20})
+    feed.end(seq)
+
+
+@aio
+async def test_a_stream_that_falls_behind_is_lapped_and_told_once():
+    config = Config(data_dir=None, alerts_retained_max=3, alerts_batch_max=2)
+    feed = AlertFeed(config, ManualClock())
+    hub = AlertHub(feed, config, Guard(), ManualClock())
+    _command(feed, 1, "a")
+    hub.on_durable(1)
+    stream = hub.alerts_of(hub.open(0))
+    assert [a.sku for a in await anext(stream)] == ["a"]
+    for seq, sku in enumerate("bcdef", start=2):  # its client reads nothing meanwhile
+        _command(feed, seq, sku)
+    hub.on_durable(6)  # 6 published, 3 retained: b and c are gone
+    assert [(a.sku, a.lapped) for a in await anext(stream)] == [("d", True), ("e", False)]
+    assert [(a.sku, a.lapped) for a in await anext(stream)] == [("f", False)]
+    assert hub.lapped == 1 and hub.sent == 4
+    assert not any(built.lapped for _, built in feed.retained)  # shared messages unmarked
+    hub.close()
+    assert [batch async for batch in stream] == []
+
+
+def test_alerts_wait_for_durability_and_only_come_from_a_command():
+    feed = AlertFeed(Config(data_dir=None), ManualClock())
+    _command(feed, 1, "a")
+    _command(feed, 2, "b")
+    assert feed.publish(1) == 1 and [a.id for a, _ in feed.retained] == ["1.0"]
+    assert feed.publish(2) == 1 and feed.published_seq == 2
+    with pytest.raises(AssertionError, match="outside a command"):
+        feed.emit("reorder", 1, sku="a")
+    feed.begin(3, 5)
+    with pytest.raises(AssertionError):
+        feed.emit("reorder", 1, figures={"ratio": 1.5})  # figures are int or str
+    with pytest.raises(AssertionError):
+        feed.emit("Reorder", 1)
+    assert feed.cross("reorder", 2, sku="a") and not feed.cross("reorder", 2, sku="a")
+    assert feed.latched("reorder", "a") == 2
+    assert feed.cross("reorder", 0, sku="a") and feed.latches == 0
+    feed.end(3)
+    assert [a.id for a, _ in feed._pending] == ["3.0", "3.1"]
