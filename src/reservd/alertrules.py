@@ -8,8 +8,9 @@ the default policy's thresholds -- level 1 warning at 20 or fewer, 2 critical at
 at 5, 4 zero at 0 (reservd.channelpolicy.level_of; a channel's own thresholds shape its ``ats``,
 WatchAts carries that level per channel). After every mutation the SKUs it changed are read
 from the table's change ring (and a SKU created by a recount is looked at too, even at 0
-units), and an alert is raised when a SKU's level changes, once per change: a fall through several thresholds at once is one alert at the level reached (the
-previous level among its figures). Hysteresis: a worse level is announced at once; a SKU leaves
+units), and an alert is raised when a SKU's level changes, once per change: a fall through
+several thresholds at once is one alert at the level reached (the previous level among its
+figures). Hysteresis: a worse level is announced at once; a SKU leaves
 a level towards normal only once ``available`` exceeds that level's threshold by more than
 ``alert_level_hysteresis_units`` (default 2) -- so 5 -> 6 -> 5 -> 6 at the emergency threshold
 raises nothing after the first alert, and level 0 ("back to normal") comes at 23 available.

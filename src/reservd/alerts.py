@@ -50,9 +50,9 @@ Bounds
 ------
 ``alerts_retained_max`` published alerts are retained (the oldest is dropped first), and
 snapshots carry the retained ones raised by commands; pending alerts are those of commands not
-yet durable (bounded by the WAL's own backlog bound). Latches: at most one per (kind, SKU,
-channel) whose level is not 0. Watchers hold no copies: each keeps its position in the retained
-alerts (reservd.alertwatch).
+yet durable (bounded by the WAL's own backlog bound; a replayed command is durable, so replay
+publishes as it goes). Latches: at most one per (kind, SKU, channel) whose level is not 0.
+Watchers hold no copies: each keeps its position in the retained alerts (reservd.alertwatch).
 """
 from __future__ import annotations
 
@@ -144,6 +144,10 @@ class AlertFeed:
         """The command ``seq`` is applied (and logged, live): no more alerts for it."""
         assert self._seq == seq, f"command {seq} ends, {self._seq} was applied"
         self._seq = 0
+        if self._replaying:
+            # A replayed command is durable: nothing waits (``reservd wal verify`` of a long
+            # log keeps only the retained alerts).
+            self.publish(seq)
 
     # -- producers ----------------------------------------------------------------------------
 
