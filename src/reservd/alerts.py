@@ -101,7 +101,9 @@ def message(alert: Alert) -> pb.Alert:
 
 
 def _log_level(level: int) -> int:
-    return logging.ERROR if level >= 3 else logging.WARNING if level == 2 else logging.INFO
+    # ERROR is for reservd's own failures (failing closed logs its own line at ERROR): an alert
+    # is news for the ops team, a warning while its condition holds.
+    return logging.WARNING if level else logging.INFO
 
 
 class AlertFeed:
