@@ -78,6 +78,17 @@ class Config:
     ats_buffer_updates_max: int = 4_096
     # (sku, channel) pairs whose ats is kept up to date for streams that may resume.
     ats_tracked_pairs_max: int = 1_000_000
+    # Stock states and incoming stock (issue 12), each refused RESOURCE_EXHAUSTED beyond its
+    # bound: returns kept (in quarantine, or inspected and kept retention_seconds); write-offs
+    # and receipts (idempotency records, kept retention_seconds); purchase orders (open, or
+    # received and kept retention_seconds after the last receipt). Measured by
+    # tests/test_stock_bounds.py (ids of 10-20 bytes): 0.7 KiB per return in quarantine, 1.2 KiB
+    # inspected; 0.6 KiB per write-off or receipt; 0.2 KiB per order: the defaults hold at
+    # most ~1.1 GiB together.
+    returns_max: int = 500_000
+    write_offs_max: int = 200_000
+    purchase_orders_max: int = 200_000
+    receipts_max: int = 500_000
     metrics_port: int | None = None
     redis_url: str | None = None
     redis_prefix: str = "reservd:"

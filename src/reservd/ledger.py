@@ -116,8 +116,8 @@ class Ledger(ChannelCommands):
         # Mappings of compact records, decoded on access (reservd.store).
         self.reservations = ReservationStore(table)
         self.adjustments = AdjustmentStore(table)
-        self.states = stockstates.StockStates(table)
-        self.incoming = incoming.Incoming(table)
+        self.states = stockstates.StockStates(table, config.returns_max, config.write_offs_max)
+        self.incoming = incoming.Incoming(table, config.purchase_orders_max, config.receipts_max)
         self.live = 0  # held + committed
         self.held = 0
         # Held reservations' ids by expiry second. An entry goes stale when its hold ends or
@@ -570,19 +570,20 @@ class Ledger(ChannelCommands):
             self.channels.restore_rows(kind, rows)
         seq, rows = state_codec.decode(payload)
         lookup = self.table.lookup
+        now_ms = self.clock.now_ms()
         for kind, row in rows:
             if kind == state_codec.STOCK:
                 self.table.restore(*row)
             elif kind == state_codec.STATES:
                 self.states.restore_state(row)
             elif kind == state_codec.RETURN:
-                self.states.restore_return(row)
+                self.states.restore_return(row, now_ms)
             elif kind == state_codec.WRITE_OFF:
                 self.states.restore_write_off(row)
             elif kind == state_codec.ORDER:
-                self.incoming.restore_order(row)
+                self.incoming.restore_order(row, now_ms)
             elif kind == state_codec.RECEIPT:
-                self.incoming.restore_receipt(row)
+                self.incoming.restore_receipt(row, now_ms)
             elif kind == state_codec.RESERVATION:
                 (reservation_id, channel, request, skus, quantities, committed, state_value,
                  expires_at_ms, reservation_seq, finished_at_ms) = row
@@ -613,6 +614,8 @@ class Ledger(ChannelCommands):
                 self._adjusted.append(finished_at_ms, adjustment_id)
         self._finished.sort()
         self._adjusted.sort()
+        self.states.restored()
+        self.incoming.restored()
         self.seq = seq
 
     # -- Internals ------------------------------------------------------------------------------
@@ -877,3 +880,5 @@ class Ledger(ChannelCommands):
             entry = self.adjustments.get(key)
             if entry is not None and entry.finished_at_ms == at_ms:
                 del self.adjustments[key]
+        self.states.prune(horizon_ms)
+        self.incoming.prune(horizon_ms)

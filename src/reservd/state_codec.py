@@ -21,12 +21,15 @@ versions (strings are a u16 byte length and UTF-8, as in reservd.records)::
                       sellable_units i64 | damaged_units i64 | quarantine i64 | damaged i64 |
                       quality_control i64 | seq i64 (the last three and seq: right after the
                       return's last command, for an idempotent repeat's answer)
+                      | inspected_at_ms i64 (format 5)
     write-off (6):    change_id | sku | units i64 | state | at_ms i64 | seq i64
-    order (7):        po_id | sku | units i64 | eta_ms i64 | received i64
-    receipt (8):      receipt_id | po_id | units i64 | seq i64
+    order (7):        po_id | sku | units i64 | eta_ms i64 | received i64 | closed_at_ms i64
+                      (format 5)
+    receipt (8):      receipt_id | po_id | units i64 | seq i64 | at_ms i64 (format 5)
 
-Format 4 added sections 4-8 (reservd.stockstates, reservd.incoming); format 3 (the same without them) is still
-read.
+Format 5 added the retention times (the fields marked format 5) and sections 10-.. ; format 4
+(sections 4-8 without those times: read as None, and the ledger keeps such records a whole
+retention window from the restore) and format 3 (without sections 4-8) are still read.
 
 Format 2 (pickled chunks of builtin types, written before format 3) is still read, so a data
 directory written by an older reservd recovers; it is never written.
@@ -42,8 +45,8 @@ from typing import Iterable, Iterator
 
 from reservd.records import Reader, put_str
 
-FORMAT = 4
-_FORMATS_READ = (3, 4)
+FORMAT = 5
+_FORMATS_READ = (3, 4, 5)
 MAGIC = b"RSVDSTAT"
 _HEAD = struct.Struct("<8sIq")
 _SECTION = struct.Struct("<BI")
@@ -60,6 +63,7 @@ _RETURN = struct.Struct("<qBqqqqqq")
 _WRITE_OFF = struct.Struct("<qqq")
 _ORDER = struct.Struct("<qqq")
 _RECEIPT = struct.Struct("<qq")
+_TIME = struct.Struct("<q")
 _SECTION_ROWS_MAX = 4096  # rows per section, so no section header needs a huge count
 
 STOCK = 1
@@ -85,7 +89,7 @@ def encode(
     receipts: Iterable[tuple] = (),
     owners: Iterable[tuple] = (),
 ) -> bytes:
-    """The state after ``seq`` as format-4 bytes; rows as :func:`decode` yields them.
+    """The state after ``seq`` as format-5 bytes; rows as :func:`decode` yields them.
     ``owners`` is read after ``reservations`` has been consumed."""
     out = bytearray(_HEAD.pack(MAGIC, FORMAT, seq))
     _sections(out, STOCK, stock, _put_stock)
@@ -113,10 +117,12 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
       finished_at_ms)
     - STATES: (sku, quarantine, damaged, quality_control), after the SKU's STOCK row
     - RETURN: (return_id, sku, units, reservation_id, at_ms, inspected, sellable_units,
-      damaged_units, quarantine, damaged, quality_control, seq)
+      damaged_units, quarantine, damaged, quality_control, seq, inspected_at_ms or None)
     - WRITE_OFF: (change_id, sku, units, state, at_ms, seq)
-    - ORDER: (po_id, sku, units, eta_ms, received)
-    - RECEIPT: (receipt_id, po_id, units, seq)
+    - ORDER: (po_id, sku, units, eta_ms, received, closed_at_ms or None)
+    - RECEIPT: (receipt_id, po_id, units, seq, at_ms or None)
+
+    (None: a format-4 snapshot, which has no such time.)
 
     ValueError, naming the offset, for anything that does not parse exactly.
     """
@@ -131,11 +137,16 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
             f"snapshot format {version} is not one this reservd reads ({_LEGACY_FORMAT} to "
             f"{FORMAT}): it was written by a newer reservd"
         )
-    return seq, _rows(payload)
+    return seq, _rows(payload, version)
 
 
-def _rows(payload: bytes) -> Iterator[tuple[int, tuple]]:
-    reader = Reader(payload)
+class _SnapshotReader(Reader):
+    __slots__ = ("timed",)
+
+
+def _rows(payload: bytes, version: int) -> Iterator[tuple[int, tuple]]:
+    reader = _SnapshotReader(payload)
+    reader.timed = version >= 5  # rows carry their retention times
     reader.offset = _HEAD.size
     readers = {
         STOCK: _read_stock, RESERVATION: _read_reservation, OWNER: _read_owner,
@@ -273,13 +284,14 @@ def _read_states(reader: Reader) -> tuple:
 
 def _put_return(parts: list, row: tuple) -> None:
     (return_id, sku, units, reservation_id, at_ms, inspected, sellable, damaged, quarantine_then,
-     damaged_then, quality_control_then, seq) = row
+     damaged_then, quality_control_then, seq, inspected_at_ms) = row
     put_str(parts, return_id)
     put_str(parts, sku)
     parts.append(_RETURN_HEAD.pack(units))
     put_str(parts, reservation_id)
     parts.append(_RETURN.pack(at_ms, inspected, sellable, damaged, quarantine_then,
                               damaged_then, quality_control_then, seq))
+    parts.append(_TIME.pack(inspected_at_ms))
 
 
 def _read_return(reader: Reader) -> tuple:
@@ -288,7 +300,13 @@ def _read_return(reader: Reader) -> tuple:
     (units,) = reader.unpack(_RETURN_HEAD)
     reservation_id = reader.text()
     at_ms, inspected, *rest = reader.unpack(_RETURN)
-    return (return_id, sku, units, reservation_id, at_ms, bool(inspected), *rest)
+    return (return_id, sku, units, reservation_id, at_ms, bool(inspected), *rest,
+            _time(reader))
+
+
+def _time(reader: _SnapshotReader) -> int | None:
+    """A format-5 retention time (unix ms), None in a format-4 row."""
+    return reader.unpack(_TIME)[0] if reader.timed else None
 
 
 def _put_write_off(parts: list, row: tuple) -> None:
@@ -308,25 +326,27 @@ def _read_write_off(reader: Reader) -> tuple:
 
 
 def _put_order(parts: list, row: tuple) -> None:
-    po_id, sku, units, eta_ms, received = row
+    po_id, sku, units, eta_ms, received, closed_at_ms = row
     put_str(parts, po_id)
     put_str(parts, sku)
     parts.append(_ORDER.pack(units, eta_ms, received))
+    parts.append(_TIME.pack(closed_at_ms))
 
 
 def _read_order(reader: Reader) -> tuple:
-    return (reader.text(), reader.text(), *reader.unpack(_ORDER))
+    return (reader.text(), reader.text(), *reader.unpack(_ORDER), _time(reader))
 
 
 def _put_receipt(parts: list, row: tuple) -> None:
-    receipt_id, po_id, units, seq = row
+    receipt_id, po_id, units, seq, at_ms = row
     put_str(parts, receipt_id)
     put_str(parts, po_id)
     parts.append(_RECEIPT.pack(units, seq))
+    parts.append(_TIME.pack(at_ms))
 
 
 def _read_receipt(reader: Reader) -> tuple:
-    return (reader.text(), reader.text(), *reader.unpack(_RECEIPT))
+    return (reader.text(), reader.text(), *reader.unpack(_RECEIPT), _time(reader))
 
 
 def _decode_legacy(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
