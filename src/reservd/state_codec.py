@@ -27,7 +27,14 @@ versions (strings are a u16 byte length and UTF-8, as in reservd.records)::
                       (format 5)
     receipt (8):      receipt_id | po_id | units i64 | seq i64 | at_ms i64 (format 5)
 
-Format 5 added the retention times (the fields marked format 5) and sections 10-.. ; format 4
+    demand (10):      sku | newest_day i64 | days u16, then per day with demand: age u8 (days
+                      before newest_day) | units i64 (reservd.planning: units committed per
+                      UTC day, days since the epoch)
+    replenishment (11): sku | lead_time_days f64 | lead_time_sigma_days f64 |
+                      service_level f64 | abc_class | indices u8 | seasonal index f64 each
+    count (12):       sku | at_ms i64 | system i64 | counted i64 (the SKU's last recount)
+
+Format 5 added the retention times (the fields marked format 5) and sections 10-12; format 4
 (sections 4-8 without those times: read as None, and the ledger keeps such records a whole
 retention window from the restore) and format 3 (without sections 4-8) are still read.
 
@@ -64,6 +71,12 @@ _WRITE_OFF = struct.Struct("<qqq")
 _ORDER = struct.Struct("<qqq")
 _RECEIPT = struct.Struct("<qq")
 _TIME = struct.Struct("<q")
+_DEMAND_HEAD = struct.Struct("<qH")
+_DEMAND_DAY = struct.Struct("<Bq")
+_SETTINGS = struct.Struct("<ddd")
+_U8 = struct.Struct("<B")
+_F64 = struct.Struct("<d")
+_COUNT = struct.Struct("<qqq")
 _SECTION_ROWS_MAX = 4096  # rows per section, so no section header needs a huge count
 
 STOCK = 1
@@ -75,6 +88,9 @@ WRITE_OFF = 6
 ORDER = 7
 RECEIPT = 8
 OWNER = 9
+DEMAND = 10
+REPLENISHMENT = 11
+COUNT = 12
 
 
 def encode(
@@ -88,6 +104,9 @@ def encode(
     orders: Iterable[tuple] = (),
     receipts: Iterable[tuple] = (),
     owners: Iterable[tuple] = (),
+    demand: Iterable[tuple] = (),
+    replenishment: Iterable[tuple] = (),
+    counts: Iterable[tuple] = (),
 ) -> bytes:
     """The state after ``seq`` as format-5 bytes; rows as :func:`decode` yields them.
     ``owners`` is read after ``reservations`` has been consumed."""
@@ -101,6 +120,9 @@ def encode(
     _sections(out, WRITE_OFF, write_offs, _put_write_off)
     _sections(out, ORDER, orders, _put_order)
     _sections(out, RECEIPT, receipts, _put_receipt)
+    _sections(out, DEMAND, demand, _put_demand)
+    _sections(out, REPLENISHMENT, replenishment, _put_replenishment)
+    _sections(out, COUNT, counts, _put_count)
     return bytes(out)
 
 
@@ -121,6 +143,11 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
     - WRITE_OFF: (change_id, sku, units, state, at_ms, seq)
     - ORDER: (po_id, sku, units, eta_ms, received, closed_at_ms or None)
     - RECEIPT: (receipt_id, po_id, units, seq, at_ms or None)
+
+    - DEMAND: (sku, newest_day, [(day, units), ...])
+    - REPLENISHMENT: (sku, lead_time_days, lead_time_sigma_days, service_level, abc_class,
+      seasonal indices tuple)
+    - COUNT: (sku, at_ms, system, counted)
 
     (None: a format-4 snapshot, which has no such time.)
 
@@ -153,6 +180,7 @@ def _rows(payload: bytes, version: int) -> Iterator[tuple[int, tuple]]:
         ADJUSTMENT: _read_adjustment,
         STATES: _read_states, RETURN: _read_return, WRITE_OFF: _read_write_off,
         ORDER: _read_order, RECEIPT: _read_receipt,
+        DEMAND: _read_demand, REPLENISHMENT: _read_replenishment, COUNT: _read_count,
     }
     try:
         while reader.offset < len(payload):
@@ -347,6 +375,51 @@ def _put_receipt(parts: list, row: tuple) -> None:
 
 def _read_receipt(reader: Reader) -> tuple:
     return (reader.text(), reader.text(), *reader.unpack(_RECEIPT), _time(reader))
+
+
+def _put_demand(parts: list, row: tuple) -> None:
+    sku, newest_day, entries = row
+    put_str(parts, sku)
+    parts.append(_DEMAND_HEAD.pack(newest_day, len(entries)))
+    parts.extend(_DEMAND_DAY.pack(newest_day - day, units) for day, units in entries)
+
+
+def _read_demand(reader: Reader) -> tuple:
+    sku = reader.text()
+    newest_day, count = reader.unpack(_DEMAND_HEAD)
+    entries = []
+    for _ in range(count):
+        age, units = reader.unpack(_DEMAND_DAY)
+        entries.append((newest_day - age, units))
+    return (sku, newest_day, entries)
+
+
+def _put_replenishment(parts: list, row: tuple) -> None:
+    sku, lead_time, lead_sigma, level, abc_class, seasonal = row
+    put_str(parts, sku)
+    parts.append(_SETTINGS.pack(lead_time, lead_sigma, level))
+    put_str(parts, abc_class)
+    parts.append(_U8.pack(len(seasonal)))
+    parts.extend(_F64.pack(value) for value in seasonal)
+
+
+def _read_replenishment(reader: Reader) -> tuple:
+    sku = reader.text()
+    lead_time, lead_sigma, level = reader.unpack(_SETTINGS)
+    abc_class = reader.text()
+    (count,) = reader.unpack(_U8)
+    seasonal = tuple(reader.unpack(_F64)[0] for _ in range(count))
+    return (sku, lead_time, lead_sigma, level, abc_class, seasonal)
+
+
+def _put_count(parts: list, row: tuple) -> None:
+    sku, at_ms, system, counted = row
+    put_str(parts, sku)
+    parts.append(_COUNT.pack(at_ms, system, counted))
+
+
+def _read_count(reader: Reader) -> tuple:
+    return (reader.text(), *reader.unpack(_COUNT))
 
 
 def _decode_legacy(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
