@@ -175,4 +175,21 @@ async def test_the_daemon_answers_resource_exhausted_and_shows_the_bound():
         gauges = _gauges(server.daemon)
         assert (gauges["reservd_returns"], gauges["reservd_returns_max"]) == (1, 1)
         assert gauges["reservd_receipts_max"] == Config().receipts_max
+        assert gauges["reservd_planned_skus_max"] == Config().replenish_skus_max
+        assert gauges["reservd_ghost_stock_ratio"] == 0
         assert (await server.stock("A")).quarantine == 1
+
+
+def test_planned_skus_are_bounded():
+    ledger = _ledger(Config(replenish_skus_max=1))
+    ledger.set_stock("s2", "B", 5, None, "")
+    assert ledger.set_replenishment("A", 7, 1, 0, "A", ()).seq
+    logged = len(ledger.log.records)
+    refused = ledger.set_replenishment("B", 7, 1, 0, "", ())
+    assert refused.code is Code.RESOURCE_EXHAUSTED and "replenish_skus_max" in refused.message
+    assert len(ledger.log.records) == logged
+    # Demand and counts of a further SKU are not kept (their commands are never refused).
+    assert ledger.reserve("r", ("B",), (1,), "", 60, False).granted
+    ledger.commit("r", None)
+    ledger.set_stock("count-b", "B", 4, None, "")
+    assert set(ledger.planning.plans) == {"A"} and ledger.planning.untracked == 2

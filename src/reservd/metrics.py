@@ -289,6 +289,25 @@ def _stock_table_metrics(ledger):
             f"reservd_{name}_max", f"Bound on reservd_{name} (RESOURCE_EXHAUSTED at it)",
             value=bound,
         )
+    planning = ledger.planning
+    yield GaugeMetricFamily(
+        "reservd_planned_skus", "SKUs with demand history, replenishment settings or a count",
+        value=len(planning.plans),
+    )
+    yield GaugeMetricFamily(
+        "reservd_planned_skus_max", "Bound on reservd_planned_skus (replenish_skus_max)",
+        value=config.replenish_skus_max,
+    )
+    yield CounterMetricFamily(
+        "reservd_planning_untracked",
+        "Commits and recounts of SKUs beyond replenish_skus_max, not kept as demand or counts",
+        value=planning.untracked,
+    )
+    yield GaugeMetricFamily(
+        "reservd_ghost_stock_ratio",
+        "(system - counted) / system over every SKU's last recount (target < 0.02)",
+        value=planning.ghost_overall(),
+    )
     oldest_ms = ledger.states.oldest_quarantine_ms()
     yield GaugeMetricFamily(
         "reservd_quarantine_oldest_seconds",
