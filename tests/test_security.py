@@ -180,13 +180,16 @@ REQUESTS = {
     ("Admin", "WriteOff"): pb.WriteOffRequest(change_id="w", sku="a", units=1, state="damaged"),
     ("Admin", "ExpectReceipt"): pb.ExpectReceiptRequest(po_id="p", sku="a", units=1),
     ("Admin", "Receive"): pb.ReceiveRequest(receipt_id="c", po_id="p", units=1),
+    ("Admin", "SetReplenishment"): pb.SetReplenishmentRequest(sku="a", lead_time_days=7),
+    ("Admin", "GetReplenishment"): pb.GetReplenishmentRequest(skus=["a"]),
+    ("Admin", "GetAudit"): pb.GetAuditRequest(),
 }
 ALLOWED = {
     "checkout": {"Reserve", "Commit", "Extend", "Release", "Fulfil", "GetReservation", "GetStock",
                  "Batch", "BatchStream"},
     "sync": {"GetStock", "WatchStock", "GetAts", "WatchAts", "ListChannels"},
     "ops": {"GetReservation", "GetStock", "WatchStock", "GetAts", "WatchAts", "ListChannels",
-            "GetBuckets", "GetAlerts", "WatchAlerts"},
+            "GetBuckets", "GetAlerts", "WatchAlerts", "GetReplenishment", "GetAudit"},
     "admin": {method for _, method in REQUESTS},
 }
 

@@ -9,7 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from reservd import cli_alerts, cli_channels, cli_stock, logs, output
+from reservd import cli_alerts, cli_channels, cli_planning, cli_stock, logs, output
 from reservd.config import Config, ConfigError
 
 
@@ -224,6 +224,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_channels.add_parsers(command, client_command)
     cli_stock.add_parsers(client_command)
     cli_alerts.add_parsers(command, lambda sub: _connection_options(sub, suppress=True))
+    cli_planning.add_parsers(client_command)
 
     wal = command("wal", "inspect a data directory without starting")
     wal_commands = wal.add_subparsers(dest="wal_command", required=True)
@@ -361,6 +362,8 @@ async def _client(args) -> int:
             return await cli_stock.run(client, args, _print)
         elif command in cli_alerts.COMMANDS:
             return await cli_alerts.run(client, args, _print)
+        elif command in cli_planning.COMMANDS:
+            return await cli_planning.run(client, args, _print)
     return 0
 
 

@@ -11,6 +11,7 @@ from reservd.alertservice import AlertRpcs
 from reservd.channelservice import AtsRpcs, ChannelAdminRpcs, line_extras
 from reservd.config import Limits
 from reservd.guard import Guard
+from reservd.planningservice import PlanningRpcs
 from reservd.stockservice import StockStateRpcs, stock_message
 from reservd.mirror import MirrorSlow, MirrorUnavailable
 from reservd.ledger import Code, Ledger, Rejection, Reservation, ReservationOutcome, State
@@ -290,7 +291,7 @@ class ReservationsService(AtsRpcs, AlertRpcs, pb_grpc.ReservationsServicer):
             self.hub.release(watcher)
 
 
-class AdminService(ChannelAdminRpcs, StockStateRpcs, pb_grpc.AdminServicer):
+class AdminService(ChannelAdminRpcs, StockStateRpcs, PlanningRpcs, pb_grpc.AdminServicer):
     def __init__(self, ledger: Ledger, durability: Durability, guard: Guard, limits: Limits):
         self.ledger = ledger
         self.durability = durability
