@@ -65,27 +65,24 @@ class PlanningCommands:
         planning = self.planning
         if not skus:
             skus = sorted(sku for sku in planning.plans if sku > after_sku)[:limit]
-        classes = planning.classes(now_ms)
         rows = []
         for sku in skus:
             handle = self.table.lookup(sku)
             if handle < 0:
                 continue
             stock = (*self.table.counters(handle), self.table.unsellable(handle))
-            rows.append(planning.row(sku, now_ms, classes.get(sku, "C"), stock,
-                                     self.incoming.of(sku)))
+            rows.append(planning.row(sku, now_ms, stock, self.incoming.of(sku)))
         return rows
 
     def audit_rows(self, due_only: bool, limit: int) -> list[AuditRow]:
         """Every SKU's cycle-count status (or those due only), most urgent first: by class,
         then the time they fell due, then SKU; at most ``limit``. SKUs without demand or a
-        configured class are C. A scan of the table: an operator's command, not a hot path."""
+        configured class are C (reservd.planning.Planning.class_of). A scan of the table: an operator's command, not a hot path."""
         now_ms = self.clock.now_ms()
         planning = self.planning
-        classes = planning.classes(now_ms)
         rows = []
         for sku, *_ in self.table.items():
-            abc_class = classes.get(sku, "C")
+            abc_class = planning.class_of(sku, now_ms)
             days = planning.count_days(abc_class)
             last = planning.last_count(sku)
             due_at_ms = 0 if last is None else last.at_ms + days * DAY_MS
