@@ -16,7 +16,10 @@ import enum
 import logging
 from typing import NamedTuple, Protocol, Sequence
 
-from reservd import incoming, planning, planning_records, records, state_codec, stockstates
+from reservd import (
+    alerts, incoming, planning, planning_records, records, state_codec, stockstates,
+)
+from reservd.alertrules import SNAPSHOT_KINDS as _RULE_KINDS, AlertRules
 from reservd.channels import Channels
 from reservd.config import Config
 from reservd.expiry import Deadlines
@@ -133,6 +136,9 @@ class Ledger(ChannelCommands, PlanningCommands):
         self._finished = Fifo()
         self._adjusted = Fifo()
         self.channels = Channels(table, config.channels_max, config.buckets_per_sku_max)
+        # Alerts raised inside applies (reservd.alerts), and the ledger's own alert rules.
+        self.alerts = alerts.AlertFeed(config, clock)
+        self.alert_rules = AlertRules(self.alerts, table, config)
         # Called with the sequence of every mutation right after it is applied and logged
         # (reservd.atswatch computes the ats of what is watched at that very state).
         self.on_applied = None
@@ -193,6 +199,7 @@ class Ledger(ChannelCommands, PlanningCommands):
             now_ms, reservation_id, channel, ttl_seconds, allow_partial,
             now_ms + ttl_seconds * 1000, skus, quantities, granted, owner,
         )
+        self.alerts.begin(seq, now_ms)
         if all(granted):
             self._apply_reserve(command, skus, handles, granted, seq)
         else:
@@ -498,6 +505,7 @@ class Ledger(ChannelCommands, PlanningCommands):
         assert seq == self.seq + 1, f"replay out of order: {seq} after {self.seq}"
         command = records.decode(record_type, payload)
         kind = RecordType(record_type)
+        self.alerts.begin(seq, command.at_ms, replayed=True)
         if kind is RecordType.RESERVE:
             lines = [
                 (sku, granted) for sku, granted in zip(command.skus, command.granted) if granted
@@ -514,6 +522,13 @@ class Ledger(ChannelCommands, PlanningCommands):
         else:
             self._apply(kind, command, seq)
         self.seq = seq
+        self._alerts_after(seq)
+
+    def _alerts_after(self, seq: int) -> None:
+        """The command ``seq`` is applied: the rules that read its result, then no more alerts
+        for it."""
+        self.alert_rules.applied(seq)
+        self.alerts.end(seq)
 
     def snapshot_state(self):
         """Capture the state after ``self.seq`` now (cheap copies, no encoding); returns
@@ -552,7 +567,10 @@ class Ledger(ChannelCommands, PlanningCommands):
                     a.finished_at_ms,
                 )
 
-        channel_rows = self.channels.snapshot_rows()
+        channel_rows = {
+            **self.channels.snapshot_rows(), **self.alerts.snapshot_rows(),
+            **self.alert_rules.snapshot_rows(),
+        }
 
         def encode() -> bytes:
             return wrap(
@@ -571,7 +589,12 @@ class Ledger(ChannelCommands, PlanningCommands):
         assert not self.reservations and len(self.table) == 0, "restore into a fresh ledger"
         payload, channel_rows = unwrap(payload)
         for kind, rows in channel_rows.items():
-            self.channels.restore_rows(kind, rows)
+            if kind in alerts.SNAPSHOT_KINDS:
+                self.alerts.restore_rows(kind, rows)
+            elif kind in _RULE_KINDS:
+                self.alert_rules.restore_rows(kind, rows)
+            else:
+                self.channels.restore_rows(kind, rows)
         seq, rows = state_codec.decode(payload)
         lookup = self.table.lookup
         now_ms = self.clock.now_ms()
@@ -624,6 +647,7 @@ class Ledger(ChannelCommands, PlanningCommands):
                 self._adjusted.append(finished_at_ms, adjustment_id)
         self._finished.sort()
         self._adjusted.sort()
+        self.alert_rules.restart_ring()
         self.states.restored()
         self.incoming.restored()
         self.seq = seq
@@ -649,6 +673,7 @@ class Ledger(ChannelCommands, PlanningCommands):
         a command that replay could not apply.
         """
         seq = self.seq + 1
+        self.alerts.begin(seq, command.at_ms)
         result = self._apply(kind, command, seq)
         self._append(seq, kind, _ENCODERS[kind](command))
         return result, seq
@@ -656,6 +681,7 @@ class Ledger(ChannelCommands, PlanningCommands):
     def _append(self, seq: int, kind: RecordType, payload: bytes) -> None:
         self.log.append(seq, kind, payload)
         self.seq = seq
+        self._alerts_after(seq)
         if self.on_applied is not None:
             self.on_applied(seq)
 
@@ -876,6 +902,7 @@ class Ledger(ChannelCommands, PlanningCommands):
             (kind, command.sku, command.value, command.expected_on_hand), outcome, command.at_ms
         )
         self._adjusted.append(command.at_ms, command.adjustment_id)
+        self.alert_rules.stock_changed(command.sku, on_hand, reserved, committed, command.at_ms)
         return outcome
 
     def _prune(self, now_ms: int) -> None:
