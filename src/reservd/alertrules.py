@@ -75,21 +75,19 @@ class AlertRules:
         """The table was restored from a snapshot: read the change ring from here on."""
         self._position = self.table.ring_head
 
-    def applied(self, seq: int) -> None:
-        """The mutation ``seq`` was just applied: check the level of every SKU it changed."""
+    def applied(self, seq: int) -> dict[str, int]:
+        """The mutation ``seq`` was just applied: check the level of every SKU it changed;
+        returns their ``available`` (for the other rules that read it: replenishment)."""
         position, changes = self.table.changes(self._position, 1 << 30, seq)
         self._position = position
         if not changes:
-            return
-        if len(changes) == 1:
-            _, sku, on_hand, reserved, committed, unsellable = changes[0]
-            self._level(sku, stockstates.available(on_hand, reserved, committed, unsellable))
-            return
+            return {}
         latest = {}  # a SKU changed twice by one command: its final state only
         for _, sku, on_hand, reserved, committed, unsellable in changes:
             latest[sku] = stockstates.available(on_hand, reserved, committed, unsellable)
         for sku, available in latest.items():
             self._level(sku, available)
+        return latest
 
     def _level(self, sku: str, available: int) -> None:
         feed = self.feed

@@ -146,6 +146,11 @@ class AlertFeed:
         assert self._seq == 0, f"command {seq} begins inside command {self._seq}"
         self._seq, self._at_ms, self._index, self._replaying = seq, at_ms, 0, replayed
 
+    @property
+    def command_at_ms(self) -> int:
+        """The time of the command being applied (unix ms; 0 outside an apply)."""
+        return self._at_ms if self._seq else 0
+
     def end(self, seq: int) -> None:
         """The command ``seq`` is applied (and logged, live): no more alerts for it."""
         assert self._seq == seq, f"command {seq} ends, {self._seq} was applied"

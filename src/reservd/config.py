@@ -124,6 +124,13 @@ class Config:
     count_days_a: int = 7
     count_days_b: int = 30
     count_days_c: int = 91
+    # Alerts: ghost stock at a recount above these, in basis points of the system count (seed
+    # 001: target below 2%, above 5% a data integrity problem); returns waiting for inspection
+    # longer than inspection_backlog_seconds_max, checked every inspection_backlog_check_seconds.
+    ghost_stock_warning_bp: int = 200
+    ghost_stock_critical_bp: int = 500
+    inspection_backlog_seconds_max: int = 172_800
+    inspection_backlog_check_seconds: float = 60.0
     metrics_port: int | None = None
     redis_url: str | None = None
     redis_prefix: str = "reservd:"

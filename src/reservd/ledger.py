@@ -527,7 +527,9 @@ class Ledger(ChannelCommands, PlanningCommands):
     def _alerts_after(self, seq: int) -> None:
         """The command ``seq`` is applied: the rules that read its result, then no more alerts
         for it."""
-        self.alert_rules.applied(seq)
+        changed = self.alert_rules.applied(seq)
+        if changed:
+            self._reorder_alerts(changed)
         self.alerts.end(seq)
 
     def snapshot_state(self):
@@ -705,9 +707,13 @@ class Ledger(ChannelCommands, PlanningCommands):
         if kind in _STATE_KINDS:
             return self.states.apply(kind, command, seq)
         if kind in _INCOMING_KINDS:
-            return self.incoming.apply(kind, command, seq)
+            outcome = self.incoming.apply(kind, command, seq)
+            self._reorder_alert(outcome.sku)  # incoming moved, maybe with no table change
+            return outcome
         if kind is RecordType.SET_REPLENISHMENT:
-            return self.planning.apply_settings(command)
+            self.planning.apply_settings(command)
+            self._reorder_alert(command.sku)  # the reorder point moved
+            return command
         if kind >= RecordType.SET_CHANNEL:
             return self._apply_channels(kind, command, seq)
         assert kind in (RecordType.SET_STOCK, RecordType.ADJUST_STOCK), kind
@@ -889,6 +895,7 @@ class Ledger(ChannelCommands, PlanningCommands):
             previous = self.table.set_on_hand(handle, command.value, seq)
             if recount:  # creating a SKU is not a count
                 self.planning.on_count(command.sku, command.at_ms, previous, command.value)
+                self._ghost_alert(command.sku)
         else:
             handle = self.table.lookup(command.sku)
             assert handle >= 0, f"adjust of unknown sku {command.sku!r}"

@@ -57,6 +57,48 @@ class PlanningCommands:
         _, seq = self._execute(RecordType.SET_REPLENISHMENT, command)
         return SettingsOutcome(command, seq)
 
+    # -- alerts (from inside applies: reservd.alerts' contract) ----------------------------------
+
+    def _reorder_alerts(self, changed: dict[str, int]) -> None:
+        """After a command: the reorder alert of each SKU whose ``available`` it changed."""
+        plans = self.planning.plans
+        for sku, available in changed.items():
+            plan = plans.get(sku)
+            if plan is not None and plan.demand is not None:
+                self._cross_reorder(sku, available)
+
+    def _reorder_alert(self, sku: str) -> None:
+        """The reorder alert of ``sku`` after a command that moved its incoming units or its
+        reorder point (no table change to read)."""
+        plan = self.planning.plans.get(sku)
+        handle = self.table.lookup(sku)
+        if plan is None or plan.demand is None or handle < 0:
+            return
+        stock = (*self.table.counters(handle), self.table.unsellable(handle))
+        self._cross_reorder(sku, stockstates.available(*stock))
+
+    def _cross_reorder(self, sku: str, available: int) -> None:
+        """``reorder``: level 2 once available + incoming is at or below the reorder point
+        (figures: the suggested order), 0 once above it again; once per crossing."""
+        level, figures = self.planning.reorder_alert(
+            sku, self.alerts.command_at_ms, available, self.incoming.of(sku))
+        if level != self.alerts.latched("reorder", sku):
+            self.alerts.cross("reorder", level, sku=sku, figures=figures)
+
+    def _ghost_alert(self, sku: str) -> None:
+        """``ghost_stock`` after a recount: level 2 above ghost_stock_warning_bp (seed 001's
+        2% target), 3 above ghost_stock_critical_bp (5%: a data integrity problem), else 0."""
+        count = self.planning.last_count(sku)
+        if count is None or count.system <= 0:
+            return
+        basis_points = (count.system - count.counted) * 10_000 // count.system
+        config = self.config
+        level = (3 if basis_points > config.ghost_stock_critical_bp else
+                 2 if basis_points > config.ghost_stock_warning_bp else 0)
+        self.alerts.cross("ghost_stock", level, sku=sku, figures={
+            "ghost_bp": basis_points, "system": count.system, "counted": count.counted,
+        })
+
     def replenishment_rows(self, skus: Sequence[str], after_sku: str, limit: int) -> list[Row]:
         """The replenishment table of ``skus`` (unknown ones left out), or, when empty, of the
         planned SKUs (with demand, settings or a count) after ``after_sku``, at most ``limit``,
@@ -65,27 +107,24 @@ class PlanningCommands:
         planning = self.planning
         if not skus:
             skus = sorted(sku for sku in planning.plans if sku > after_sku)[:limit]
-        classes = planning.classes(now_ms)
         rows = []
         for sku in skus:
             handle = self.table.lookup(sku)
             if handle < 0:
                 continue
             stock = (*self.table.counters(handle), self.table.unsellable(handle))
-            rows.append(planning.row(sku, now_ms, classes.get(sku, "C"), stock,
-                                     self.incoming.of(sku)))
+            rows.append(planning.row(sku, now_ms, stock, self.incoming.of(sku)))
         return rows
 
     def audit_rows(self, due_only: bool, limit: int) -> list[AuditRow]:
         """Every SKU's cycle-count status (or those due only), most urgent first: by class,
         then the time they fell due, then SKU; at most ``limit``. SKUs without demand or a
-        configured class are C. A scan of the table: an operator's command, not a hot path."""
+        configured class are C (reservd.planning.Planning.class_of). A scan of the table: an operator's command, not a hot path."""
         now_ms = self.clock.now_ms()
         planning = self.planning
-        classes = planning.classes(now_ms)
         rows = []
         for sku, *_ in self.table.items():
-            abc_class = classes.get(sku, "C")
+            abc_class = planning.class_of(sku, now_ms)
             days = planning.count_days(abc_class)
             last = planning.last_count(sku)
             due_at_ms = 0 if last is None else last.at_ms + days * DAY_MS

@@ -11,8 +11,9 @@
 - **Counts**: a SetStock on an existing SKU is a recount; the last one per SKU is kept
   (system = on_hand before it, counted = the value set). Ghost stock = (system - counted) /
   system, per SKU and over every SKU's last count.
-- **ABC classes**: configured per SKU, else by units committed over the demand window: the
-  top 20% of SKUs A, the next 30% B, the rest C (seed 001). Z 1.65 / 1.28 / 1.04 (95/90/85%);
+- **ABC classes**: configured per SKU, else by units committed over the demand window's whole
+  days, among the SKUs that sold in it: the top 20% A, the next 30% B, the rest (and SKUs
+  without sales) C (seed 001, with units for revenue). Z 1.65 / 1.28 / 1.04 (95/90/85%);
   count every 7 / 30 / 91 days (config).
 
 Bounded by ``replenish_skus_max`` SKUs with any of these: settings beyond it are refused
@@ -66,12 +67,34 @@ class Count(NamedTuple):
 class Plan:
     """One SKU's demand history, settings and last count (any may be absent)."""
 
-    __slots__ = ("demand", "settings", "count")
+    __slots__ = ("demand", "settings", "count", "point")
 
     def __init__(self) -> None:
         self.demand: replenish.DemandHistory | None = None
         self.settings: SetReplenishment | None = None
         self.count: Count | None = None
+        self.point: tuple | None = None  # ((day, settings version), Point): a cache
+
+
+class Point(NamedTuple):
+    """A SKU's reorder figures for one day (units; days)."""
+
+    demand: replenish.Demand
+    lead_time_days: float
+    lead_time_sigma_days: float
+    abc_class: str
+    z: float
+    seasonal_index: float
+    safety_stock: int
+    reorder_point: int
+    cycle_units: int  # demand of one order cycle (replenish_order_cycle_days)
+
+    def reorder(self, position: int) -> tuple[bool, int]:
+        """(at or below the reorder point with demand, the suggested order) for
+        ``position`` = available + incoming."""
+        if self.demand.mean > 0 and position <= self.reorder_point:
+            return True, max(0, self.reorder_point + self.cycle_units - position)
+        return False, 0
 
 
 class Row(NamedTuple):
@@ -106,6 +129,9 @@ class Planning:
         self.untracked = 0  # demand or counts not kept: replenish_skus_max reached
         self._ghost_system = 0  # sums over every SKU's last count
         self._ghost_missing = 0
+        self._ranked_day: int | None = None  # the day self._ranked was computed for
+        self._ranked: dict[str, str] = {}
+        self._settings_version = 0  # invalidates the cached points
 
     def _plan(self, sku: str) -> Plan | None:
         plan = self.plans.get(sku)
@@ -160,6 +186,7 @@ class Planning:
         if plan is None:  # decide checked the bound; replay applies what was decided
             plan = self.plans[command.sku] = Plan()
         plan.settings = command
+        self._settings_version += 1
         return command
 
     # -- reading ----------------------------------------------------------------------------------
@@ -171,29 +198,46 @@ class Planning:
             return replenish.Demand(0.0, 0.0, days)
         return plan.demand.demand(now_ms, days)
 
-    def classes(self, now_ms: int) -> dict[str, str]:
-        """ABC class of every planned SKU: configured, else by units committed over the demand
-        window (ties broken by SKU, so the answer is the same every time)."""
+    def class_of(self, sku: str, now_ms: int) -> str:
+        """The SKU's ABC class: configured, else by units committed over the demand window's
+        whole days, ranked among the SKUs that sold in it (top 20% A, next 30% B; no sales: C;
+        ties broken by SKU). Those days and SKUs do not change during a day, so the ranking is
+        computed once a day, and is the same live, in replay and after a snapshot restore."""
+        plan = self.plans.get(sku)
+        if plan is not None and plan.settings is not None and plan.settings.abc_class:
+            return plan.settings.abc_class
+        day = now_ms // replenish.DAY_MS
+        if self._ranked_day != day:
+            self._ranked = self._rank(now_ms)
+            self._ranked_day = day
+        return self._ranked.get(sku, "C")
+
+    def _rank(self, now_ms: int) -> dict[str, str]:
         days = self.config.replenish_demand_days
         sold = []
         for sku, plan in self.plans.items():
-            units = sum(plan.demand.daily(now_ms, days)) if plan.demand is not None else 0
-            sold.append((-units, sku))
+            if plan.demand is not None:
+                units = plan.demand.window_units(now_ms, days)
+                if units:
+                    sold.append((-units, sku))
         sold.sort()
-        out = {}
+        ranked = {}
         for rank, (_, sku) in enumerate(sold):
             share = rank / len(sold)
-            out[sku] = "A" if share < _SHARES[0] else "B" if share < _SHARES[1] else "C"
-        for sku, plan in self.plans.items():
-            if plan.settings is not None and plan.settings.abc_class:
-                out[sku] = plan.settings.abc_class
-        return out
+            ranked[sku] = "A" if share < _SHARES[0] else "B" if share < _SHARES[1] else "C"
+        return ranked
 
-    def row(self, sku: str, now_ms: int, abc_class: str, stock: tuple[int, int, int, int],
-            incoming: int) -> Row:
-        """``stock``: (on_hand, reserved, committed, unsellable)."""
-        config = self.config
+    def _point(self, sku: str, now_ms: int) -> Point:
+        """The SKU's reorder figures on the day of ``now_ms``. They read only past days, the
+        month, the class and the settings, so they are cached per SKU for the day (until its
+        settings change): exactly what a fresh computation gives, live and in replay."""
         plan = self.plans.get(sku)
+        day = now_ms // replenish.DAY_MS
+        if plan is not None and plan.point is not None and plan.point[0] == (
+            day, self._settings_version
+        ):
+            return plan.point[1]
+        config = self.config
         settings = plan.settings if plan is not None else None
         lead_time = config.replenish_lead_time_days
         lead_sigma = config.replenish_lead_time_sigma_days
@@ -203,22 +247,42 @@ class Planning:
             lead_time, lead_sigma = settings.lead_time_days, settings.lead_time_sigma_days
             seasonal = settings.seasonal or seasonal
             level = settings.service_level
+        abc_class = self.class_of(sku, now_ms)
         z = z_of(level) if level else replenish.Z_BY_CLASS[abc_class]
-        month = _month(now_ms)
-        index = replenish.seasonal_index(month, seasonal)
+        index = replenish.seasonal_index(_month(now_ms), seasonal)
         demand = self.demand(sku, now_ms)
         safety = replenish.safety_stock(demand.mean, demand.sigma, lead_time, lead_sigma, z,
                                         index)
-        point = replenish.reorder_point(demand.mean, lead_time, safety)
-        available = stockstates.available(*stock)
-        position = available + incoming
-        reorder = demand.mean > 0 and position <= point
-        # Order up to the reorder point plus one order cycle of demand.
+        # Orders bring available + incoming to the reorder point plus one order cycle.
         cycle = math.ceil(demand.mean * config.replenish_order_cycle_days - 1e-9)
-        suggested = max(0, point + cycle - position) if reorder else 0
-        return Row(sku, demand.mean, demand.sigma, lead_time, lead_sigma, abc_class, z, index,
-                   safety, point, stock[0], available, incoming,
-                   replenish.days_of_cover(available, demand.mean), reorder, suggested)
+        point = Point(demand, lead_time, lead_sigma, abc_class, z, index, safety,
+                      replenish.reorder_point(demand.mean, lead_time, safety), cycle)
+        if plan is not None:
+            plan.point = ((day, self._settings_version), point)
+        return point
+
+    def row(self, sku: str, now_ms: int, stock: tuple[int, int, int, int],
+            incoming: int) -> Row:
+        """``stock``: (on_hand, reserved, committed, unsellable)."""
+        p = self._point(sku, now_ms)
+        available = stockstates.available(*stock)
+        reorder, suggested = p.reorder(available + incoming)
+        return Row(sku, p.demand.mean, p.demand.sigma, p.lead_time_days,
+                   p.lead_time_sigma_days, p.abc_class, p.z, p.seasonal_index, p.safety_stock,
+                   p.reorder_point, stock[0], available, incoming,
+                   replenish.days_of_cover(available, p.demand.mean), reorder, suggested)
+
+    def reorder_alert(self, sku: str, at_ms: int, available: int, incoming: int
+                      ) -> tuple[int, dict[str, int]]:
+        """(level, figures) of the SKU's reorder alert after a command at ``at_ms``: level 2
+        once available + incoming is at or below the reorder point (with demand), else 0."""
+        p = self._point(sku, at_ms)
+        reorder, suggested = p.reorder(available + incoming)
+        figures = {"available": available, "incoming": incoming,
+                   "reorder_point": p.reorder_point, "safety_stock": p.safety_stock,
+                   "suggested_units": suggested,
+                   "daily_demand_milliunits": round(p.demand.mean * 1000)}
+        return (2 if reorder else 0), figures
 
     def ghost(self, sku: str) -> float | None:
         """(system - counted) / system of the SKU's last count, or None (never counted, or

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from reservd import admission, auth, handlers, tls
+from reservd import admission, auth, backlog, handlers, tls
 from reservd.clock import SystemClock
 from reservd.config import Config, ConfigError
 from reservd.guard import Guard
@@ -198,6 +198,7 @@ class Daemon:
         elif config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(config.metrics_port)
         self.supervisor.spawn(self._expire_loop(), "expiry")
+        self.supervisor.spawn(backlog.watch(self.ledger, self.clock, config), "inspection backlog")
         if not isinstance(self.log, MemoryLog):
             self.supervisor.spawn(self._snapshot_loop(), "snapshot")
         log.info(

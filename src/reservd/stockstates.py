@@ -90,6 +90,11 @@ class StockStates:
         self.returns_max = returns_max
         self.write_offs_max = write_offs_max
         self._inspected = Fifo()  # (inspected_at_ms, return_id)
+        # Returns awaiting inspection, by arrival: the head is the oldest still waiting once
+        # inspect has dropped the inspected ones before it (metrics and the backlog alert read
+        # it from other threads and tasks, without a scan).
+        self._quarantined = Fifo()  # (at_ms, return_id)
+        self.awaiting = 0  # returns in quarantine
         self._written_off = Fifo()  # (at_ms, change_id)
 
     def of(self, sku: str) -> tuple[int, int, int]:
@@ -188,6 +193,8 @@ class StockStates:
                 command.sku, command.units, command.reservation_id, command.at_ms, False, 0, 0,
                 outcome,
             )
+            self._quarantined.append(command.at_ms, command.return_id)
+            self.awaiting += 1
             return outcome
         if kind is RecordType.INSPECT:
             entry = self.returns[command.return_id]
@@ -205,6 +212,8 @@ class StockStates:
                 inspected_at_ms=command.at_ms,
             )
             self._inspected.append(command.at_ms, command.return_id)
+            self.awaiting -= 1
+            self._drop_inspected()
             return outcome
         assert kind is RecordType.WRITE_OFF, kind
         index = STATE_NAMES.index(command.state)
@@ -231,11 +240,19 @@ class StockStates:
                 del self.write_offs[change_id]
 
     def oldest_quarantine_ms(self) -> int | None:
-        """When the oldest return still awaiting inspection arrived (unix ms), or None.
-        (A scan of the returns kept: called by metrics scrapes and alert checks, bounded by
-        returns_max.)"""
-        times = [entry.at_ms for entry in self.returns.values() if not entry.inspected]
-        return min(times) if times else None
+        """When the oldest return still awaiting inspection arrived (unix ms), or None."""
+        return self._quarantined.oldest_ms()
+
+    def oldest_quarantine_id(self) -> str | None:
+        return self._quarantined.oldest_key()
+
+    def _drop_inspected(self) -> None:
+        queue = self._quarantined
+        while len(queue):
+            entry = self.returns.get(queue.oldest_key())
+            if entry is not None and not entry.inspected:
+                return
+            queue.popleft()
 
     def _move(self, sku: str, on_hand_delta: int, state: int, units: int, seq: int) -> None:
         row = self.counts.setdefault(sku, [0, 0, 0])
@@ -297,6 +314,9 @@ class StockStates:
                                          sellable, damaged, outcome, inspected_at_ms or 0)
         if inspected:
             self._inspected.append(inspected_at_ms, return_id)
+        else:
+            self._quarantined.append(at_ms, return_id)
+            self.awaiting += 1
 
     def restore_write_off(self, row: tuple) -> None:
         change_id, sku, units, state, at_ms, seq = row
@@ -310,6 +330,7 @@ class StockStates:
         """After a snapshot restore: order the retention queues by time."""
         self._inspected.sort()
         self._written_off.sort()
+        self._quarantined.sort()
 
     def items(self) -> Iterator[tuple[str, int, int, int]]:
         return ((sku, *row) for sku, row in self.counts.items())
