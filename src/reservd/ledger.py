@@ -21,6 +21,7 @@ from reservd.channels import Channels
 from reservd.config import Config
 from reservd.expiry import Deadlines
 from reservd.ledger_channels import ChannelCommands, unwrap, wrap
+from reservd.ledger_rules import ENCODERS as _RULE_ENCODERS, RULE_KINDS, RuleCommands
 from reservd.records import RecordType
 from reservd.store import (
     Adjustment, AdjustmentStore, Fifo, Reservation, ReservationStore, State, StockOutcome,
@@ -46,6 +47,7 @@ _ENCODERS = {
     RecordType.WRITE_OFF: records.encode_write_off,
     RecordType.EXPECT_RECEIPT: records.encode_expect_receipt,
     RecordType.RECEIVE: records.encode_receive,
+    **_RULE_ENCODERS,
 }
 _STATE_KINDS = (RecordType.RECEIVE_RETURN, RecordType.INSPECT, RecordType.WRITE_OFF)
 _INCOMING_KINDS = (RecordType.EXPECT_RECEIPT, RecordType.RECEIVE)
@@ -103,9 +105,9 @@ class Log(Protocol):
     def append(self, seq: int, type: int, payload: bytes) -> None: ...
 
 
-class Ledger(ChannelCommands):
+class Ledger(ChannelCommands, RuleCommands):
     """Reservations, their expiry and idempotency, over a counter table; channels and buckets
-    (reservd.channels) beside it."""
+    (reservd.channels), velocity, rules and promotions (reservd.ledger_rules) beside it."""
 
     def __init__(self, table: CounterTable, log_: Log, clock, config: Config) -> None:
         self.table = table
@@ -130,6 +132,7 @@ class Ledger(ChannelCommands):
         self._finished = Fifo()
         self._adjusted = Fifo()
         self.channels = Channels(table, config.channels_max, config.buckets_per_sku_max)
+        self._init_rules(config)
         # Called with the sequence of every mutation right after it is applied and logged
         # (reservd.atswatch computes the ats of what is watched at that very state).
         self.on_applied = None
@@ -549,12 +552,13 @@ class Ledger(ChannelCommands):
                 )
 
         channel_rows = self.channels.snapshot_rows()
+        rule_sections = self._rule_sections()
 
         def encode() -> bytes:
             return wrap(
                 state_codec.encode(
                     seq, stock, reservation_rows(), adjustment_rows(), states, returns,
-                    write_offs, orders, receipts, owners,
+                    write_offs, orders, receipts, owners, rule_sections,
                 ),
                 channel_rows,
             )
@@ -599,6 +603,8 @@ class Ledger(ChannelCommands):
                     self.live += 1
                 else:
                     self._finished.append(finished_at_ms, reservation_id)
+            elif kind >= state_codec.FIRST_RULES_SECTION:
+                self._restore_rule_row(kind, row)
             elif kind == state_codec.OWNER:
                 reservation_id, owner = row
                 self.reservations[reservation_id] = self.reservations[reservation_id]._replace(
@@ -667,6 +673,8 @@ class Ledger(ChannelCommands):
             return self.states.apply(kind, command, seq)
         if kind in _INCOMING_KINDS:
             return self.incoming.apply(kind, command, seq)
+        if kind in RULE_KINDS:
+            return self._apply_rules(kind, command, seq)
         if kind >= RecordType.SET_CHANNEL:
             return self._apply_channels(kind, command, seq)
         assert kind in (RecordType.SET_STOCK, RecordType.ADJUST_STOCK), kind
@@ -778,6 +786,7 @@ class Ledger(ChannelCommands):
         self.live += 1
         self.held += 1
         self.channels.apply_reserve(command.reservation_id, command.channel, skus, quantities)
+        self._track_reserve(command.channel, skus, quantities, command.at_ms)
 
     def _apply_commit(self, command: records.Commit, seq: int) -> Reservation:
         current = self.reservations[command.reservation_id]
@@ -849,6 +858,7 @@ class Ledger(ChannelCommands):
             assert handle >= 0, f"adjust of unknown sku {command.sku!r}"
             previous = self.table.adjust_on_hand(handle, command.value, seq) - command.value
         on_hand, reserved, committed = self.table.counters(handle)
+        self.stock_dirty.add(command.sku)
         outcome = StockOutcome(
             command.sku, on_hand, reserved, committed, previous,
             max(0, reserved + committed - on_hand), seq, False,

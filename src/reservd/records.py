@@ -42,6 +42,10 @@ class RecordType(enum.IntEnum):
     WRITE_OFF = 14
     EXPECT_RECEIPT = 15
     RECEIVE = 16
+    # Velocity rules and promotions (reservd.rules_records).
+    RULE = 20
+    RULE_POLICY = 21
+    SET_PROMOTION = 22
 
 
 class Reserve(NamedTuple):
@@ -401,6 +405,10 @@ def decode(record_type: int, payload: bytes):
         elif kind is RecordType.RECEIVE:
             at_ms, units, _ = reader.unpack(_STATE_HEAD)
             command = Receive(at_ms, reader.text(), reader.text(), units)
+        elif kind >= RecordType.RULE:
+            from reservd import rules_records  # it builds on this module's Reader
+
+            command = rules_records.decode(kind, reader)
         elif kind >= RecordType.SET_CHANNEL:
             command = _decode_channels(kind, reader)
         else:

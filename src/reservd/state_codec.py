@@ -25,6 +25,9 @@ versions (strings are a u16 byte length and UTF-8, as in reservd.records)::
     order (7):        po_id | sku | units i64 | eta_ms i64 | received i64
     receipt (8):      receipt_id | po_id | units i64 | seq i64
 
+Format 5 added sections 10-13 (reservd.rules_records: velocity buckets, rule policies, rules in
+force, promotions); formats 3 and 4 are still read.
+
 Format 4 added sections 4-8 (reservd.stockstates, reservd.incoming); format 3 (the same without them) is still
 read.
 
@@ -40,10 +43,11 @@ import pickle
 import struct
 from typing import Iterable, Iterator
 
+from reservd import rules_records
 from reservd.records import Reader, put_str
 
-FORMAT = 4
-_FORMATS_READ = (3, 4)
+FORMAT = 5
+_FORMATS_READ = (3, 4, 5)
 MAGIC = b"RSVDSTAT"
 _HEAD = struct.Struct("<8sIq")
 _SECTION = struct.Struct("<BI")
@@ -71,6 +75,7 @@ WRITE_OFF = 6
 ORDER = 7
 RECEIPT = 8
 OWNER = 9
+FIRST_RULES_SECTION = rules_records.VELOCITY
 
 
 def encode(
@@ -84,9 +89,11 @@ def encode(
     orders: Iterable[tuple] = (),
     receipts: Iterable[tuple] = (),
     owners: Iterable[tuple] = (),
+    extra: Iterable[tuple[int, Iterable[tuple]]] = (),
 ) -> bytes:
-    """The state after ``seq`` as format-4 bytes; rows as :func:`decode` yields them.
-    ``owners`` is read after ``reservations`` has been consumed."""
+    """The state after ``seq`` as format-5 bytes; rows as :func:`decode` yields them.
+    ``owners`` is read after ``reservations`` has been consumed; ``extra`` is (kind, rows) of
+    reservd.rules_records' sections."""
     out = bytearray(_HEAD.pack(MAGIC, FORMAT, seq))
     _sections(out, STOCK, stock, _put_stock)
     _sections(out, RESERVATION, reservations, _put_reservation)
@@ -97,6 +104,8 @@ def encode(
     _sections(out, WRITE_OFF, write_offs, _put_write_off)
     _sections(out, ORDER, orders, _put_order)
     _sections(out, RECEIPT, receipts, _put_receipt)
+    for kind, rows in extra:
+        _sections(out, kind, rows, rules_records.SECTIONS[kind][0])
     return bytes(out)
 
 
@@ -117,6 +126,8 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
     - WRITE_OFF: (change_id, sku, units, state, at_ms, seq)
     - ORDER: (po_id, sku, units, eta_ms, received)
     - RECEIPT: (receipt_id, po_id, units, seq)
+    - rules_records.VELOCITY, RULE_POLICY, RULE_ACTIVE, PROMOTION: the rows of
+      reservd.velocity, reservd.rules and reservd.promotions
 
     ValueError, naming the offset, for anything that does not parse exactly.
     """
@@ -142,6 +153,7 @@ def _rows(payload: bytes) -> Iterator[tuple[int, tuple]]:
         ADJUSTMENT: _read_adjustment,
         STATES: _read_states, RETURN: _read_return, WRITE_OFF: _read_write_off,
         ORDER: _read_order, RECEIPT: _read_receipt,
+        **{kind: read for kind, (_, read) in rules_records.SECTIONS.items()},
     }
     try:
         while reader.offset < len(payload):
