@@ -219,6 +219,10 @@ class RuleCommands:
             decision.ref, decision.effect, decision.until_ms, decision.figures,
         )
         _, seq = self._execute(RecordType.RULE, command)
+        if decision.op is Op.FIRE:
+            self.rules.fired += 1
+        elif decision.op is Op.END:
+            self.rules.ended += 1
         log.info("rule", extra={
             "op": decision.op.name.lower(), "rule": decision.rule.name.lower(),
             "sku": decision.sku, "channel": decision.channel, "ref": decision.ref,

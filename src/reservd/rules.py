@@ -124,7 +124,7 @@ class Rules:
         self.active: dict[Key, Active] = {}
         self.by_pair: dict[tuple[str, str], set[Key]] = {}  # (sku, channel) -> its rules
         self.enabled: set[str] = set()  # channels with enabled = 1 at the channel level
-        self.fired = 0  # metrics: firings and reversals since start
+        self.fired = 0  # metrics: firings and reversals logged since start (not replayed ones)
         self.ended = 0
 
     # -- policies -----------------------------------------------------------------------------
@@ -166,13 +166,11 @@ class Rules:
             keys.discard(key)
             if not keys:
                 del self.by_pair[pair]
-            self.ended += 1
             return
         if decision.op is Op.FIRE:
             assert key not in self.active, f"rule fired twice: {key}"
             since = at_ms
             self.by_pair.setdefault(pair, set()).add(key)
-            self.fired += 1
         else:
             assert key in self.active, f"reassessment of a rule not in force: {key}"
             since = self.active[key].since_ms

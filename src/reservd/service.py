@@ -8,6 +8,7 @@ import grpc
 
 from reservd import auth, stockstates, validation
 from reservd.channelservice import AtsRpcs, ChannelAdminRpcs, line_extras
+from reservd.ruleservice import RuleAdminRpcs
 from reservd.config import Limits
 from reservd.guard import Guard
 from reservd.stockservice import StockStateRpcs, stock_message
@@ -288,7 +289,7 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
             self.hub.release(watcher)
 
 
-class AdminService(ChannelAdminRpcs, StockStateRpcs, pb_grpc.AdminServicer):
+class AdminService(ChannelAdminRpcs, StockStateRpcs, RuleAdminRpcs, pb_grpc.AdminServicer):
     def __init__(self, ledger: Ledger, durability: Durability, guard: Guard, limits: Limits):
         self.ledger = ledger
         self.durability = durability
