@@ -8,6 +8,7 @@ run; ``test_the_evaluator_task_fires_on_its_own`` covers the task.
 """
 from __future__ import annotations
 
+import grpc
 from conftest import aio, cart, eventually, running, test_config
 
 from reservd import wal
@@ -239,3 +240,71 @@ async def test_the_evaluator_task_fires_on_its_own(tmp_path):
         assert amazon.units_per_hour == 240 and amazon.baseline_units_per_hour == 5
         assert amazon.baseline_pinned and amazon.window_units == 40
         assert sorted(r.rule for r in velocity.rules) == ["spike", "viral"]
+
+
+@aio
+async def test_a_promotion_preloads_tightens_on_overrun_and_normalises(tmp_path):
+    """Seed 001: forecast 200 units in 4 h, 200 sold in the first hour."""
+    clock = ManualClock(T0)
+    starts = T0 + 72 * HOUR_MS
+    ends = starts + 4 * HOUR_MS
+    async with running(_config(tmp_path / "data"), clock=clock) as server:
+        await _setup(server, stock=2000, pool=0, spike=0)
+        await server.set_stock("other", 10)
+        request = pb.SetPromotionRequest(
+            promotion_id="flash", skus=["hero"], channels=["amazon", "shopify"],
+            starts_at_ms=starts, ends_at_ms=ends, forecast_units=200)
+        first = await server.admin.SetPromotion(request)
+        assert not first.promotion.short_notice and first.promotion.phase == "scheduled"
+        assert (await server.admin.SetPromotion(request)).replayed
+        request.forecast_units = 300
+        code, _ = await _code(server.admin.SetPromotion(request))
+        assert code.name == "ALREADY_EXISTS"
+        late = await server.admin.SetPromotion(pb.SetPromotionRequest(
+            promotion_id="late", skus=["other"], channels=["amazon"],
+            starts_at_ms=T0 + 30 * HOUR_MS, ends_at_ms=T0 + 31 * HOUR_MS, forecast_units=5))
+        assert late.promotion.short_notice  # accepted, flagged: less than 48 h ahead
+
+        async def rules(channel="amazon"):
+            await _tick(server)
+            return sorted((r.rule, r.ref) for r in (await _ats(server))[channel].rules)
+
+        clock.advance(48 * HOUR_MS - MINUTE_MS)  # a minute before the preload
+        assert await rules() == []
+        clock.advance(MINUTE_MS)
+        assert await rules() == await rules("shopify") == [("promotion_preload", "flash")]
+        now = await _ats(server)
+        assert now["amazon"].ats == 2000 * 7000 // 10_000  # 90 % -> 70 %
+        assert now["amazon"].rules[0].until_ms == ends + 3 * HOUR_MS
+        clock.advance(24 * HOUR_MS)  # the start
+        tightened_at = None
+        for minute in range(1, 61):
+            clock.advance(MINUTE_MS)
+            units = 200 * minute // 60 - 200 * (minute - 1) // 60
+            await server.reservations.Reserve(cart(
+                _id("buy"), ("hero", units), channel="amazon", ttl_seconds=86_400))
+            if tightened_at is None and ("promotion_overrun", "flash") in await rules():
+                tightened_at = minute
+        # 10 units sold by minute 3, 150 % of the 2.5 units pro-rated: tightened at once.
+        assert tightened_at == 3
+        listed = (await server.admin.ListPromotions(pb.ListPromotionsRequest())).promotions
+        flash = [p for p in listed if p.promotion_id == "flash"][0]
+        assert flash.sold == 200 and flash.phase == "tightened"
+        now = await _ats(server)
+        assert now["amazon"].ats == 1800 * 6500 // 10_000  # the spike's 25 points
+        assert now["shopify"].ats == 1800 * 7500 // 10_000
+        clock.advance(ends + 3 * HOUR_MS - MINUTE_MS - clock.now_ms())
+        assert len(await rules()) == 2
+        clock.advance(MINUTE_MS)  # 3 h after the end: back to normal
+        assert await rules() == await rules("shopify") == []
+        assert (await _ats(server))["amazon"].ats == 1800 * 9000 // 10_000
+        listed = (await server.admin.ListPromotions(pb.ListPromotionsRequest())).promotions
+        assert [p.phase for p in listed if p.promotion_id == "flash"] == ["normalised"]
+
+
+async def _code(call):
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error.details()
+    raise AssertionError("no error")
