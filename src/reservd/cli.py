@@ -9,7 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from reservd import cli_channels, cli_stock, logs, output
+from reservd import cli_channels, cli_rules, cli_stock, logs, output
 from reservd.config import Config, ConfigError
 
 
@@ -223,6 +223,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_channels.add_parsers(command, client_command)
     cli_stock.add_parsers(client_command)
+    cli_rules.add_parsers(command, client_command)
 
     wal = command("wal", "inspect a data directory without starting")
     wal_commands = wal.add_subparsers(dest="wal_command", required=True)
@@ -357,6 +358,8 @@ async def _client(args) -> int:
             return await cli_channels.run(client, args, _print)
         elif command in cli_stock.COMMANDS:
             return await cli_stock.run(client, args, _print)
+        elif command in cli_rules.COMMANDS:
+            return await cli_rules.run(client, args, _print)
     return 0
 
 

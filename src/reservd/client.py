@@ -287,6 +287,19 @@ class ReservdClient:
         request = pb.ReceiveRequest(receipt_id=receipt_id, po_id=po_id, units=units)
         return await self._call(self.admin.Receive, request)
 
+    async def set_rule_policy(self, request: pb.SetRulePolicyRequest) -> pb.RulePolicyResponse:
+        return await self._call(self.admin.SetRulePolicy, request)
+
+    async def get_velocity(self, sku: str) -> pb.GetVelocityResponse:
+        return await self._call(self.admin.GetVelocity, pb.GetVelocityRequest(sku=sku))
+
+    async def set_promotion(self, request: pb.SetPromotionRequest) -> pb.PromotionResponse:
+        return await self._call(self.admin.SetPromotion, request)
+
+    async def list_promotions(self) -> list[pb.Promotion]:
+        response = await self._call(self.admin.ListPromotions, pb.ListPromotionsRequest())
+        return list(response.promotions)
+
     async def get_buckets(self, skus: Iterable[str]) -> list[pb.SkuBuckets]:
         response = await self._call(self.admin.GetBuckets, pb.GetBucketsRequest(skus=skus))
         return list(response.skus)
