@@ -223,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_channels.add_parsers(command, client_command)
     cli_stock.add_parsers(client_command)
-    cli_rules.add_parsers(command, client_command)
+    cli_rules.add_parsers(command, client_command, _connection_options)
 
     wal = command("wal", "inspect a data directory without starting")
     wal_commands = wal.add_subparsers(dest="wal_command", required=True)

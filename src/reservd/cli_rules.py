@@ -2,7 +2,6 @@
 promotion commands of the CLI (reservd.cli wires them in)."""
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 import uuid
@@ -23,15 +22,16 @@ def _when(text: str) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def _options(parser) -> None:
-    # SUPPRESS: a --target given before the command (or RESERVD_TARGET) is not overridden.
-    parser.add_argument("--target", default=argparse.SUPPRESS, help="HOST:PORT of reservd")
-    parser.add_argument("--deadline", type=float, default=5.0,
-                        help="seconds the call may take, retries included")
+def add_parsers(command, client_command, connection_options) -> None:
+    """Add the commands; ``command``/``client_command``/``connection_options`` are
+    reservd.cli's helpers."""
 
+    def _options(parser) -> None:
+        # --target and TLS given before the command (or RESERVD_*) are not overridden.
+        connection_options(parser, suppress=True)
+        parser.add_argument("--deadline", type=float, default=5.0,
+                            help="seconds the call may take, retries included")
 
-def add_parsers(command, client_command) -> None:
-    """Add the commands; ``command``/``client_command`` are reservd.cli's helpers."""
     promo = command("promo", "the promotion calendar: set, list")
     sub = promo.add_subparsers(dest="promo_command", required=True)
     for name, help_ in (("set", "put a promotion on the calendar (idempotent by its id)"),

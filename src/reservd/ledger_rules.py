@@ -150,7 +150,7 @@ class RuleCommands:
         skus.update(key[1] for key in rules.active if key[0] <= Rule.LOW_STOCK)
         enabled = sorted(rules.enabled & book.policies.keys())
         spike_bucket = self.config.rules_spike_reserve
-        for sku in sorted(skus):
+        for sku in sorted(skus) if enabled else ():
             available = book.available(sku)
             if available is None:
                 continue
