@@ -229,12 +229,24 @@ async def test_the_evaluator_task_fires_on_its_own(tmp_path):
         await _setup(server, stock=1000, pool=0, spike=0)
         await server.admin.SetRulePolicy(pb.SetRulePolicyRequest(
             sku="hero", change_id=_id("r"), policy=pb.RulePolicy(baseline_units_per_hour=5)))
+        stream = server.reservations.WatchAts(pb.WatchAtsRequest(
+            channels=["amazon"], skus=["hero"]))
+        first = await stream.read()
+        assert first.snapshot and first.ats == 900
         await server.reservations.Reserve(cart("v1", ("hero", 40), channel="amazon"))
+        assert (await stream.read()).ats == 864  # the Reserve: 960 x 90 %
 
         async def viral():
             return [r.rule for r in (await _ats(server))["amazon"].rules] == ["spike", "viral"]
 
         await eventually(viral, "spike and viral fired by the evaluator task")
+        # The rules' effect is the next ats update: 960 x 65 % (spike), capped at 40 % of 960
+        # (viral); logged together, a reader may get only the latter (coalesced).
+        update = await stream.read()
+        if update.ats == 624:
+            update = await stream.read()
+        assert update.ats == 384 and not update.snapshot
+        stream.cancel()
         velocity = await server.admin.GetVelocity(pb.GetVelocityRequest(sku="hero"))
         amazon = [c for c in velocity.channels if c.channel == "amazon"][0]
         assert amazon.units_per_hour == 240 and amazon.baseline_units_per_hour == 5
@@ -287,13 +299,18 @@ async def test_a_promotion_preloads_tightens_on_overrun_and_normalises(tmp_path)
                 tightened_at = minute
         # 10 units sold by minute 3, 150 % of the 2.5 units pro-rated: tightened at once.
         assert tightened_at == 3
+        started = server.daemon.ledger.rules.active[(7, "", "", "flash")]  # promotion_running
+        assert started.since_ms == starts + MINUTE_MS and started.until_ms == ends
         listed = (await server.admin.ListPromotions(pb.ListPromotionsRequest())).promotions
         flash = [p for p in listed if p.promotion_id == "flash"][0]
         assert flash.sold == 200 and flash.phase == "tightened"
         now = await _ats(server)
         assert now["amazon"].ats == 1800 * 6500 // 10_000  # the spike's 25 points
         assert now["shopify"].ats == 1800 * 7500 // 10_000
-        clock.advance(ends + 3 * HOUR_MS - MINUTE_MS - clock.now_ms())
+        clock.advance(ends - clock.now_ms())
+        assert len(await rules()) == 2
+        assert (7, "", "", "flash") not in server.daemon.ledger.rules.active  # it ended
+        clock.advance(3 * HOUR_MS - MINUTE_MS)
         assert len(await rules()) == 2
         clock.advance(MINUTE_MS)  # 3 h after the end: back to normal
         assert await rules() == await rules("shopify") == []

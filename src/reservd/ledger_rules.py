@@ -261,8 +261,9 @@ class RuleCommands:
         self.rules.apply(decision, command.at_ms)
         if command.ref and decision.rule >= Rule.PROMOTION_PRELOAD:
             self.promotions.apply(decision, command.at_ms)
-        book.set_rule_effect(command.sku, command.channel,
-                             self.rules.effect(command.sku, command.channel))
+        if decision.rule != Rule.PROMOTION_RUNNING:
+            book.set_rule_effect(command.sku, command.channel,
+                                 self.rules.effect(command.sku, command.channel))
 
     # -- snapshots ----------------------------------------------------------------------------
 
@@ -285,8 +286,9 @@ class RuleCommands:
             self.rules.restore_policy(row)
         elif kind == rules_records.RULE_ACTIVE:
             self.rules.restore_active(row)
-            _, sku, channel, *_ = row
-            self.channels.set_rule_effect(sku, channel, self.rules.effect(sku, channel))
+            rule, sku, channel, *_ = row
+            if rule != Rule.PROMOTION_RUNNING:
+                self.channels.set_rule_effect(sku, channel, self.rules.effect(sku, channel))
         else:
             assert kind == rules_records.PROMOTION, kind
             self.promotions.restore_row(row)

@@ -10,6 +10,9 @@ on every (sku, channel) it names:
   spike (the channel's ``spike_points_bp``) -- rule promotion_overrun;
 - ``normalize_seconds`` (3 h, within the seed's 2-4 h) after the end: both rules end.
 
+Its start and end are a rule too, promotion_running (one per promotion, no effect), so each is a
+logged command (and an alert) at its time.
+
 Announced less than ``notice_seconds`` (48 h) before its start, a promotion is accepted and
 flagged ``short_notice`` (and its preload starts at once when the 24 h have begun).
 
@@ -147,6 +150,12 @@ class Promotions:
                    ("sold_pct_of_prorated", self.prorated_pct(promotion, now_ms)),
                    ("short_notice", int(promotion.short_notice)))
         normal_at = promotion.ends_at_ms + timing.normalize_seconds * 1000
+        running = active(Rule.PROMOTION_RUNNING, "", "", ref)
+        if running and now_ms >= promotion.ends_at_ms:
+            out.append(Decision(Op.END, Rule.PROMOTION_RUNNING, "", "", ref, 0, now_ms, figures))
+        elif (not running and promotion.starts_at_ms <= now_ms < promotion.ends_at_ms):
+            out.append(Decision(Op.FIRE, Rule.PROMOTION_RUNNING, "", "", ref, 0,
+                                promotion.ends_at_ms, figures))
         if now_ms >= normal_at:
             for sku, channel in promotion.pairs():
                 for rule in (Rule.PROMOTION_OVERRUN, Rule.PROMOTION_PRELOAD):

@@ -8,6 +8,7 @@ velocity-based auto-throttling, seed 000's dynamic buffer adjustment).
 | pool_release | rate >= pool_release_ratio x baseline, the channel has a pool and the SKU a free spike reserve | the reserve's free units move into the pool | as spike; what is still free in the pool (at most what came) moves back |
 | low_stock | available < low_stock_units | share_bp at most 10,000 - low_stock_buffer_bp | available >= low_stock_release_units |
 | promotion_preload, promotion_overrun | reservd.promotions | share_bp lowered by their points | reservd.promotions |
+| promotion_running | a promotion's start (one per promotion) | none: it marks the start and end | its end |
 
 A channel's rate and baseline are in milli-units per hour (reservd.velocity); the baseline is the
 SKU's pinned ``baseline_units_per_hour`` or the learned one, never less than one unit an hour.
@@ -38,6 +39,7 @@ class Rule(enum.IntEnum):
     LOW_STOCK = 4
     PROMOTION_PRELOAD = 5
     PROMOTION_OVERRUN = 6
+    PROMOTION_RUNNING = 7  # one per promotion (sku and channel ""): from its start to its end
 
 
 class Op(enum.IntEnum):
