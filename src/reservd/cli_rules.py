@@ -51,6 +51,8 @@ def add_parsers(command, client_command, connection_options) -> None:
                                 help="unix ms or ISO-8601 (UTC unless given)")
             parser.add_argument("--forecast-units", type=int, required=True,
                                 help="units it is expected to sell in all")
+        else:
+            parser.add_argument("--sku", default="", help="only promotions naming this SKU")
     sub = client_command("velocity", "a SKU's velocity per channel, baselines, rules in force")
     sub.add_argument("sku", help="the SKU")
     sub.add_argument("--pin", type=int, default=None, metavar="UNITS_PER_HOUR",
@@ -83,7 +85,7 @@ async def run(client, args, emit) -> int:
                 starts_at_ms=args.starts_at, ends_at_ms=args.ends_at,
                 forecast_units=args.forecast_units)))
         else:
-            for promotion in await client.list_promotions():
+            for promotion in await client.list_promotions(args.sku):
                 emit(promotion)
     elif args.command == "velocity":
         if args.pin is not None or args.unpin:

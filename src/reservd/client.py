@@ -296,8 +296,8 @@ class ReservdClient:
     async def set_promotion(self, request: pb.SetPromotionRequest) -> pb.PromotionResponse:
         return await self._call(self.admin.SetPromotion, request)
 
-    async def list_promotions(self) -> list[pb.Promotion]:
-        response = await self._call(self.admin.ListPromotions, pb.ListPromotionsRequest())
+    async def list_promotions(self, sku: str = "") -> list[pb.Promotion]:
+        response = await self._call(self.admin.ListPromotions, pb.ListPromotionsRequest(sku=sku))
         return list(response.promotions)
 
     async def get_buckets(self, skus: Iterable[str]) -> list[pb.SkuBuckets]:

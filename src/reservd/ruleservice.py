@@ -176,10 +176,15 @@ class RuleAdminRpcs:
         )
 
     async def ListPromotions(self, request: pb.ListPromotionsRequest, context):
+        try:
+            sku = validation.text("sku", request.sku, self.limits.id_bytes_max, required=False)
+        except Invalid as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         ledger = self.ledger
         now_ms = ledger.clock.now_ms()
         return pb.ListPromotionsResponse(promotions=[
             promotion_message(promotion, now_ms)
             for promotion in sorted(ledger.promotions.by_id.values(),
                                     key=lambda p: (p.starts_at_ms, p.promotion_id))
+            if not sku or sku in promotion.skus
         ])
