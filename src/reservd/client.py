@@ -326,3 +326,32 @@ class ReservdClient:
             raise ReservdError(error.code(), error.details() or "") from None
         finally:
             call.cancel()
+
+    # -- alerts -------------------------------------------------------------------------------
+
+    async def get_alerts(
+        self, kinds: Iterable[str] = (), sku: str = "", level_min: int = 0, limit: int = 0
+    ) -> list[pb.Alert]:
+        """The newest retained alerts that match, oldest first (limit 0: the server's most)."""
+        request = pb.GetAlertsRequest(
+            kinds=list(kinds), sku=sku, level_min=level_min, limit=limit
+        )
+        return list((await self._call(self.reservations.GetAlerts, request)).alerts)
+
+    async def watch_alerts(
+        self, from_sequence: int = 0, deadline_seconds: float | None = None
+    ) -> AsyncIterator[pb.Alert]:
+        """Stream alerts after ``from_sequence`` (0: every retained alert first); as ``watch``:
+        no deadline unless given one, in seconds."""
+        call = self.reservations.WatchAlerts(
+            pb.WatchAlertsRequest(from_sequence=from_sequence),
+            timeout=deadline_seconds,
+            metadata=self._metadata,
+        )
+        try:
+            async for alert in call:
+                yield alert
+        except grpc.aio.AioRpcError as error:
+            raise ReservdError(error.code(), error.details() or "") from None
+        finally:
+            call.cancel()

@@ -31,6 +31,8 @@ class Limits:
     batch_stream_in_flight_max: int = 16
     # GetAts and WatchAts: channels named in one request.
     ats_channels_max: int = 64
+    # GetAlerts: alerts in one answer.
+    get_alerts_max: int = 1_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -103,6 +105,22 @@ class Config:
     promotion_overrun_units_min: int = 10
     promotion_normalize_seconds: int = 10_800
     promotion_notice_seconds: int = 172_800
+    # Alerts (reservd.alerts): alerts retained for GetAlerts, resuming WatchAlerts streams and
+    # snapshots (the oldest is dropped beyond it); open WatchAlerts streams (RESOURCE_EXHAUSTED
+    # beyond); alerts one stream takes from the retained ones per step.
+    alerts_retained_max: int = 10_000
+    alert_watchers_max: int = 100
+    alerts_batch_max: int = 256
+    # Reserve-level alerts: a SKU leaves a level towards normal only once its available units
+    # are more than this above the level's threshold (no alert per unit around a threshold).
+    alert_level_hysteresis_units: int = 2
+    # Recount shortfalls, graded: level 1 one SKU short by fewer than alert_shortfall_major_units;
+    # level 2 one SKU short by that many or more, or several SKUs short within
+    # alert_shortfall_window_seconds; level 3 (widespread) alert_shortfall_widespread_skus SKUs
+    # or more short within the window.
+    alert_shortfall_window_seconds: int = 3_600
+    alert_shortfall_major_units: int = 5
+    alert_shortfall_widespread_skus: int = 5
     metrics_port: int | None = None
     redis_url: str | None = None
     redis_prefix: str = "reservd:"

@@ -16,12 +16,13 @@ import enum
 import logging
 from typing import NamedTuple, Protocol, Sequence
 
-from reservd import incoming, records, state_codec, stockstates
+from reservd import alerts, incoming, records, state_codec, stockstates
+from reservd.alertrules import SNAPSHOT_KINDS as _RULE_KINDS, AlertRules
 from reservd.channels import Channels
 from reservd.config import Config
 from reservd.expiry import Deadlines
 from reservd.ledger_channels import ChannelCommands, unwrap, wrap
-from reservd.ledger_rules import ENCODERS as _RULE_ENCODERS, RULE_KINDS, RuleCommands
+from reservd.ledger_rules import ENCODERS as _RULE_ENCODERS, RULE_KINDS as _RULE_RECORDS, RuleCommands
 from reservd.records import RecordType
 from reservd.store import (
     Adjustment, AdjustmentStore, Fifo, Reservation, ReservationStore, State, StockOutcome,
@@ -133,6 +134,9 @@ class Ledger(ChannelCommands, RuleCommands):
         self._adjusted = Fifo()
         self.channels = Channels(table, config.channels_max, config.buckets_per_sku_max)
         self._init_rules(config)
+        # Alerts raised inside applies (reservd.alerts), and the ledger's own alert rules.
+        self.alerts = alerts.AlertFeed(config, clock)
+        self.alert_rules = AlertRules(self.alerts, table, config)
         # Called with the sequence of every mutation right after it is applied and logged
         # (reservd.atswatch computes the ats of what is watched at that very state).
         self.on_applied = None
@@ -193,6 +197,7 @@ class Ledger(ChannelCommands, RuleCommands):
             now_ms, reservation_id, channel, ttl_seconds, allow_partial,
             now_ms + ttl_seconds * 1000, skus, quantities, granted, owner,
         )
+        self.alerts.begin(seq, now_ms)
         if all(granted):
             self._apply_reserve(command, skus, handles, granted, seq)
         else:
@@ -498,6 +503,7 @@ class Ledger(ChannelCommands, RuleCommands):
         assert seq == self.seq + 1, f"replay out of order: {seq} after {self.seq}"
         command = records.decode(record_type, payload)
         kind = RecordType(record_type)
+        self.alerts.begin(seq, command.at_ms, replayed=True)
         if kind is RecordType.RESERVE:
             lines = [
                 (sku, granted) for sku, granted in zip(command.skus, command.granted) if granted
@@ -514,6 +520,13 @@ class Ledger(ChannelCommands, RuleCommands):
         else:
             self._apply(kind, command, seq)
         self.seq = seq
+        self._alerts_after(seq)
+
+    def _alerts_after(self, seq: int) -> None:
+        """The command ``seq`` is applied: the rules that read its result, then no more alerts
+        for it."""
+        self.alert_rules.applied(seq)
+        self.alerts.end(seq)
 
     def snapshot_state(self):
         """Capture the state after ``self.seq`` now (cheap copies, no encoding); returns
@@ -551,7 +564,10 @@ class Ledger(ChannelCommands, RuleCommands):
                     a.finished_at_ms,
                 )
 
-        channel_rows = self.channels.snapshot_rows()
+        channel_rows = {
+            **self.channels.snapshot_rows(), **self.alerts.snapshot_rows(),
+            **self.alert_rules.snapshot_rows(),
+        }
         rule_sections = self._rule_sections()
 
         def encode() -> bytes:
@@ -571,7 +587,12 @@ class Ledger(ChannelCommands, RuleCommands):
         assert not self.reservations and len(self.table) == 0, "restore into a fresh ledger"
         payload, channel_rows = unwrap(payload)
         for kind, rows in channel_rows.items():
-            self.channels.restore_rows(kind, rows)
+            if kind in alerts.SNAPSHOT_KINDS:
+                self.alerts.restore_rows(kind, rows)
+            elif kind in _RULE_KINDS:
+                self.alert_rules.restore_rows(kind, rows)
+            else:
+                self.channels.restore_rows(kind, rows)
         seq, rows = state_codec.decode(payload)
         lookup = self.table.lookup
         for kind, row in rows:
@@ -619,6 +640,7 @@ class Ledger(ChannelCommands, RuleCommands):
                 self._adjusted.append(finished_at_ms, adjustment_id)
         self._finished.sort()
         self._adjusted.sort()
+        self.alert_rules.restart_ring()
         self.seq = seq
 
     # -- Internals ------------------------------------------------------------------------------
@@ -642,6 +664,7 @@ class Ledger(ChannelCommands, RuleCommands):
         a command that replay could not apply.
         """
         seq = self.seq + 1
+        self.alerts.begin(seq, command.at_ms)
         result = self._apply(kind, command, seq)
         self._append(seq, kind, _ENCODERS[kind](command))
         return result, seq
@@ -649,6 +672,7 @@ class Ledger(ChannelCommands, RuleCommands):
     def _append(self, seq: int, kind: RecordType, payload: bytes) -> None:
         self.log.append(seq, kind, payload)
         self.seq = seq
+        self._alerts_after(seq)
         if self.on_applied is not None:
             self.on_applied(seq)
 
@@ -673,7 +697,7 @@ class Ledger(ChannelCommands, RuleCommands):
             return self.states.apply(kind, command, seq)
         if kind in _INCOMING_KINDS:
             return self.incoming.apply(kind, command, seq)
-        if kind in RULE_KINDS:
+        if kind in _RULE_RECORDS:
             return self._apply_rules(kind, command, seq)
         if kind >= RecordType.SET_CHANNEL:
             return self._apply_channels(kind, command, seq)
@@ -867,6 +891,7 @@ class Ledger(ChannelCommands, RuleCommands):
             (kind, command.sku, command.value, command.expected_on_hand), outcome, command.at_ms
         )
         self._adjusted.append(command.at_ms, command.adjustment_id)
+        self.alert_rules.stock_changed(command.sku, on_hand, reserved, committed, command.at_ms)
         return outcome
 
     def _prune(self, now_ms: int) -> None:

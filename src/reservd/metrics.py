@@ -98,6 +98,7 @@ class Metrics:
         self._sources: list = []
         self._hub = None
         self._ats_hub = None
+        self._alert_hub = None
         self._admission = None
         self.registry.register(self)
 
@@ -109,12 +110,14 @@ class Metrics:
         return RpcMetrics(self._handled, self._handling_seconds, (kind, service, method))
 
     def watch(
-        self, ledger, log_, guard, mirror=None, supervisor=None, hub=None, ats_hub=None
+        self, ledger, log_, guard, mirror=None, supervisor=None, hub=None, ats_hub=None,
+        alert_hub=None,
     ) -> None:
         """Report these objects' state at each scrape."""
         self._sources = [ledger, log_, guard, mirror, supervisor]
         self._hub = hub
         self._ats_hub = ats_hub
+        self._alert_hub = alert_hub
 
     def watch_admission(self, admission) -> None:
         """Report calls in flight, open streams and overload refusals at each scrape."""
@@ -256,6 +259,7 @@ class Metrics:
             )
         yield from _channel_metrics(ledger.channels, self._ats_hub)
         yield from _rule_metrics(ledger)
+        yield from _alert_metrics(ledger.alerts, self._alert_hub)
         stats = getattr(log_, "stats", None)
         if stats is not None:
             yield CounterMetricFamily(
@@ -336,6 +340,43 @@ def _rule_metrics(ledger):
     yield GaugeMetricFamily(
         "reservd_promotions", "Promotions on the calendar (bound: promotions_max)",
         value=len(ledger.promotions),
+    )
+
+
+def _alert_metrics(feed, alert_hub):
+    alerts = CounterMetricFamily(
+        "reservd_alerts", "Alerts published (not those replayed at start-up), by kind and level",
+        labels=("kind", "level"),
+    )
+    for (kind, level), count in sorted(feed.counts.items()):
+        alerts.add_metric((kind, str(level)), count)
+    yield alerts
+    yield GaugeMetricFamily(
+        "reservd_alerts_retained", "Alerts retained for GetAlerts and resuming WatchAlerts "
+        "(bound: alerts_retained_max)", value=len(feed.retained),
+    )
+    yield GaugeMetricFamily(
+        "reservd_alerts_retained_max", "Bound on retained alerts (the oldest is dropped)",
+        value=feed.retained_max,
+    )
+    yield GaugeMetricFamily(
+        "reservd_alert_latches",
+        "(kind, sku, channel) whose last alert level is not 0 (one each at most)",
+        value=feed.latches,
+    )
+    if alert_hub is None:
+        return
+    yield GaugeMetricFamily(
+        "reservd_alert_watchers", "Open WatchAlerts streams (bound: alert_watchers_max)",
+        value=len(alert_hub),
+    )
+    yield CounterMetricFamily(
+        "reservd_alert_watchers_lapped",
+        "WatchAlerts streams that missed alerts no longer retained (told with lapped)",
+        value=alert_hub.lapped,
+    )
+    yield CounterMetricFamily(
+        "reservd_alerts_sent", "Alerts sent on WatchAlerts streams", value=alert_hub.sent
     )
 
 

@@ -28,6 +28,7 @@ from reservd.v1 import reservd_pb2 as pb
 from reservd.wal import WalFailed
 from reservd.watch import WatchHub
 from reservd.atswatch import AtsHub
+from reservd.alertwatch import AlertHub
 
 log = logging.getLogger("reservd.server")
 
@@ -55,6 +56,7 @@ class Daemon:
         self.ledger = Ledger(self.table, self.log, self.clock, config)
         self.hub = WatchHub(self.table, self.ledger, config)
         self.ats_hub = AtsHub(self.ledger, self.ledger.channels, self.table, config, self.guard)
+        self.alert_hub = AlertHub(self.ledger.alerts, config, self.guard, self.clock)
         self.mirror = None
         if config.redis_url:
             from reservd.mirror import RedisMirror
@@ -101,6 +103,7 @@ class Daemon:
         self.log.open()
         self.hub.on_durable(self.ledger.seq)
         self.ats_hub.on_durable(self.ledger.seq)
+        self.alert_hub.on_durable(self.ledger.seq)
         log.info(
             "recovered",
             extra={
@@ -144,6 +147,7 @@ class Daemon:
         await self.log.start()
         self.log.add_durable_listener(self.hub.on_durable)
         self.log.add_durable_listener(self.ats_hub.on_durable)
+        self.log.add_durable_listener(self.alert_hub.on_durable)
         self.log.add_failure_listener(self._log_failed)
         # Holds whose TTL passed while the daemon was down are released before serving.
         if self.ledger.expire_due(1 << 62):
@@ -156,7 +160,7 @@ class Daemon:
             server, "Reservations",
             ReservationsService(
                 self.ledger, durability, self.guard, self.hub, config.limits, self.metrics,
-                self.ats_hub,
+                self.ats_hub, self.alert_hub,
             ),
             self._on_bug, authorizer=authorizer, metrics=self.metrics, admission=self.admission,
         )
@@ -182,7 +186,7 @@ class Daemon:
         )
         self.metrics.watch(
             self.ledger, self.log, self.guard, self.mirror, self.supervisor, self.hub,
-            self.ats_hub,
+            self.ats_hub, self.alert_hub,
         )
         self.metrics.watch_admission(self.admission)
         for part in (self.log, self.mirror):
@@ -232,6 +236,7 @@ class Daemon:
         await self._health.enter_graceful_shutdown()
         self.hub.close()
         self.ats_hub.close()
+        self.alert_hub.close()
         if self._server is not None:
             await self._server.stop(grace)
         self.supervisor.stopping()
@@ -248,6 +253,7 @@ class Daemon:
         mirror is not written either. Recovery on the next start takes over."""
         self.hub.close()
         self.ats_hub.close()
+        self.alert_hub.close()
         if self._server is not None:
             await self._server.stop(0)
         await self.supervisor.stop()

@@ -7,6 +7,7 @@ import logging
 import grpc
 
 from reservd import auth, stockstates, validation
+from reservd.alertservice import AlertRpcs
 from reservd.channelservice import AtsRpcs, ChannelAdminRpcs, line_extras
 from reservd.ruleservice import RuleAdminRpcs
 from reservd.config import Limits
@@ -100,10 +101,10 @@ def _reservation_response(outcome: ReservationOutcome) -> pb.ReservationResponse
     )
 
 
-class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
+class ReservationsService(AtsRpcs, AlertRpcs, pb_grpc.ReservationsServicer):
     def __init__(
         self, ledger: Ledger, durability: Durability, guard: Guard, hub: WatchHub,
-        limits: Limits, metrics, ats_hub=None,
+        limits: Limits, metrics, ats_hub=None, alert_hub=None,
     ) -> None:
         self.ledger = ledger
         self.durability = durability
@@ -112,6 +113,7 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
         self.limits = limits
         self.metrics = metrics
         self.ats_hub = ats_hub
+        self.alert_hub = alert_hub
         # Imported here: reservd.batch builds on this module's translation helpers.
         from reservd.batch import BatchService
 
