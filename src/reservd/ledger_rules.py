@@ -31,6 +31,14 @@ ENCODERS = {
 }
 
 
+# Alert levels of a firing or reassessment (its reversal is 0): a release of the spike reserve
+# and a promotion's phases inform; tightening warns; a viral cap is the emergency brake.
+_ALERT_LEVELS = {
+    Rule.POOL_RELEASE: 1, Rule.PROMOTION_PRELOAD: 1, Rule.PROMOTION_RUNNING: 1,
+    Rule.SPIKE: 2, Rule.LOW_STOCK: 2, Rule.PROMOTION_OVERRUN: 2, Rule.VIRAL: 3,
+}
+
+
 class RuleOutcome(NamedTuple):
     seq: int
     replayed: bool
@@ -247,6 +255,13 @@ class RuleCommands:
                 command.promotion_id, command.skus, command.channels, command.starts_at_ms,
                 command.ends_at_ms, command.forecast_units, command.at_ms, command.short_notice,
             ), self.config.retention_seconds * 1000)
+            self.alerts.emit("promotion", 2 if command.short_notice else 1, figures={
+                "promotion_id": command.promotion_id, "op": "scheduled",
+                "skus": ",".join(command.skus), "channels": ",".join(command.channels),
+                "starts_at_ms": command.starts_at_ms, "ends_at_ms": command.ends_at_ms,
+                "forecast_units": command.forecast_units,
+                "short_notice": int(command.short_notice),
+            })
             return
         assert kind is RecordType.RULE, kind
         decision = Decision(Op(command.op), Rule(command.rule), command.sku, command.channel,
@@ -264,6 +279,22 @@ class RuleCommands:
         if decision.rule != Rule.PROMOTION_RUNNING:
             book.set_rule_effect(command.sku, command.channel,
                                  self.rules.effect(command.sku, command.channel))
+        self._rule_alert(decision, command)
+
+    def _rule_alert(self, decision: Decision, command: RuleChange) -> None:
+        """Every firing, reassessment and reversal is an alert (reservd.alerts): kind ``rule``
+        or ``promotion``, level 0 when it ends."""
+        promotion = decision.rule >= Rule.PROMOTION_PRELOAD
+        figures: dict[str, int | str] = {
+            "rule": decision.rule.name.lower(), "op": decision.op.name.lower(),
+        }
+        if decision.ref:
+            figures["promotion_id" if promotion else "reserve"] = decision.ref
+        figures.update(effect=command.effect, until_ms=command.until_ms)
+        figures.update(command.figures)
+        level = 0 if decision.op is Op.END else _ALERT_LEVELS[decision.rule]
+        self.alerts.emit("promotion" if promotion else "rule", level, sku=command.sku,
+                         channel=command.channel, figures=figures)
 
     # -- snapshots ----------------------------------------------------------------------------
 
