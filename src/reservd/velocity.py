@@ -50,34 +50,53 @@ class Velocity:
 
     def record(self, sku: str, channel: str, units: int, at_ms: int) -> None:
         """``units`` granted to ``channel`` for ``sku`` at ``at_ms`` (unix ms)."""
-        key = (sku, channel)
-        buckets = self.pairs.get(key)
-        minute, hour = at_ms // MINUTE_MS, at_ms // HOUR_MS
+        buckets = self.pairs.get((sku, channel))
+        minute = at_ms // MINUTE_MS
         if buckets is None:
-            if len(self.pairs) >= self.pairs_max and not self._sweep(at_ms):
-                self.untracked += 1
+            buckets = self._new(sku, channel, minute)
+            if buckets is None:
                 return
-            buckets = array("i", self._blank)
-            buckets[_MINUTE], buckets[_HOUR], buckets[_FIRST_HOUR] = minute, hour, hour
-            self.pairs[key] = buckets
         self.dirty.add(sku)
+        window = self.window_minutes
+        if minute != buckets[_MINUTE]:
+            self._roll(buckets, minute)
+            if minute <= buckets[_MINUTE] - window:
+                return  # a clock stepped back beyond the window: nothing to count it in
+        # The same minute as the newest (the common case), or one within the window.
+        slot = _HEAD + minute % window
+        value = buckets[slot] + units
+        buckets[slot] = value if value < _BUCKET_MAX else _BUCKET_MAX
+        hour = minute // 60
+        if hour > buckets[_HOUR] - self.baseline_hours:
+            slot = _HEAD + window + hour % self.baseline_hours
+            value = buckets[slot] + units
+            buckets[slot] = value if value < _BUCKET_MAX else _BUCKET_MAX
+
+    def _new(self, sku: str, channel: str, minute: int) -> array | None:
+        if len(self.pairs) >= self.pairs_max and not self._sweep(minute * MINUTE_MS):
+            self.untracked += 1
+            return None
+        buckets = array("i", self._blank)
+        hour = minute // 60
+        buckets[_MINUTE], buckets[_HOUR], buckets[_FIRST_HOUR] = minute, hour, hour
+        self.pairs[(sku, channel)] = buckets
+        return buckets
+
+    def _roll(self, buckets: array, minute: int) -> None:
+        """Move the newest minute (and hour) forward to ``minute``, zeroing the buckets passed
+        over; a minute before the newest moves nothing."""
         window, hours = self.window_minutes, self.baseline_hours
         newest = buckets[_MINUTE]
-        if minute > newest:
-            for skipped in range(max(newest + 1, minute - window + 1), minute + 1):
-                buckets[_HEAD + skipped % window] = 0
-            buckets[_MINUTE] = newest = minute
-        if minute > newest - window:  # a clock that stepped back within the window still counts
-            slot = _HEAD + minute % window
-            buckets[slot] = min(buckets[slot] + units, _BUCKET_MAX)
-        newest_hour = buckets[_HOUR]
+        if minute <= newest:
+            return
+        for skipped in range(max(newest + 1, minute - window + 1), minute + 1):
+            buckets[_HEAD + skipped % window] = 0
+        buckets[_MINUTE] = minute
+        hour, newest_hour = minute // 60, buckets[_HOUR]
         if hour > newest_hour:
             for skipped in range(max(newest_hour + 1, hour - hours + 1), hour + 1):
                 buckets[_HEAD + window + skipped % hours] = 0
-            buckets[_HOUR] = newest_hour = hour
-        if hour > newest_hour - hours:
-            slot = _HEAD + window + hour % hours
-            buckets[slot] = min(buckets[slot] + units, _BUCKET_MAX)
+            buckets[_HOUR] = hour
 
     def _sweep(self, at_ms: int) -> bool:
         """Drop pairs idle for longer than the baseline window; True if any went."""
