@@ -11,7 +11,6 @@ figures and the effect. Replay re-applies those commands and nothing else, so th
 """
 from __future__ import annotations
 
-import logging
 from typing import NamedTuple
 
 from reservd import rules_records
@@ -20,8 +19,6 @@ from reservd.records import RecordType
 from reservd.rules import FIELDS, Decision, Measure, Op, Rule, Rules
 from reservd.rules_records import RuleChange, RulePolicyChange, SetPromotion
 from reservd.velocity import MILLI, Velocity
-
-log = logging.getLogger("reservd.rules")
 
 RULE_KINDS = (RecordType.RULE, RecordType.RULE_POLICY, RecordType.SET_PROMOTION)
 ENCODERS = {
@@ -231,12 +228,6 @@ class RuleCommands:
             self.rules.fired += 1
         elif decision.op is Op.END:
             self.rules.ended += 1
-        log.info("rule", extra={
-            "op": decision.op.name.lower(), "rule": decision.rule.name.lower(),
-            "sku": decision.sku, "channel": decision.channel, "ref": decision.ref,
-            "effect": decision.effect, "until_ms": decision.until_ms,
-            "figures": dict(decision.figures), "seq": seq,
-        })
         return seq
 
     # -- apply (live and in replay) -----------------------------------------------------------
