@@ -185,13 +185,17 @@ REQUESTS = {
     ("Admin", "SetPromotion"): pb.SetPromotionRequest(
         promotion_id="p", skus=["a"], channels=["amazon"], starts_at_ms=1, ends_at_ms=2),
     ("Admin", "ListPromotions"): pb.ListPromotionsRequest(),
+    ("Admin", "SetReplenishment"): pb.SetReplenishmentRequest(sku="a", lead_time_days=7),
+    ("Admin", "GetReplenishment"): pb.GetReplenishmentRequest(skus=["a"]),
+    ("Admin", "GetAudit"): pb.GetAuditRequest(),
 }
 ALLOWED = {
     "checkout": {"Reserve", "Commit", "Extend", "Release", "Fulfil", "GetReservation", "GetStock",
                  "Batch", "BatchStream"},
     "sync": {"GetStock", "WatchStock", "GetAts", "WatchAts", "ListChannels"},
     "ops": {"GetReservation", "GetStock", "WatchStock", "GetAts", "WatchAts", "ListChannels",
-            "GetBuckets", "GetVelocity", "ListPromotions", "GetAlerts", "WatchAlerts"},
+            "GetBuckets", "GetVelocity", "ListPromotions", "GetAlerts", "WatchAlerts",
+            "GetReplenishment", "GetAudit"},
     "admin": {method for _, method in REQUESTS},
 }
 

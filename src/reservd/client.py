@@ -299,6 +299,25 @@ class ReservdClient:
     async def list_promotions(self, sku: str = "") -> list[pb.Promotion]:
         response = await self._call(self.admin.ListPromotions, pb.ListPromotionsRequest(sku=sku))
         return list(response.promotions)
+    async def set_replenishment(
+        self, sku: str, lead_time_days: float, lead_time_sigma_days: float = 0.0,
+        service_level: float = 0.0, abc_class: str = "", seasonal: Iterable[float] = (),
+    ) -> pb.SetReplenishmentResponse:
+        request = pb.SetReplenishmentRequest(
+            sku=sku, lead_time_days=lead_time_days, lead_time_sigma_days=lead_time_sigma_days,
+            service_level=service_level, abc_class=abc_class, seasonal_indices=list(seasonal),
+        )
+        return await self._call(self.admin.SetReplenishment, request)
+
+    async def get_replenishment(
+        self, skus: Iterable[str] = (), after_sku: str = "", limit: int = 0
+    ) -> list[pb.Replenishment]:
+        request = pb.GetReplenishmentRequest(skus=list(skus), after_sku=after_sku, limit=limit)
+        return list((await self._call(self.admin.GetReplenishment, request)).rows)
+
+    async def get_audit(self, all_skus: bool = False, limit: int = 0) -> pb.GetAuditResponse:
+        request = pb.GetAuditRequest(all=all_skus, limit=limit)
+        return await self._call(self.admin.GetAudit, request)
 
     async def get_buckets(self, skus: Iterable[str]) -> list[pb.SkuBuckets]:
         response = await self._call(self.admin.GetBuckets, pb.GetBucketsRequest(skus=skus))

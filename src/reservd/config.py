@@ -121,6 +121,34 @@ class Config:
     alert_shortfall_window_seconds: int = 3_600
     alert_shortfall_major_units: int = 5
     alert_shortfall_widespread_skus: int = 5
+    # Stock states and incoming stock (issue 12), each refused RESOURCE_EXHAUSTED beyond its
+    # bound: returns kept (in quarantine, or inspected and kept retention_seconds); write-offs
+    # and receipts (idempotency records, kept retention_seconds); purchase orders (open, or
+    # received and kept retention_seconds after the last receipt). Measured by
+    # tests/test_stock_bounds.py (ids of 10-20 bytes): 0.7 KiB per return in quarantine, 1.2 KiB
+    # inspected; 0.6 KiB per write-off or receipt; 0.2 KiB per order: the defaults hold at
+    # most ~1.1 GiB together.
+    returns_max: int = 500_000
+    write_offs_max: int = 200_000
+    purchase_orders_max: int = 200_000
+    receipts_max: int = 500_000
+    # Replenishment and cycle counts (reservd.planning). SKUs with demand history (1 KiB each),
+    # settings or a count: settings beyond it are refused, further demand is not kept.
+    replenish_skus_max: int = 200_000
+    # Whole days of history D and sigma_D are measured over (1-127).
+    replenish_demand_days: int = 90
+    # Defaults of SKUs without settings (Admin.SetReplenishment), in days.
+    replenish_lead_time_days: float = 14.0
+    replenish_lead_time_sigma_days: float = 3.0
+    # A suggested order brings available + incoming to the reorder point plus this many days
+    # of demand.
+    replenish_order_cycle_days: float = 30.0
+    # Monthly seasonal indices, January first (seed 001's table).
+    replenish_seasonal_indices: str = "0.8,0.7,0.9,1.0,1.0,1.1,1.1,1.2,1.3,1.5,2.5,2.0"
+    # Cycle-count frequency by ABC class, in days (A weekly, B monthly, C quarterly).
+    count_days_a: int = 7
+    count_days_b: int = 30
+    count_days_c: int = 91
     metrics_port: int | None = None
     redis_url: str | None = None
     redis_prefix: str = "reservd:"

@@ -16,12 +16,15 @@ import enum
 import logging
 from typing import NamedTuple, Protocol, Sequence
 
-from reservd import alerts, incoming, records, state_codec, stockstates
+from reservd import (
+    alerts, incoming, planning, planning_records, records, state_codec, stockstates,
+)
 from reservd.alertrules import SNAPSHOT_KINDS as _RULE_KINDS, AlertRules
 from reservd.channels import Channels
 from reservd.config import Config
 from reservd.expiry import Deadlines
 from reservd.ledger_channels import ChannelCommands, unwrap, wrap
+from reservd.ledger_planning import PlanningCommands
 from reservd.ledger_rules import ENCODERS as _RULE_ENCODERS, RULE_KINDS as _RULE_RECORDS, RuleCommands
 from reservd.records import RecordType
 from reservd.store import (
@@ -48,6 +51,7 @@ _ENCODERS = {
     RecordType.WRITE_OFF: records.encode_write_off,
     RecordType.EXPECT_RECEIPT: records.encode_expect_receipt,
     RecordType.RECEIVE: records.encode_receive,
+    RecordType.SET_REPLENISHMENT: planning_records.encode,
     **_RULE_ENCODERS,
 }
 _STATE_KINDS = (RecordType.RECEIVE_RETURN, RecordType.INSPECT, RecordType.WRITE_OFF)
@@ -106,7 +110,7 @@ class Log(Protocol):
     def append(self, seq: int, type: int, payload: bytes) -> None: ...
 
 
-class Ledger(ChannelCommands, RuleCommands):
+class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
     """Reservations, their expiry and idempotency, over a counter table; channels and buckets
     (reservd.channels), velocity, rules and promotions (reservd.ledger_rules) beside it."""
 
@@ -119,8 +123,9 @@ class Ledger(ChannelCommands, RuleCommands):
         # Mappings of compact records, decoded on access (reservd.store).
         self.reservations = ReservationStore(table)
         self.adjustments = AdjustmentStore(table)
-        self.states = stockstates.StockStates(table)
-        self.incoming = incoming.Incoming(table)
+        self.states = stockstates.StockStates(table, config.returns_max, config.write_offs_max)
+        self.incoming = incoming.Incoming(table, config.purchase_orders_max, config.receipts_max)
+        self.planning = planning.Planning(config)
         self.live = 0  # held + committed
         self.held = 0
         # Held reservations' ids by expiry second. An entry goes stale when its hold ends or
@@ -542,6 +547,7 @@ class Ledger(ChannelCommands, RuleCommands):
         decode_adjustment = self.adjustments.decode
         states, returns, write_offs = self.states.snapshot_rows()
         orders, receipts = self.incoming.snapshot_rows()
+        demand, replenishment, counts = self.planning.snapshot_rows()
 
         # Filled while the reservation rows are encoded, and written after them: one decode each.
         owners: list[tuple[str, str]] = []
@@ -574,7 +580,8 @@ class Ledger(ChannelCommands, RuleCommands):
             return wrap(
                 state_codec.encode(
                     seq, stock, reservation_rows(), adjustment_rows(), states, returns,
-                    write_offs, orders, receipts, owners, rule_sections,
+                    write_offs, orders, receipts, owners, demand, replenishment, counts,
+                    rule_sections,
                 ),
                 channel_rows,
             )
@@ -595,19 +602,26 @@ class Ledger(ChannelCommands, RuleCommands):
                 self.channels.restore_rows(kind, rows)
         seq, rows = state_codec.decode(payload)
         lookup = self.table.lookup
+        now_ms = self.clock.now_ms()
         for kind, row in rows:
             if kind == state_codec.STOCK:
                 self.table.restore(*row)
             elif kind == state_codec.STATES:
                 self.states.restore_state(row)
             elif kind == state_codec.RETURN:
-                self.states.restore_return(row)
+                self.states.restore_return(row, now_ms)
             elif kind == state_codec.WRITE_OFF:
                 self.states.restore_write_off(row)
             elif kind == state_codec.ORDER:
-                self.incoming.restore_order(row)
+                self.incoming.restore_order(row, now_ms)
             elif kind == state_codec.RECEIPT:
-                self.incoming.restore_receipt(row)
+                self.incoming.restore_receipt(row, now_ms)
+            elif kind == state_codec.DEMAND:
+                self.planning.restore_demand(row)
+            elif kind == state_codec.REPLENISHMENT:
+                self.planning.restore_settings(row)
+            elif kind == state_codec.COUNT:
+                self.planning.restore_count(row)
             elif kind == state_codec.RESERVATION:
                 (reservation_id, channel, request, skus, quantities, committed, state_value,
                  expires_at_ms, reservation_seq, finished_at_ms) = row
@@ -641,6 +655,8 @@ class Ledger(ChannelCommands, RuleCommands):
         self._finished.sort()
         self._adjusted.sort()
         self.alert_rules.restart_ring()
+        self.states.restored()
+        self.incoming.restored()
         self.seq = seq
 
     # -- Internals ------------------------------------------------------------------------------
@@ -697,6 +713,8 @@ class Ledger(ChannelCommands, RuleCommands):
             return self.states.apply(kind, command, seq)
         if kind in _INCOMING_KINDS:
             return self.incoming.apply(kind, command, seq)
+        if kind is RecordType.SET_REPLENISHMENT:
+            return self.planning.apply_settings(command)
         if kind in _RULE_RECORDS:
             return self._apply_rules(kind, command, seq)
         if kind >= RecordType.SET_CHANNEL:
@@ -816,6 +834,7 @@ class Ledger(ChannelCommands, RuleCommands):
         current = self.reservations[command.reservation_id]
         assert current.state is State.HELD, f"commit of {current.state.name} {current}"
         self.table.commit(current.handles, current.quantities, command.committed, seq)
+        self.planning.on_commit(current.skus, command.committed, command.at_ms)
         self.channels.apply_commit(
             command.reservation_id, dict(zip(current.skus, command.committed))
         )
@@ -875,8 +894,11 @@ class Ledger(ChannelCommands, RuleCommands):
         self, kind: RecordType, command: records.StockChange, seq: int
     ) -> StockOutcome:
         if kind is RecordType.SET_STOCK:
+            recount = self.table.lookup(command.sku) >= 0
             handle = self.table.ensure(command.sku)
             previous = self.table.set_on_hand(handle, command.value, seq)
+            if recount:  # creating a SKU is not a count
+                self.planning.on_count(command.sku, command.at_ms, previous, command.value)
         else:
             handle = self.table.lookup(command.sku)
             assert handle >= 0, f"adjust of unknown sku {command.sku!r}"
@@ -912,3 +934,5 @@ class Ledger(ChannelCommands, RuleCommands):
             entry = self.adjustments.get(key)
             if entry is not None and entry.finished_at_ms == at_ms:
                 del self.adjustments[key]
+        self.states.prune(horizon_ms)
+        self.incoming.prune(horizon_ms)

@@ -172,6 +172,7 @@ class Metrics:
             "reservd_retained_max", "Bound on retained records (new work refused at it)",
             value=ledger.config.retained_max,
         )
+        yield from _stock_table_metrics(ledger)
         yield GaugeMetricFamily(
             "reservd_held_reservations", "Held (uncommitted) reservations", value=ledger.held
         )
@@ -273,6 +274,51 @@ class Metrics:
         """Serve /metrics on ``address:port`` (port 0: any); returns the bound port."""
         server, _thread = start_http_server(port, addr=address, registry=self.registry)
         return server.server_port
+
+
+def _stock_table_metrics(ledger):
+    """The stock-state tables beside their bounds, and the age of the inspection backlog."""
+    config = ledger.config
+    for name, kept, bound, what in (
+        ("returns", len(ledger.states.returns), config.returns_max,
+         "Returns kept (in quarantine, or inspected within retention_seconds)"),
+        ("write_offs", len(ledger.states.write_offs), config.write_offs_max,
+         "Write-offs kept for their idempotency window"),
+        ("purchase_orders", len(ledger.incoming.orders), config.purchase_orders_max,
+         "Purchase orders kept (open, or received within retention_seconds)"),
+        ("receipts", len(ledger.incoming.receipts), config.receipts_max,
+         "Receipts kept for their idempotency window"),
+    ):
+        yield GaugeMetricFamily(f"reservd_{name}", what, value=kept)
+        yield GaugeMetricFamily(
+            f"reservd_{name}_max", f"Bound on reservd_{name} (RESOURCE_EXHAUSTED at it)",
+            value=bound,
+        )
+    planning = ledger.planning
+    yield GaugeMetricFamily(
+        "reservd_planned_skus", "SKUs with demand history, replenishment settings or a count",
+        value=len(planning.plans),
+    )
+    yield GaugeMetricFamily(
+        "reservd_planned_skus_max", "Bound on reservd_planned_skus (replenish_skus_max)",
+        value=config.replenish_skus_max,
+    )
+    yield CounterMetricFamily(
+        "reservd_planning_untracked",
+        "Commits and recounts of SKUs beyond replenish_skus_max, not kept as demand or counts",
+        value=planning.untracked,
+    )
+    yield GaugeMetricFamily(
+        "reservd_ghost_stock_ratio",
+        "(system - counted) / system over every SKU's last recount (target < 0.02)",
+        value=planning.ghost_overall(),
+    )
+    oldest_ms = ledger.states.oldest_quarantine_ms()
+    yield GaugeMetricFamily(
+        "reservd_quarantine_oldest_seconds",
+        "Age of the oldest return awaiting inspection (0 when none)",
+        value=0 if oldest_ms is None else max(0, ledger.clock.now_ms() - oldest_ms) / 1000,
+    )
 
 
 def _channel_metrics(channels, ats_hub):

@@ -81,6 +81,22 @@ class DemandHistory:
             return
         self._units[day % DAYS_KEPT] += units
 
+    def entries(self) -> tuple[int, list[tuple[int, int]]]:
+        """(newest day, [(day, units) of the days kept with demand]), days since the epoch:
+        the compact form a snapshot carries."""
+        newest = self._newest_day
+        if newest is None:
+            return -1, []
+        days = range(newest - DAYS_KEPT + 1, newest + 1)
+        return newest, [(day, self._units[day % DAYS_KEPT]) for day in days
+                        if self._units[day % DAYS_KEPT]]
+
+    def restore(self, newest_day: int, entries: list[tuple[int, int]]) -> None:
+        """Load :meth:`entries`' output into an empty history."""
+        self._newest_day = None if newest_day < 0 else newest_day
+        for day, units in entries:
+            self._units[day % DAYS_KEPT] = units
+
     def daily(self, now_ms: int, days: int) -> list[int]:
         """Units per day of the ``days`` whole days before the day of ``now_ms``, oldest
         first (days without demand count as 0)."""

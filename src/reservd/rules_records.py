@@ -10,8 +10,8 @@ Payloads follow reservd.records (little-endian, strings as a u16 length and UTF-
                         short_notice u8 | promotion_id | skus u16, then sku each |
                         channels u16, then channel each
 
-Snapshot sections (reservd.state_codec, format 5): velocity (10), rule policy (11), rule in
-force (12), promotion (13).
+Snapshot sections (reservd.state_codec, format 6): velocity (13), rule policy (14), rule in
+force (15), promotion (16).
 """
 from __future__ import annotations
 
@@ -142,10 +142,10 @@ def decode(kind: int, reader: Reader):
 
 # -- snapshot rows ------------------------------------------------------------------------------
 
-VELOCITY = 10
-RULE_POLICY = 11
-RULE_ACTIVE = 12
-PROMOTION = 13
+VELOCITY = 13
+RULE_POLICY = 14
+RULE_ACTIVE = 15
+PROMOTION = 16
 
 
 def put_velocity(parts: list, row: tuple) -> None:
