@@ -180,6 +180,11 @@ REQUESTS = {
     ("Admin", "WriteOff"): pb.WriteOffRequest(change_id="w", sku="a", units=1, state="damaged"),
     ("Admin", "ExpectReceipt"): pb.ExpectReceiptRequest(po_id="p", sku="a", units=1),
     ("Admin", "Receive"): pb.ReceiveRequest(receipt_id="c", po_id="p", units=1),
+    ("Admin", "SetRulePolicy"): pb.SetRulePolicyRequest(channel="amazon", change_id="rp"),
+    ("Admin", "GetVelocity"): pb.GetVelocityRequest(sku="a"),
+    ("Admin", "SetPromotion"): pb.SetPromotionRequest(
+        promotion_id="p", skus=["a"], channels=["amazon"], starts_at_ms=1, ends_at_ms=2),
+    ("Admin", "ListPromotions"): pb.ListPromotionsRequest(),
     ("Admin", "SetReplenishment"): pb.SetReplenishmentRequest(sku="a", lead_time_days=7),
     ("Admin", "GetReplenishment"): pb.GetReplenishmentRequest(skus=["a"]),
     ("Admin", "GetAudit"): pb.GetAuditRequest(),
@@ -189,7 +194,8 @@ ALLOWED = {
                  "Batch", "BatchStream"},
     "sync": {"GetStock", "WatchStock", "GetAts", "WatchAts", "ListChannels"},
     "ops": {"GetReservation", "GetStock", "WatchStock", "GetAts", "WatchAts", "ListChannels",
-            "GetBuckets", "GetAlerts", "WatchAlerts", "GetReplenishment", "GetAudit"},
+            "GetBuckets", "GetVelocity", "ListPromotions", "GetAlerts", "WatchAlerts",
+            "GetReplenishment", "GetAudit"},
     "admin": {method for _, method in REQUESTS},
 }
 

@@ -287,6 +287,18 @@ class ReservdClient:
         request = pb.ReceiveRequest(receipt_id=receipt_id, po_id=po_id, units=units)
         return await self._call(self.admin.Receive, request)
 
+    async def set_rule_policy(self, request: pb.SetRulePolicyRequest) -> pb.RulePolicyResponse:
+        return await self._call(self.admin.SetRulePolicy, request)
+
+    async def get_velocity(self, sku: str) -> pb.GetVelocityResponse:
+        return await self._call(self.admin.GetVelocity, pb.GetVelocityRequest(sku=sku))
+
+    async def set_promotion(self, request: pb.SetPromotionRequest) -> pb.PromotionResponse:
+        return await self._call(self.admin.SetPromotion, request)
+
+    async def list_promotions(self, sku: str = "") -> list[pb.Promotion]:
+        response = await self._call(self.admin.ListPromotions, pb.ListPromotionsRequest(sku=sku))
+        return list(response.promotions)
     async def set_replenishment(
         self, sku: str, lead_time_days: float, lead_time_sigma_days: float = 0.0,
         service_level: float = 0.0, abc_class: str = "", seasonal: Iterable[float] = (),

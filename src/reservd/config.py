@@ -80,6 +80,31 @@ class Config:
     ats_buffer_updates_max: int = 4_096
     # (sku, channel) pairs whose ats is kept up to date for streams that may resume.
     ats_tracked_pairs_max: int = 1_000_000
+    # Velocity (reservd.velocity): units reserved per hour per (sku, channel), in minute
+    # buckets over velocity_window_minutes (detection) and hour buckets over
+    # velocity_baseline_hours (the learned baseline); at most velocity_tracked_pairs_max pairs.
+    velocity_tracking: bool = True
+    velocity_window_minutes: int = 10
+    velocity_baseline_hours: int = 24
+    velocity_tracked_pairs_max: int = 1_000_000
+    # The velocity rules and promotions (reservd.rules, reservd.promotions) are evaluated every
+    # rules_evaluate_ms (each firing a WAL command); the spike-absorption reserve is the
+    # bucket named rules_spike_reserve; at most rules_active_max rules in force at once.
+    rules_evaluate_ms: int = 1_000
+    rules_spike_reserve: str = "spike"
+    rules_active_max: int = 100_000
+    # Promotions kept (normalised ones are forgotten retention_seconds after); their buffers
+    # rise promotion_preload_points_bp (basis points of share) promotion_preload_seconds before
+    # the start; sales at promotion_overrun_pct of the pro-rated forecast (and at least
+    # promotion_overrun_units_min) tighten them like a spike; promotion_normalize_seconds after
+    # the end they are back; announced less than promotion_notice_seconds ahead: flagged.
+    promotions_max: int = 10_000
+    promotion_preload_seconds: int = 86_400
+    promotion_preload_points_bp: int = 2_000
+    promotion_overrun_pct: int = 150
+    promotion_overrun_units_min: int = 10
+    promotion_normalize_seconds: int = 10_800
+    promotion_notice_seconds: int = 172_800
     # Alerts (reservd.alerts): alerts retained for GetAlerts, resuming WatchAlerts streams and
     # snapshots (the oldest is dropped beyond it); open WatchAlerts streams (RESOURCE_EXHAUSTED
     # beyond); alerts one stream takes from the retained ones per step.

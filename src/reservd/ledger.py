@@ -25,6 +25,7 @@ from reservd.config import Config
 from reservd.expiry import Deadlines
 from reservd.ledger_channels import ChannelCommands, unwrap, wrap
 from reservd.ledger_planning import PlanningCommands
+from reservd.ledger_rules import ENCODERS as _RULE_ENCODERS, RULE_KINDS as _RULE_RECORDS, RuleCommands
 from reservd.records import RecordType
 from reservd.store import (
     Adjustment, AdjustmentStore, Fifo, Reservation, ReservationStore, State, StockOutcome,
@@ -51,6 +52,7 @@ _ENCODERS = {
     RecordType.EXPECT_RECEIPT: records.encode_expect_receipt,
     RecordType.RECEIVE: records.encode_receive,
     RecordType.SET_REPLENISHMENT: planning_records.encode,
+    **_RULE_ENCODERS,
 }
 _STATE_KINDS = (RecordType.RECEIVE_RETURN, RecordType.INSPECT, RecordType.WRITE_OFF)
 _INCOMING_KINDS = (RecordType.EXPECT_RECEIPT, RecordType.RECEIVE)
@@ -108,9 +110,9 @@ class Log(Protocol):
     def append(self, seq: int, type: int, payload: bytes) -> None: ...
 
 
-class Ledger(ChannelCommands, PlanningCommands):
+class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
     """Reservations, their expiry and idempotency, over a counter table; channels and buckets
-    (reservd.channels) beside it."""
+    (reservd.channels), velocity, rules and promotions (reservd.ledger_rules) beside it."""
 
     def __init__(self, table: CounterTable, log_: Log, clock, config: Config) -> None:
         self.table = table
@@ -136,6 +138,7 @@ class Ledger(ChannelCommands, PlanningCommands):
         self._finished = Fifo()
         self._adjusted = Fifo()
         self.channels = Channels(table, config.channels_max, config.buckets_per_sku_max)
+        self._init_rules(config)
         # Alerts raised inside applies (reservd.alerts), and the ledger's own alert rules.
         self.alerts = alerts.AlertFeed(config, clock)
         self.alert_rules = AlertRules(self.alerts, table, config)
@@ -573,12 +576,14 @@ class Ledger(ChannelCommands, PlanningCommands):
             **self.channels.snapshot_rows(), **self.alerts.snapshot_rows(),
             **self.alert_rules.snapshot_rows(),
         }
+        rule_sections = self._rule_sections()
 
         def encode() -> bytes:
             return wrap(
                 state_codec.encode(
                     seq, stock, reservation_rows(), adjustment_rows(), states, returns,
                     write_offs, orders, receipts, owners, demand, replenishment, counts,
+                    rule_sections,
                 ),
                 channel_rows,
             )
@@ -635,6 +640,8 @@ class Ledger(ChannelCommands, PlanningCommands):
                     self.live += 1
                 else:
                     self._finished.append(finished_at_ms, reservation_id)
+            elif kind >= state_codec.FIRST_RULES_SECTION:
+                self._restore_rule_row(kind, row)
             elif kind == state_codec.OWNER:
                 reservation_id, owner = row
                 self.reservations[reservation_id] = self.reservations[reservation_id]._replace(
@@ -714,6 +721,8 @@ class Ledger(ChannelCommands, PlanningCommands):
             self.planning.apply_settings(command)
             self._reorder_alert(command.sku)  # the reorder point moved
             return command
+        if kind in _RULE_RECORDS:
+            return self._apply_rules(kind, command, seq)
         if kind >= RecordType.SET_CHANNEL:
             return self._apply_channels(kind, command, seq)
         assert kind in (RecordType.SET_STOCK, RecordType.ADJUST_STOCK), kind
@@ -825,6 +834,7 @@ class Ledger(ChannelCommands, PlanningCommands):
         self.live += 1
         self.held += 1
         self.channels.apply_reserve(command.reservation_id, command.channel, skus, quantities)
+        self._track_reserve(command.channel, skus, quantities, command.at_ms)
 
     def _apply_commit(self, command: records.Commit, seq: int) -> Reservation:
         current = self.reservations[command.reservation_id]
@@ -901,6 +911,7 @@ class Ledger(ChannelCommands, PlanningCommands):
             assert handle >= 0, f"adjust of unknown sku {command.sku!r}"
             previous = self.table.adjust_on_hand(handle, command.value, seq) - command.value
         on_hand, reserved, committed = self.table.counters(handle)
+        self.stock_dirty.add(command.sku)
         outcome = StockOutcome(
             command.sku, on_hand, reserved, committed, previous,
             max(0, reserved + committed - on_hand), seq, False,

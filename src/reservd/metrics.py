@@ -259,6 +259,7 @@ class Metrics:
                 value=hub.fanout_seconds,
             )
         yield from _channel_metrics(ledger.channels, self._ats_hub)
+        yield from _rule_metrics(ledger)
         yield from _alert_metrics(ledger.alerts, self._alert_hub)
         stats = getattr(log_, "stats", None)
         if stats is not None:
@@ -356,6 +357,35 @@ def _channel_metrics(channels, ats_hub):
         "reservd_ats_snapshots",
         "WatchAts streams sent every value afresh (new, not resumable, or over their buffer)",
         value=ats_hub.snapshots,
+    )
+
+
+def _rule_metrics(ledger):
+    velocity, rules = ledger.velocity, ledger.rules
+    if velocity is not None:
+        yield GaugeMetricFamily(
+            "reservd_velocity_tracked_pairs",
+            "(sku, channel) pairs with velocity buckets (bound: velocity_tracked_pairs_max)",
+            value=len(velocity),
+        )
+        yield CounterMetricFamily(
+            "reservd_velocity_untracked_samples",
+            "Reserve lines not tracked: velocity_tracked_pairs_max busy pairs",
+            value=velocity.untracked,
+        )
+    yield GaugeMetricFamily(
+        "reservd_rules_in_force", "Velocity and promotion rules in force (bound: rules_active_max)",
+        value=len(rules.active),
+    )
+    yield CounterMetricFamily("reservd_rules_fired", "Rule firings logged", value=rules.fired)
+    yield CounterMetricFamily("reservd_rules_ended", "Rule reversals logged", value=rules.ended)
+    yield CounterMetricFamily(
+        "reservd_rules_refused", "Rule firings not logged: rules_active_max in force",
+        value=ledger.rules_refused,
+    )
+    yield GaugeMetricFamily(
+        "reservd_promotions", "Promotions on the calendar (bound: promotions_max)",
+        value=len(ledger.promotions),
     )
 
 

@@ -43,6 +43,10 @@ class RecordType(enum.IntEnum):
     EXPECT_RECEIPT = 15
     RECEIVE = 16
     SET_REPLENISHMENT = 17  # reservd.planning_records
+    # Velocity rules and promotions (reservd.rules_records).
+    RULE = 20
+    RULE_POLICY = 21
+    SET_PROMOTION = 22
 
 
 class Reserve(NamedTuple):
@@ -406,6 +410,10 @@ def decode(record_type: int, payload: bytes):
             from reservd import planning_records  # it builds on this module's Reader
 
             command = planning_records.decode(reader)
+        elif kind >= RecordType.RULE:
+            from reservd import rules_records  # it builds on this module's Reader
+
+            command = rules_records.decode(kind, reader)
         elif kind >= RecordType.SET_CHANNEL:
             command = _decode_channels(kind, reader)
         else:

@@ -199,6 +199,7 @@ class Daemon:
             self.metrics_port = self.metrics.serve(config.metrics_port)
         self.supervisor.spawn(self._expire_loop(), "expiry")
         self.supervisor.spawn(backlog.watch(self.ledger, self.clock, config), "inspection backlog")
+        self.supervisor.spawn(self._rules_loop(), "rules")
         if not isinstance(self.log, MemoryLog):
             self.supervisor.spawn(self._snapshot_loop(), "snapshot")
         log.info(
@@ -289,6 +290,20 @@ class Daemon:
             expired_before = self.ledger.live
             if self.ledger.expire_due(self.config.expiry_batch_max):
                 self.metrics.expired.inc(expired_before - self.ledger.live)
+                try:
+                    await self.log.commit()
+                except WalFailed:
+                    pass  # the failure listener has closed writes; the loop waits above
+
+    async def _rules_loop(self) -> None:
+        """The velocity rules and promotions (reservd.ledger_rules): the ledger decides and
+        logs each firing; replay never runs this."""
+        tick = self.config.rules_evaluate_ms / 1000
+        while True:
+            await asyncio.sleep(tick)
+            if self.guard.write_reason is not None:
+                continue
+            if self.ledger.evaluate_rules():
                 try:
                     await self.log.commit()
                 except WalFailed:

@@ -9,6 +9,7 @@ import grpc
 from reservd import auth, stockstates, validation
 from reservd.alertservice import AlertRpcs
 from reservd.channelservice import AtsRpcs, ChannelAdminRpcs, line_extras
+from reservd.ruleservice import RuleAdminRpcs
 from reservd.config import Limits
 from reservd.guard import Guard
 from reservd.planningservice import PlanningRpcs
@@ -291,7 +292,9 @@ class ReservationsService(AtsRpcs, AlertRpcs, pb_grpc.ReservationsServicer):
             self.hub.release(watcher)
 
 
-class AdminService(ChannelAdminRpcs, StockStateRpcs, PlanningRpcs, pb_grpc.AdminServicer):
+class AdminService(
+    ChannelAdminRpcs, StockStateRpcs, PlanningRpcs, RuleAdminRpcs, pb_grpc.AdminServicer
+):
     def __init__(self, ledger: Ledger, durability: Durability, guard: Guard, limits: Limits):
         self.ledger = ledger
         self.durability = durability

@@ -38,6 +38,9 @@ Format 5 added the retention times (the fields marked format 5) and sections 10-
 (sections 4-8 without those times: read as None, and the ledger keeps such records a whole
 retention window from the restore) and format 3 (without sections 4-8) are still read.
 
+Format 6 added sections 13-16 (reservd.rules_records: velocity buckets, rule policies, rules in
+force, promotions); formats 3 to 5 are still read.
+
 Format 2 (pickled chunks of builtin types, written before format 3) is still read, so a data
 directory written by an older reservd recovers; it is never written.
 
@@ -50,10 +53,11 @@ import pickle
 import struct
 from typing import Iterable, Iterator
 
+from reservd import rules_records
 from reservd.records import Reader, put_str
 
-FORMAT = 5
-_FORMATS_READ = (3, 4, 5)
+FORMAT = 6
+_FORMATS_READ = (3, 4, 5, 6)
 MAGIC = b"RSVDSTAT"
 _HEAD = struct.Struct("<8sIq")
 _SECTION = struct.Struct("<BI")
@@ -91,6 +95,7 @@ OWNER = 9
 DEMAND = 10
 REPLENISHMENT = 11
 COUNT = 12
+FIRST_RULES_SECTION = rules_records.VELOCITY
 
 
 def encode(
@@ -107,9 +112,11 @@ def encode(
     demand: Iterable[tuple] = (),
     replenishment: Iterable[tuple] = (),
     counts: Iterable[tuple] = (),
+    extra: Iterable[tuple[int, Iterable[tuple]]] = (),
 ) -> bytes:
-    """The state after ``seq`` as format-5 bytes; rows as :func:`decode` yields them.
-    ``owners`` is read after ``reservations`` has been consumed."""
+    """The state after ``seq`` as format-6 bytes; rows as :func:`decode` yields them.
+    ``owners`` is read after ``reservations`` has been consumed; ``extra`` is (kind, rows) of
+    reservd.rules_records' sections."""
     out = bytearray(_HEAD.pack(MAGIC, FORMAT, seq))
     _sections(out, STOCK, stock, _put_stock)
     _sections(out, RESERVATION, reservations, _put_reservation)
@@ -123,6 +130,8 @@ def encode(
     _sections(out, DEMAND, demand, _put_demand)
     _sections(out, REPLENISHMENT, replenishment, _put_replenishment)
     _sections(out, COUNT, counts, _put_count)
+    for kind, rows in extra:
+        _sections(out, kind, rows, rules_records.SECTIONS[kind][0])
     return bytes(out)
 
 
@@ -150,6 +159,8 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
     - COUNT: (sku, at_ms, system, counted)
 
     (None: a format-4 snapshot, which has no such time.)
+    - rules_records.VELOCITY, RULE_POLICY, RULE_ACTIVE, PROMOTION: the rows of
+      reservd.velocity, reservd.rules and reservd.promotions
 
     ValueError, naming the offset, for anything that does not parse exactly.
     """
@@ -181,6 +192,7 @@ def _rows(payload: bytes, version: int) -> Iterator[tuple[int, tuple]]:
         STATES: _read_states, RETURN: _read_return, WRITE_OFF: _read_write_off,
         ORDER: _read_order, RECEIPT: _read_receipt,
         DEMAND: _read_demand, REPLENISHMENT: _read_replenishment, COUNT: _read_count,
+        **{kind: read for kind, (_, read) in rules_records.SECTIONS.items()},
     }
     try:
         while reader.offset < len(payload):
