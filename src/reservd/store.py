@@ -284,6 +284,9 @@ class Fifo:
     def oldest_ms(self) -> int | None:
         return self._times[self._head] if self._head < len(self._keys) else None
 
+    def oldest_key(self) -> str | None:
+        return self._keys[self._head] if self._head < len(self._keys) else None
+
     def popleft(self) -> tuple[int, str]:
         head = self._head
         entry = (self._times[head], self._keys[head])
