@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from redisserver import RedisServer, require_redis_server
 
 from reservd import mirrorwrite
+from reservd.clock import ManualClock
 from reservd.config import Config
 from reservd.mirrorfields import FieldJournal, safest
 from reservd.v1 import reservd_pb2 as pb
@@ -187,6 +188,28 @@ async def test_a_change_that_lowers_an_ats_is_in_redis_when_acknowledged(tmp_pat
                 assert shown[name] <= truth[name], (name, shown, truth)
             assert shown["level"] >= truth["level"], (shown, truth)
         assert (await shown_hashes(client, ["hero"]))["hero"]["ats:amazon"] == 7
+    await client.aclose()
+
+
+@aio
+async def test_a_velocity_rule_moves_the_ats_in_redis(tmp_path, redis_server):
+    # The low-stock rule (reservd.rules) raises every channel's buffer by a RULE command, not by
+    # a reservation: the hash follows it all the same.
+    client = aioredis.Redis(port=redis_server.port)
+    config = test_config(tmp_path / "data", redis_url=redis_server.url,
+                         rules_evaluate_ms=3_600_000)  # the test ticks the evaluator itself
+    async with running(config, clock=ManualClock(1_700_000_000_000)) as node:
+        await node.set_stock("hero", 150)
+        await _set_channel(node, "amazon", share_bp=9000)
+        await node.admin.SetRulePolicy(pb.SetRulePolicyRequest(
+            channel="amazon", change_id=_id("rules"), policy=pb.RulePolicy(enabled=True)))
+        await node.reservations.Reserve(cart("a", ("hero", 60), channel="amazon"))
+        await settled(node, client, ["hero"])
+        assert (await shown_hashes(client, ["hero"]))["hero"]["ats:amazon"] == 81  # 90 at 90 %
+        assert node.daemon.ledger.evaluate_rules()
+        await node.daemon.log.commit()
+        await settled(node, client, ["hero"])
+        assert (await shown_hashes(client, ["hero"]))["hero"]["ats:amazon"] == 63  # at 70 %
     await client.aclose()
 
 
