@@ -172,6 +172,9 @@ class LyingTable:
     def __getattr__(self, name):
         return getattr(self._table, name)
 
+    def __len__(self) -> int:  # dunders bypass __getattr__
+        return len(self._table)
+
     def reserve(self, skus, quantities, allow_partial, seq):
         status, handles, granted, available = self._table.reserve(
             skus, quantities, allow_partial, seq

@@ -57,6 +57,11 @@ class Config:
     retained_max: int = 20_000_000
     # Live (held or committed) reservations; Reserve answers RESOURCE_EXHAUSTED beyond it.
     reservations_max: int = 5_000_000
+    # SKUs in the counter table; a SetStock creating one beyond it answers RESOURCE_EXHAUSTED
+    # (existing SKUs still change; a log written under a larger bound still replays). 2 M SKUs
+    # at the measured ~430-490 B of RSS each (bench/bench_memory.py, with their adjustment
+    # records) is under 1 GiB: twice a large retail catalogue, beside reservations_max's ~1.2 GiB.
+    skus_max: int = 2_000_000
     expiry_tick_ms: int = 100
     expiry_batch_max: int = 10_000
     message_bytes_max: int = 1 << 20

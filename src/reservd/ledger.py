@@ -432,6 +432,14 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
                 Code.FAILED_PRECONDITION,
                 f"{value} is not within [0, on_hand_max {on_hand_max}]", "on_hand",
             )
+        if handle < 0 and len(self.table) >= self.config.skus_max:
+            # Decided here, never in _apply_stock: replay creates what was logged, whatever
+            # skus_max is now.
+            return Rejection(
+                Code.RESOURCE_EXHAUSTED,
+                f"sku {sku!r} would be SKU {len(self.table) + 1}: skus_max {self.config.skus_max} "
+                "reached", "sku",
+            )
         refused = self._unwritable()
         if refused is not None:
             return refused

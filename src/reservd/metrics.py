@@ -152,6 +152,10 @@ class Metrics:
             "reservd_skus", "SKUs in the counter table", value=len(ledger.table)
         )
         yield GaugeMetricFamily(
+            "reservd_skus_max", "Bound on reservd_skus (a new SKU is refused at it)",
+            value=ledger.config.skus_max,
+        )
+        yield GaugeMetricFamily(
             "reservd_idempotency_window_seconds",
             "How long a finished reservation or adjustment id is remembered (never cut short)",
             value=ledger.config.retention_seconds,
