@@ -14,33 +14,28 @@ of level 3 with the reason, then one of level 0 with how long it lasted.
 """
 from __future__ import annotations
 
-import asyncio
 import itertools
 from typing import AsyncIterator
 
 from reservd.alerts import AlertFeed
 from reservd.config import Config
 from reservd.v1 import reservd_pb2 as pb
+from reservd.watchers import Sleeper, TooManyStreams, admit
 
 FAIL_CLOSED = "fail_closed"
 
 
-class TooManyAlertWatchers(Exception):
+class TooManyAlertWatchers(TooManyStreams):
     """``alert_watchers_max`` streams are open already."""
 
 
-class AlertWatcher:
-    __slots__ = ("position", "lapped", "_ready")
+class AlertWatcher(Sleeper):
+    __slots__ = ("position", "lapped")
 
     def __init__(self, position: int, lapped: bool) -> None:
+        super().__init__()
         self.position = position  # the next alert it gets
         self.lapped = lapped  # its next alert follows alerts it will never get
-        self._ready: asyncio.Future | None = None
-
-    def _wake(self) -> None:
-        ready = self._ready
-        if ready is not None and not ready.done():
-            ready.set_result(None)
 
 
 class AlertHub:
@@ -91,11 +86,8 @@ class AlertHub:
         self._wake_all()
 
     def open(self, from_sequence: int) -> AlertWatcher:
-        if len(self._watchers) >= self.watchers_max:
-            raise TooManyAlertWatchers(
-                f"{len(self._watchers)} WatchAlerts streams are open, the bound "
-                f"alert_watchers_max is {self.watchers_max}"
-            )
+        admit(len(self._watchers), self.watchers_max, "WatchAlerts", "alert_watchers_max",
+              TooManyAlertWatchers)
         watcher = AlertWatcher(*self.feed.resume_point(from_sequence))
         if watcher.lapped:
             self.lapped += 1
@@ -132,8 +124,4 @@ class AlertHub:
                 self.sent += len(batch)
                 yield batch
                 continue
-            watcher._ready = asyncio.get_running_loop().create_future()
-            try:
-                await watcher._ready
-            finally:
-                watcher._ready = None
+            await watcher.sleep()

@@ -28,27 +28,23 @@ from typing import AsyncIterator
 
 from reservd.futures import SharedFuture
 from reservd.v1 import reservd_pb2 as pb
+from reservd.watchers import Sleeper, TooManyStreams, admit
 
 
-class TooManyAtsWatchers(Exception):
+class TooManyAtsWatchers(TooManyStreams):
     """``ats_watchers_max`` streams are open already."""
 
 
-class AtsWatcher:
-    __slots__ = ("channels", "skus", "buffer", "needs_snapshot", "floor", "_ready")
+class AtsWatcher(Sleeper):
+    __slots__ = ("channels", "skus", "buffer", "needs_snapshot", "floor")
 
     def __init__(self, channels: frozenset[str], skus: frozenset[str] | None) -> None:
+        super().__init__()
         self.channels = channels
         self.skus = skus
         self.buffer: dict[tuple[str, str], pb.Ats] = {}
         self.needs_snapshot = False
         self.floor = 0  # it has every value up to this sequence: older ones are not sent
-        self._ready: asyncio.Future | None = None
-
-    def _wake(self) -> None:
-        ready = self._ready
-        if ready is not None and not ready.done():
-            ready.set_result(None)
 
 
 class AtsHub:
@@ -208,11 +204,8 @@ class AtsHub:
     def open(
         self, channels: frozenset[str], skus: frozenset[str] | None, from_sequence: int
     ) -> AtsWatcher:
-        if len(self._watchers) >= self.watchers_max:
-            raise TooManyAtsWatchers(
-                f"{len(self._watchers)} WatchAts streams are open, the bound ats_watchers_max "
-                f"is {self.watchers_max}"
-            )
+        admit(len(self._watchers), self.watchers_max, "WatchAts", "ats_watchers_max",
+              TooManyAtsWatchers)
         watcher = AtsWatcher(channels, skus)
         resumable = 0 < from_sequence <= self.durable_seq and self._retained(
             watcher, from_sequence
@@ -333,11 +326,7 @@ class AtsHub:
                 batch, watcher.buffer = list(watcher.buffer.values()), {}
                 yield batch
                 continue
-            watcher._ready = asyncio.get_running_loop().create_future()
-            try:
-                await watcher._ready
-            finally:
-                watcher._ready = None
+            await watcher.sleep()
 
     async def _snapshot_of(self, watcher: AtsWatcher) -> AsyncIterator[list[pb.Ats]]:
         """Every pair's current value at ``seq``, sent once ``seq`` is durable; changes after

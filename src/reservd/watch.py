@@ -27,11 +27,12 @@ from reservd.config import Config
 from reservd.futures import SharedFuture
 from reservd.table import CounterTable
 from reservd.v1 import reservd_pb2 as pb
+from reservd.watchers import Sleeper, TooManyStreams, admit
 
 _SEQ_ALL = (1 << 63) - 1
 
 
-class TooManyWatchers(Exception):
+class TooManyWatchers(TooManyStreams):
     """``watchers_max`` streams are open already."""
 
 
@@ -57,24 +58,19 @@ class _Snapshot:
         self.updates = updates
 
 
-class Watcher:
+class Watcher(Sleeper):
     """One WatchStock stream: its SKUs (None: all), its buffer and, while detached, its ring
     position (the first entry it has not been given)."""
 
-    __slots__ = ("skus", "buffer", "position", "attached", "needs_snapshot", "_ready")
+    __slots__ = ("skus", "buffer", "position", "attached", "needs_snapshot")
 
     def __init__(self, skus: frozenset[str] | None, position: int, needs_snapshot: bool) -> None:
+        super().__init__()
         self.skus = skus
         self.buffer: list[pb.StockUpdate] = []
         self.position = position
         self.attached = False
         self.needs_snapshot = needs_snapshot
-        self._ready: asyncio.Future | None = None
-
-    def _wake(self) -> None:
-        ready = self._ready
-        if ready is not None and not ready.done():
-            ready.set_result(None)
 
 
 class WatchHub:
@@ -206,11 +202,8 @@ class WatchHub:
         """A new watcher of ``skus`` (None: every SKU), after ``from_sequence`` (0: the current
         state first). TooManyWatchers beyond ``watchers_max``; once the hub is closed the
         watcher's updates end at once."""
-        if len(self._watchers) >= self.watchers_max:
-            raise TooManyWatchers(
-                f"{len(self._watchers)} WatchStock streams are open, the bound "
-                f"watchers_max is {self.watchers_max}"
-            )
+        admit(len(self._watchers), self.watchers_max, "WatchStock", "watchers_max",
+              TooManyWatchers)
         if from_sequence and self._retained(from_sequence):
             watcher = Watcher(skus, self.table.position_after(from_sequence), False)
         else:
@@ -285,11 +278,7 @@ class WatchHub:
                 yield batch
                 continue
             if watcher.attached:
-                watcher._ready = asyncio.get_running_loop().create_future()
-                try:
-                    await watcher._ready
-                finally:
-                    watcher._ready = None
+                await watcher.sleep()
                 continue
             if watcher.needs_snapshot or watcher.position < table.ring_tail:
                 if not watcher.needs_snapshot:
