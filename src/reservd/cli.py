@@ -9,7 +9,8 @@ import uuid
 from pathlib import Path
 
 from reservd import (
-    cli_alerts, cli_channels, cli_planning, cli_rules, cli_serve, cli_stock, logs, output,
+    cli_alerts, cli_channels, cli_planning, cli_rules, cli_serve, cli_stock, cli_stream, logs,
+    output,
 )
 from reservd.config import ConfigError
 
@@ -228,7 +229,9 @@ async def _client(args) -> int:
         elif command == "get":
             output.emit_all(list((await client.get_stock(args.skus)).values()), args.format)
         elif command == "watch":
-            return await _watch(client, args)
+            return await cli_stream.follow(client.watch(
+                args.skus, args.from_sequence, deadline_seconds=args.deadline or None
+            ), _print, args.count)
         elif command in cli_channels.COMMANDS:
             return await cli_channels.run(client, args, _print)
         elif command in cli_stock.COMMANDS:
@@ -239,27 +242,6 @@ async def _client(args) -> int:
             return await cli_alerts.run(client, args, _print)
         elif command in cli_planning.COMMANDS:
             return await cli_planning.run(client, args, _print)
-    return 0
-
-
-async def _watch(client, args) -> int:
-    import grpc
-
-    from reservd.client import ReservdError
-
-    seen = 0
-    try:
-        async for update in client.watch(
-            args.skus, args.from_sequence, deadline_seconds=args.deadline or None
-        ):
-            output.emit(update, args.format)
-            seen += 1
-            if args.count and seen >= args.count:
-                break
-    except ReservdError as error:
-        # Reaching --deadline is how a time-boxed watch ends, unless COUNT updates were due.
-        if error.code is not grpc.StatusCode.DEADLINE_EXCEEDED or args.count:
-            raise
     return 0
 
 

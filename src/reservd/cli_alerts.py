@@ -2,6 +2,8 @@
 (reservd.cli wires it in)."""
 from __future__ import annotations
 
+from reservd.cli_stream import follow
+
 COMMANDS = ("alerts",)
 
 
@@ -42,21 +44,8 @@ async def run(client, args, emit) -> int:
         for alert in await client.get_alerts(args.kind, args.sku, args.level_min, args.limit):
             emit(alert)
         return 0
-    import grpc
-
-    from reservd.client import ReservdError
-
-    seen = 0
-    try:
-        async for alert in client.watch_alerts(args.from_sequence, args.deadline):
-            if not _wanted(args, alert):
-                continue  # the stream carries every kind: the filters apply here
-            emit(alert)
-            seen += 1
-            if args.count and seen >= args.count:
-                break
-    except ReservdError as error:
-        # Reaching --deadline is how a time-boxed follow ends, unless COUNT alerts were due.
-        if error.code is not grpc.StatusCode.DEADLINE_EXCEEDED or args.count:
-            raise
-    return 0
+    # The stream carries every kind: the filters apply here.
+    return await follow(
+        client.watch_alerts(args.from_sequence, args.deadline), emit, args.count,
+        lambda alert: _wanted(args, alert),
+    )

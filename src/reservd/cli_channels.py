@@ -9,6 +9,7 @@ from pathlib import Path
 
 from google.protobuf.json_format import ParseDict, ParseError
 
+from reservd.cli_stream import follow
 from reservd.v1 import reservd_pb2 as pb
 
 COMMANDS = ("channel", "allocate", "buckets", "ats", "watch-ats")
@@ -145,21 +146,7 @@ async def run(client, args, emit) -> int:
 
 
 async def _watch_ats(client, args, emit) -> int:
-    import grpc
-
-    from reservd.client import ReservdError
-
     channels = args.channel or [c.channel for c in await client.list_channels()]
-    seen = 0
-    try:
-        async for update in client.watch_ats(
-            channels, args.skus, args.from_sequence, deadline_seconds=args.deadline or None
-        ):
-            emit(update)
-            seen += 1
-            if args.count and seen >= args.count:
-                break
-    except ReservdError as error:
-        if error.code is not grpc.StatusCode.DEADLINE_EXCEEDED or args.count:
-            raise
-    return 0
+    return await follow(client.watch_ats(
+        channels, args.skus, args.from_sequence, deadline_seconds=args.deadline or None
+    ), emit, args.count)
