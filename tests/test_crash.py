@@ -118,27 +118,29 @@ async def _worker(stub, recorder: Recorder, worker: int, cycle: int, rng: random
         acked()
 
 
-def test_kill_9_under_load_loses_no_acknowledged_operation(tmp_path):
-    rng = random.Random(20261126)
-    recorder = Recorder()
+def kill_9_cycles(tmp_path, daemon_args: tuple[str, ...], rng: random.Random, recorder: Recorder,
+                  supplied: dict[str, int], cycles: int, acked_per_cycle: tuple[int, int],
+                  tasks, snapshot_every: int = 0):
+    """``cycles`` lives of a daemon on tmp_path/data (``daemon_args`` besides --data-dir), its
+    WAL segments tapped: the first life sets ``supplied`` stock; in each, ``tasks(stub, admin,
+    number, acked)`` makes the coroutines of the load, and the daemon is killed -9 once
+    ``acked()`` was called a random number of times within ``acked_per_cycle`` (every
+    ``snapshot_every``-th life instead: once a snapshot was written). Then one more start reads
+    the final state of ``supplied`` and of every reservation the history names. Returns
+    (report, snapshots written)."""
     data = tmp_path / "data"
     tap = SegmentTap(data, tmp_path / "archive")
-    daemon = DaemonProcess(
-        "--data-dir", str(data),
-        "--snapshot-records-interval", str(SNAPSHOT_RECORDS_INTERVAL),
-        "--segment-bytes-max", "65536",
-    )
+    daemon = DaemonProcess("--data-dir", str(data), *daemon_args)
     snapshots = 0
 
     async def cycle(number: int) -> None:
         async with grpc.aio.insecure_channel(daemon.target) as channel:
-            stub = pb_grpc.ReservationsStub(channel)
+            stub, admin = pb_grpc.ReservationsStub(channel), pb_grpc.AdminStub(channel)
             if number == 0:
-                admin = pb_grpc.AdminStub(channel)
-                for sku, on_hand in SUPPLIED.items():
+                for sku, on_hand in supplied.items():
                     await recorder.call(0, "set_stock", admin.SetStock, pb.SetStockRequest(
                         sku=sku, on_hand=on_hand, adjustment_id=f"init-{sku}"))
-            target = rng.randint(*ACKED_PER_CYCLE)
+            target = rng.randint(*acked_per_cycle)
             done = asyncio.Event()
             count = 0
 
@@ -148,41 +150,53 @@ def test_kill_9_under_load_loses_no_acknowledged_operation(tmp_path):
                 if count >= target:
                     done.set()
 
-            workers = [
-                asyncio.create_task(_worker(stub, recorder, w, number, random.Random(rng.random()),
-                                            acked))
-                for w in range(WORKERS)
-            ]
-            if number % SNAPSHOT_EVERY == SNAPSHOT_EVERY - 1:
+            loads = [asyncio.create_task(load) for load in tasks(stub, admin, number, acked)]
+            if snapshot_every and number % snapshot_every == snapshot_every - 1:
                 await eventually(lambda: daemon.logged("snapshot"), "snapshot written")
             else:
                 await asyncio.wait_for(done.wait(), 120)
             daemon.signal(signal.SIGKILL)
             await asyncio.to_thread(daemon.wait)
-            await asyncio.gather(*workers)
+            await asyncio.gather(*loads)
 
     try:
-        for number in range(CYCLES):
+        for number in range(cycles):
             tap.start(number)
             daemon.start()
             asyncio.run(cycle(number))
             tap.stop()
             snapshots += len(daemon.logged("snapshot"))
-        tap.start(CYCLES)
+        tap.start(cycles)
         daemon.start()
-        reservation_ids = {op.key for op in recorder.ops if op.kind != "set_stock"}
+        reservation_ids = {op.key for op in recorder.ops
+                           if op.kind in ("reserve", "commit", "release", "fulfil")}
 
         async def read_final():
             async with grpc.aio.insecure_channel(daemon.target) as channel:
                 return await read_final_state(
-                    pb_grpc.ReservationsStub(channel), SUPPLIED, reservation_ids
+                    pb_grpc.ReservationsStub(channel), supplied, reservation_ids
                 )
 
         final = asyncio.run(read_final())
     finally:
         daemon.kill()
         tap.stop()
-    report = check(recorder.ops, wal=read_wal(*tap.lives), final=final)
+    return check(recorder.ops, wal=read_wal(*tap.lives), final=final), final, snapshots
+
+
+def test_kill_9_under_load_loses_no_acknowledged_operation(tmp_path):
+    rng = random.Random(20261126)
+    recorder = Recorder()
+
+    def tasks(stub, admin, number, acked):
+        return [_worker(stub, recorder, w, number, random.Random(rng.random()), acked)
+                for w in range(WORKERS)]
+
+    report, final, snapshots = kill_9_cycles(
+        tmp_path, ("--snapshot-records-interval", str(SNAPSHOT_RECORDS_INTERVAL),
+                   "--segment-bytes-max", "65536"),
+        rng, recorder, SUPPLIED, CYCLES, ACKED_PER_CYCLE, tasks, SNAPSHOT_EVERY,
+    )
     granted = dict.fromkeys(SUPPLIED, 0)
     for state_lines in final.reservations.values():
         if state_lines is not None and state_lines[0] in (HELD, COMMITTED, FULFILLED):

@@ -4,17 +4,12 @@ every acknowledged command in the log, each unanswered one absent or whole, and 
 and the final counters as the model (written from the README) says."""
 from __future__ import annotations
 
-import asyncio
 import random
-import signal
 
-import grpc
-from daemonproc import DaemonProcess
-from history import Recorder, check, read_final_state, read_wal
-from test_crash import SegmentTap, _worker
+from history import Recorder
+from test_crash import _worker, kill_9_cycles
 
 from reservd.v1 import reservd_pb2 as pb
-from reservd.v1 import reservd_pb2_grpc as pb_grpc
 
 CYCLES = 4
 SKUS = {"hot": 40, **{f"cold-{i}": 1_000 for i in range(30)}}
@@ -68,63 +63,19 @@ async def _stock_admin(admin, recorder: Recorder, cycle: int, rng: random.Random
 def test_kill_9_mid_flow_of_returns_and_receipts_loses_nothing_acknowledged(tmp_path):
     rng = random.Random(20261204)
     recorder = Recorder()
-    data = tmp_path / "data"
-    tap = SegmentTap(data, tmp_path / "archive")
-    daemon = DaemonProcess("--data-dir", str(data), "--snapshot-records-interval", "300")
     returned: dict[str, int] = {}
     orders: list[str] = []
 
-    async def cycle(number: int) -> None:
-        async with grpc.aio.insecure_channel(daemon.target) as channel:
-            stub, admin = pb_grpc.ReservationsStub(channel), pb_grpc.AdminStub(channel)
-            if number == 0:
-                for sku, on_hand in SKUS.items():
-                    await recorder.call(0, "set_stock", admin.SetStock, pb.SetStockRequest(
-                        sku=sku, on_hand=on_hand, adjustment_id=f"init-{sku}"))
-            target = rng.randint(*ACKED_PER_CYCLE)
-            done = asyncio.Event()
-            count = 0
+    def tasks(stub, admin, number, acked):
+        workers = [_worker(stub, recorder, w, number, random.Random(rng.random()), acked)
+                   for w in range(WORKERS)]
+        return workers + [_stock_admin(admin, recorder, number, random.Random(rng.random()),
+                                       acked, returned, orders)]
 
-            def acked() -> None:
-                nonlocal count
-                count += 1
-                if count >= target:
-                    done.set()
-
-            tasks = [
-                asyncio.create_task(_worker(stub, recorder, w, number,
-                                            random.Random(rng.random()), acked))
-                for w in range(WORKERS)
-            ]
-            tasks.append(asyncio.create_task(_stock_admin(
-                admin, recorder, number, random.Random(rng.random()), acked, returned, orders)))
-            await asyncio.wait_for(done.wait(), 120)
-            daemon.signal(signal.SIGKILL)
-            await asyncio.to_thread(daemon.wait)
-            await asyncio.gather(*tasks)
-
-    try:
-        for number in range(CYCLES):
-            tap.start(number)
-            daemon.start()
-            asyncio.run(cycle(number))
-            tap.stop()
-        tap.start(CYCLES)
-        daemon.start()
-        reservation_ids = {op.key for op in recorder.ops
-                           if op.kind in ("reserve", "commit", "release", "fulfil")}
-
-        async def read_final():
-            async with grpc.aio.insecure_channel(daemon.target) as channel:
-                return await read_final_state(
-                    pb_grpc.ReservationsStub(channel), SKUS, reservation_ids
-                )
-
-        final = asyncio.run(read_final())
-    finally:
-        daemon.kill()
-        tap.stop()
-    report = check(recorder.ops, wal=read_wal(*tap.lives), final=final)
+    report, _, _ = kill_9_cycles(
+        tmp_path, ("--snapshot-records-interval", "300"), rng, recorder, SKUS, CYCLES,
+        ACKED_PER_CYCLE, tasks,
+    )
     print(f"kill -9 mid-flow of returns and receipts, {CYCLES} cycles: {report}")
     assert report.ok, report
     kinds = {op.kind for op in recorder.ops if op.acked}

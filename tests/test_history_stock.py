@@ -7,14 +7,12 @@ import asyncio
 import random
 
 import grpc
-from conftest import aio, eventually, running, test_config
-from history import Recorder, check, read_final_state, read_wal
-from test_history import SKUS, _buyer
+from conftest import aio
+from history import Recorder
+from test_history import SKUS, checked_run
 
 from reservd.clock import ManualClock
-from reservd.ledger import State
 from reservd.v1 import reservd_pb2 as pb
-from reservd.v1 import reservd_pb2_grpc as pb_grpc
 
 BUYERS = 16
 ADMIN_OPS = 160
@@ -66,36 +64,9 @@ async def _stock_admin(recorder: Recorder, admin, clock: ManualClock, rng: rando
 
 @aio
 async def test_returns_and_receipts_racing_buyers_check_out(tmp_path):
-    rng = random.Random(20261204)
-    clock = ManualClock()
-    recorder = Recorder()
-    data = tmp_path / "data"
-    async with running(test_config(data), clock=clock) as server:
-        for sku in SKUS:
-            await recorder.call(0, "set_stock", server.admin.SetStock, pb.SetStockRequest(
-                sku=sku, on_hand=12, adjustment_id=f"init-{sku}"))
-        channels = [grpc.aio.insecure_channel(server.target) for _ in range(4)]
-        stubs = [pb_grpc.ReservationsStub(channel) for channel in channels]
-        await asyncio.gather(
-            _stock_admin(recorder, server.admin, clock, random.Random(rng.random())),
-            *(_buyer(recorder, client, stubs[client % 4], random.Random(rng.random()))
-              for client in range(1, BUYERS + 1)),
-        )
-        for channel in channels:
-            await channel.close()
-        clock.advance(3_600_000)
-        ledger = server.daemon.ledger
-        await eventually(
-            lambda: not any(r.state is State.HELD for r in ledger.reservations.values()),
-            "every hold expired",
-        )
-        await server.daemon.log.commit()
-        seq = ledger.seq
-        reservation_ids = {op.request.reservation_id for op in recorder.ops
-                           if op.kind in ("reserve", "commit", "extend", "release", "fulfil")}
-        final = await read_final_state(server.reservations, SKUS, reservation_ids, seq=seq)
-        assert ledger.seq == seq, "nothing moved while the final state was read"
-    report = check(recorder.ops, wal=read_wal(data), final=final)
+    recorder, report = await checked_run(
+        tmp_path / "data", random.Random(20261204), 12, _stock_admin, BUYERS
+    )
     print(f"stock states and incoming, 17 clients: {report}")
     assert report.ok, report
     kinds = {op.kind for op in recorder.ops if op.acked and not op.response.replayed}
