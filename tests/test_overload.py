@@ -14,6 +14,7 @@ import h2.connection
 from conftest import aio, running, test_config
 from daemonproc import DaemonProcess
 
+from reservd import handlers
 from reservd.v1 import reservd_pb2 as pb
 from reservd.v1 import reservd_pb2_grpc as pb_grpc
 
@@ -162,3 +163,32 @@ async def test_streams_per_identity_and_rate_are_resource_exhausted_with_a_retry
         pushback = dict(limited.trailing_metadata())["grpc-retry-pushback-ms"]
         assert 0 < int(pushback) <= 1_000
         assert r.daemon.admission.refused == 2
+
+
+@aio
+async def test_authorisation_is_checked_before_admission():
+    """A caller refused by authorisation never takes (nor releases) a slot of admission."""
+    steps = []
+
+    class Refused(Exception):
+        pass
+
+    async def check(context) -> None:
+        steps.append("authorisation")
+        raise Refused
+
+    class Admission:
+        async def enter(self, context, streaming: bool):
+            steps.append("admission")
+
+        def leave(self, key) -> None:
+            steps.append("leave")
+
+    call = handlers._Call()
+    try:
+        await call.enter(pb.GetStockRequest(), None, "/m", check, Admission(), False, False)
+    except Refused:
+        pass
+    assert steps == ["authorisation"] and call.admission is None
+    await call.enter(pb.GetStockRequest(), None, "/m", None, Admission(), False, False)
+    assert steps == ["authorisation", "admission"] and call.admission is not None

@@ -103,41 +103,65 @@ async def _checked(requests, context, method: str):
         yield request
 
 
+class _Call:
+    """One call's prelude and accounting, the same for every kind of handler."""
+
+    __slots__ = ("started", "code", "admission", "key")
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.code = _OK
+        self.admission: Admission | None = None
+        self.key = None
+
+    async def enter(self, request, context, method: str, check, admission, streaming: bool,
+                    client_streaming: bool):
+        """Authorisation, then admission, then the body: the request the servicer gets.
+        An unauthorised caller is refused before it can take a slot of anyone's admission."""
+        if check is not None:
+            await check(context)
+        if admission is not None:
+            self.key = await admission.enter(context, streaming)
+            self.admission = admission
+        if client_streaming:
+            return _checked(request, context, method)
+        if type(request) is Undecodable:
+            await _refuse(context, method, request)
+        return request
+
+    def ended(self, context, error: BaseException) -> None:
+        """The call ends by an abort or a cancellation: the code it is counted under."""
+        if isinstance(error, grpc.aio.AbortError):
+            self.code = context.code() or grpc.StatusCode.UNKNOWN
+        else:
+            self.code = grpc.StatusCode.CANCELLED
+
+    def leave(self, rpc) -> None:
+        if self.admission is not None:
+            self.admission.leave(self.key)
+        rpc.observe(self.code, time.perf_counter() - self.started)
+
+
 def _unary_response(
     method: str, behaviour, on_bug: OnBug, client_streaming: bool, check, rpc, admission
 ):
-    streaming = False
-
     async def handle(request, context):
-        started = time.perf_counter()
-        code = _OK
-        admitted = False
+        call = _Call()
         try:
-            if check is not None:
-                await check(context)
-            if admission is not None:
-                key = await admission.enter(context, streaming)
-                admitted = True
-            if client_streaming:
-                request = _checked(request, context, method)
-            elif type(request) is Undecodable:
-                await _refuse(context, method, request)
+            request = await call.enter(
+                request, context, method, check, admission, False, client_streaming
+            )
             try:
                 return await behaviour(request, context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as error:
                 await _bug(context, method, error, on_bug)
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+        except (grpc.aio.AbortError, asyncio.CancelledError) as error:
+            call.ended(context, error)
             raise
         finally:
-            if admitted:
-                admission.leave(key)
-            rpc.observe(code, time.perf_counter() - started)
+            call.leave(rpc)
 
     return handle
 
@@ -145,22 +169,12 @@ def _unary_response(
 def _stream_response(
     method: str, behaviour, on_bug: OnBug, client_streaming: bool, check, rpc, admission
 ):
-    streaming = True
-
     async def handle(request, context):
-        started = time.perf_counter()
-        code = _OK
-        admitted = False
+        call = _Call()
         try:
-            if check is not None:
-                await check(context)
-            if admission is not None:
-                key = await admission.enter(context, streaming)
-                admitted = True
-            if client_streaming:
-                request = _checked(request, context, method)
-            elif type(request) is Undecodable:
-                await _refuse(context, method, request)
+            request = await call.enter(
+                request, context, method, check, admission, True, client_streaming
+            )
             try:
                 async for response in behaviour(request, context):
                     yield response
@@ -168,16 +182,11 @@ def _stream_response(
                 raise
             except Exception as error:
                 await _bug(context, method, error, on_bug)
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED
+        except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit) as error:
+            call.ended(context, error)
             raise
         finally:
-            if admitted:
-                admission.leave(key)
-            rpc.observe(code, time.perf_counter() - started)
+            call.leave(rpc)
 
     return handle
 
