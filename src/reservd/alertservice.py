@@ -8,6 +8,7 @@ import grpc
 from reservd import validation
 from reservd.alerts import LEVEL_MAX
 from reservd.alertwatch import TooManyAlertWatchers
+from reservd.refusals import invalid
 from reservd.v1 import reservd_pb2 as pb
 from reservd.validation import Invalid
 
@@ -37,7 +38,7 @@ class AlertRpcs:
         try:
             kinds, sku, level_min, limit = _get_request(request, self.limits)
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         return pb.GetAlertsResponse(
             alerts=self.ledger.alerts.recent(kinds, sku, level_min, limit)
         )

@@ -22,7 +22,8 @@ from reservd.config import Limits
 from reservd.guard import Guard
 from reservd.ledger import Ledger, Rejection, ReserveOutcome, State
 from reservd.mirror import MirrorUnavailable
-from reservd.service import _STATUS, Durability, _reservation_response
+from reservd.refusals import STATUS
+from reservd.service import Durability, _reservation_response
 from reservd.v1 import reservd_pb2 as pb
 from reservd.validation import Invalid
 from reservd.wal import WalFailed
@@ -30,7 +31,7 @@ from reservd.wal import WalFailed
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
-_CODES = {code: status.value[0] for code, status in _STATUS.items()}
+_CODES = {code: status.value[0] for code, status in STATUS.items()}
 _KINDS = "reserve, commit, extend, release, fulfil"
 
 

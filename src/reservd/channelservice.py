@@ -11,12 +11,11 @@ from reservd.channelpolicy import (
 )
 from reservd.channels import SHARED
 from reservd.config import Limits
-from reservd.ledger import Code, Rejection
+from reservd.ledger import Rejection
+from reservd.refusals import invalid, reject, writable
 from reservd.ruleservice import rule_messages
 from reservd.v1 import reservd_pb2 as pb
 from reservd.validation import Invalid
-
-_STATUS = {code: getattr(grpc.StatusCode, code.value) for code in Code}
 
 # ChannelPolicy's optional numbers, each with its default from reservd.channels.Policy.
 _NUMBERS = (
@@ -146,7 +145,7 @@ class AtsRpcs:
                 for i, value in enumerate(values)
             )
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         policies = self.ledger.channels.policies
         for i, channel in enumerate(channels):
             if channel not in policies:
@@ -160,7 +159,7 @@ class AtsRpcs:
         try:
             skus = validation.skus("skus", values, self.limits, count_max, required=required)
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         for i, counters in enumerate(self.ledger.table.stock(skus)):
             if counters is None:
                 await context.abort(
@@ -214,13 +213,10 @@ class ChannelAdminRpcs:
         """Run the ledger's decision while writes are open; answer a refusal; wait until the
         change is durable and, like a grant, in the Redis mirror: a change of buckets or
         policies may take a channel's ats or a bucket's free units down."""
-        if self.guard.write_reason is not None:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"writes are closed: {self.guard.write_reason}"
-            )
+        await writable(self.guard, context)
         outcome = decide()
         if isinstance(outcome, Rejection):
-            await context.abort(_STATUS[outcome.code], outcome.text())
+            await reject(context, outcome)
         if outcome.seq:
             await self.durability.wait(outcome.seq, context, grant=True)
         return outcome
@@ -234,7 +230,7 @@ class ChannelAdminRpcs:
             policy = policy_of("policy", request.policy, self.limits)
             change_id = self._change_id(request)
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         outcome = await self._decided(
             lambda: self.ledger.set_channel(change_id, channel, policy), context
         )
@@ -252,7 +248,7 @@ class ChannelAdminRpcs:
                 for i, value in enumerate(request.channels)
             )
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         policies = self.ledger.channels.policies
         for i, channel in enumerate(names):
             if channel not in policies:
@@ -272,7 +268,7 @@ class ChannelAdminRpcs:
             overrides = overrides_of("overrides", request.overrides, limits)
             change_id = self._change_id(request)
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         outcome = await self._decided(
             lambda: self.ledger.set_sku_policy(change_id, sku, channel, overrides), context
         )
@@ -296,7 +292,7 @@ class ChannelAdminRpcs:
                 )
             change_id = self._change_id(request)
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         outcome = await self._decided(
             lambda: self.ledger.allocate(change_id, sku, from_bucket, to_bucket, request.units),
             context,
@@ -310,7 +306,7 @@ class ChannelAdminRpcs:
         try:
             skus = validation.skus("skus", request.skus, self.limits, self.limits.get_skus_max)
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         book = self.ledger.channels
         out = []
         for i, sku in enumerate(skus):

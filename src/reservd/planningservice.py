@@ -2,10 +2,9 @@
 validate and translate; the rules are in reservd.planning, reached through the ledger."""
 from __future__ import annotations
 
-import grpc
-
 from reservd import validation
 from reservd.planning import CLASSES
+from reservd.refusals import invalid
 from reservd.v1 import reservd_pb2 as pb
 from reservd.validation import Invalid
 
@@ -50,7 +49,7 @@ class PlanningRpcs:
         try:
             settings = settings_of(request, self.limits)
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         outcome = await self._decided(lambda: self.ledger.set_replenishment(*settings), context)
         row = self.ledger.replenishment_rows((settings[0],), "", 1)[0]
         return pb.SetReplenishmentResponse(
@@ -65,7 +64,7 @@ class PlanningRpcs:
             after = validation.text("after_sku", request.after_sku, limits.id_bytes_max,
                                     required=False)
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         rows = self.ledger.replenishment_rows(skus, after, self._limit(request.limit))
         return pb.GetReplenishmentResponse(rows=[replenishment_message(row) for row in rows])
 

@@ -8,6 +8,7 @@ from reservd import validation
 from reservd.channelpolicy import BASIS_POINTS
 from reservd.promotions import Promotion
 from reservd.rules import FIELDS, Rule
+from reservd.refusals import invalid
 from reservd.v1 import reservd_pb2 as pb
 from reservd.validation import Invalid
 from reservd.velocity import MILLI
@@ -97,7 +98,7 @@ class RuleAdminRpcs:
             fields = rule_fields("policy", request.policy, limits)
             change_id = validation.text("change_id", request.change_id, limits.id_bytes_max)
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         outcome = await self._decided(
             lambda: self.ledger.set_rule_policy(change_id, sku, channel, fields), context
         )
@@ -111,7 +112,7 @@ class RuleAdminRpcs:
         try:
             sku = validation.text("sku", request.sku, self.limits.id_bytes_max)
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         ledger = self.ledger
         if ledger.table.lookup(sku) < 0:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"sku: sku {sku!r} is unknown")
@@ -163,7 +164,7 @@ class RuleAdminRpcs:
             if not 0 <= request.forecast_units <= limits.on_hand_max:
                 raise Invalid("forecast_units", f"must be between 0 and {limits.on_hand_max}")
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         outcome = await self._decided(
             lambda: self.ledger.set_promotion(
                 promotion_id, tuple(skus), channels, request.starts_at_ms, request.ends_at_ms,
@@ -179,7 +180,7 @@ class RuleAdminRpcs:
         try:
             sku = validation.text("sku", request.sku, self.limits.id_bytes_max, required=False)
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         ledger = self.ledger
         now_ms = ledger.clock.now_ms()
         return pb.ListPromotionsResponse(promotions=[

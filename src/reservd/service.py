@@ -15,7 +15,8 @@ from reservd.guard import Guard
 from reservd.planningservice import PlanningRpcs
 from reservd.stockservice import StockStateRpcs, stock_message
 from reservd.mirror import MirrorSlow, MirrorUnavailable
-from reservd.ledger import Code, Ledger, Rejection, Reservation, ReservationOutcome, State
+from reservd.ledger import Ledger, Rejection, Reservation, ReservationOutcome, State
+from reservd.refusals import invalid, reject, writable
 from reservd.v1 import reservd_pb2 as pb
 from reservd.v1 import reservd_pb2_grpc as pb_grpc
 from reservd.validation import Invalid
@@ -23,15 +24,6 @@ from reservd.wal import WalFailed
 from reservd.watch import TooManyWatchers, WatchHub
 
 audit = logging.getLogger("reservd.audit")
-
-_STATUS = {
-    Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    Code.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
-    Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-}
-
 
 class Durability:
     """Waits until a mutation may be acknowledged: its WAL record is durable and, for a grant
@@ -71,22 +63,6 @@ class Durability:
             )
         except WalFailed as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not acknowledged: {error}")
-
-
-async def _reject(context, rejection: Rejection) -> None:
-    await context.abort(_STATUS[rejection.code], rejection.text())
-
-
-async def _invalid(context, error: Invalid) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-
-
-async def _writable(guard: Guard, context) -> None:
-    """Refuse a mutation while the log cannot make it durable."""
-    if guard.write_reason is not None:
-        await context.abort(
-            grpc.StatusCode.UNAVAILABLE, f"writes are closed: {guard.write_reason}"
-        )
 
 
 def _reservation_response(outcome: ReservationOutcome) -> pb.ReservationResponse:
@@ -134,7 +110,7 @@ class ReservationsService(AtsRpcs, AlertRpcs, pb_grpc.ReservationsServicer):
             )
         except Invalid as error:
             self.metrics.reserve_rejected.inc()
-            await _invalid(context, error)
+            await invalid(context, error)
         if self.guard.grant_reason is not None:
             self.metrics.reserve_unavailable.inc()
             await context.abort(
@@ -151,7 +127,7 @@ class ReservationsService(AtsRpcs, AlertRpcs, pb_grpc.ReservationsServicer):
         )
         if isinstance(outcome, Rejection):
             self.metrics.reserve_rejected.inc()
-            await _reject(context, outcome)
+            await reject(context, outcome)
         # Built before any await: each line's buckets and ats belong to this very outcome.
         book = self.ledger.channels
         lines = [
@@ -183,7 +159,7 @@ class ReservationsService(AtsRpcs, AlertRpcs, pb_grpc.ReservationsServicer):
 
     async def _finish(self, outcome, context) -> pb.ReservationResponse:
         if isinstance(outcome, Rejection):
-            await _reject(context, outcome)
+            await reject(context, outcome)
         if outcome.seq:
             await self.durability.wait(outcome.seq, context)
         return _reservation_response(outcome)
@@ -199,41 +175,39 @@ class ReservationsService(AtsRpcs, AlertRpcs, pb_grpc.ReservationsServicer):
             if denial is not None:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, denial)
 
-    async def Commit(self, request: pb.CommitRequest, context) -> pb.ReservationResponse:
+    async def _change(self, context, verb: str, parse, change) -> pb.ReservationResponse:
+        """The prelude of Commit, Extend, Release and Fulfil, in this order: the request is
+        valid (``parse()``: reservation_id, then the rest), the caller owns the reservation,
+        writes are open; then ``change(reservation_id, *rest)`` on the ledger."""
         try:
-            reservation_id, lines = validation.commit_request(request, self.limits)
+            reservation_id, *rest = parse()
         except Invalid as error:
-            await _invalid(context, error)
-        await self._owned(reservation_id, "commit", context)
-        await _writable(self.guard, context)
-        return await self._finish(self.ledger.commit(reservation_id, lines), context)
+            await invalid(context, error)
+        await self._owned(reservation_id, verb, context)
+        await writable(self.guard, context)
+        return await self._finish(change(reservation_id, *rest), context)
+
+    async def Commit(self, request: pb.CommitRequest, context) -> pb.ReservationResponse:
+        return await self._change(
+            context, "commit", lambda: validation.commit_request(request, self.limits),
+            self.ledger.commit,
+        )
 
     async def Extend(self, request: pb.ExtendRequest, context) -> pb.ReservationResponse:
-        try:
-            reservation_id, ttl_seconds = validation.extend_request(request, self.limits)
-        except Invalid as error:
-            await _invalid(context, error)
-        await self._owned(reservation_id, "extend", context)
-        await _writable(self.guard, context)
-        return await self._finish(self.ledger.extend(reservation_id, ttl_seconds), context)
+        return await self._change(
+            context, "extend", lambda: validation.extend_request(request, self.limits),
+            self.ledger.extend,
+        )
 
     async def Release(self, request: pb.ReleaseRequest, context) -> pb.ReservationResponse:
-        try:
-            reservation_id = self._reservation_id(request)
-        except Invalid as error:
-            await _invalid(context, error)
-        await self._owned(reservation_id, "release", context)
-        await _writable(self.guard, context)
-        return await self._finish(self.ledger.release(reservation_id), context)
+        return await self._change(
+            context, "release", lambda: (self._reservation_id(request),), self.ledger.release
+        )
 
     async def Fulfil(self, request: pb.FulfilRequest, context) -> pb.ReservationResponse:
-        try:
-            reservation_id = self._reservation_id(request)
-        except Invalid as error:
-            await _invalid(context, error)
-        await self._owned(reservation_id, "fulfil", context)
-        await _writable(self.guard, context)
-        return await self._finish(self.ledger.fulfil(reservation_id), context)
+        return await self._change(
+            context, "fulfil", lambda: (self._reservation_id(request),), self.ledger.fulfil
+        )
 
     async def GetReservation(
         self, request: pb.GetReservationRequest, context
@@ -241,7 +215,7 @@ class ReservationsService(AtsRpcs, AlertRpcs, pb_grpc.ReservationsServicer):
         try:
             reservation_id = self._reservation_id(request)
         except Invalid as error:
-            await _invalid(context, error)
+            await invalid(context, error)
         await self._owned(reservation_id, "read", context)
         reservation = self.ledger.reservations.get(reservation_id)
         if reservation is None:
@@ -254,7 +228,7 @@ class ReservationsService(AtsRpcs, AlertRpcs, pb_grpc.ReservationsServicer):
         try:
             skus = validation.skus("skus", request.skus, self.limits, self.limits.get_skus_max)
         except Invalid as error:
-            await _invalid(context, error)
+            await invalid(context, error)
         stock = []
         for i, (sku, counters) in enumerate(zip(skus, self.ledger.stock_rows(skus))):
             if counters is None:
@@ -272,7 +246,7 @@ class ReservationsService(AtsRpcs, AlertRpcs, pb_grpc.ReservationsServicer):
                 "skus", request.skus, self.limits, self.limits.watch_skus_max, required=False
             )
         except Invalid as error:
-            await _invalid(context, error)
+            await invalid(context, error)
         for i, counters in enumerate(self.ledger.table.stock(skus)):
             if counters is None:
                 await context.abort(
@@ -315,7 +289,7 @@ class AdminService(
 
     async def _answer(self, outcome, context, method: str, adjustment_id: str):
         if isinstance(outcome, Rejection):
-            await _reject(context, outcome)
+            await reject(context, outcome)
         if outcome.seq:
             # A lower on_hand makes stock less available: the mirror must hold it first.
             grant = outcome.on_hand < outcome.previous_on_hand
@@ -347,8 +321,8 @@ class AdminService(
             sku, adjustment_id, reason, expected = self._common(request)
             on_hand = validation.on_hand("on_hand", request.on_hand, self.limits)
         except Invalid as error:
-            await _invalid(context, error)
-        await _writable(self.guard, context)
+            await invalid(context, error)
+        await writable(self.guard, context)
         outcome = self.ledger.set_stock(
             adjustment_id, sku, on_hand, expected, reason, auth.caller.get() or ""
         )
@@ -359,8 +333,8 @@ class AdminService(
             sku, adjustment_id, reason, expected = self._common(request)
             delta = validation.delta("delta", request.delta, self.limits)
         except Invalid as error:
-            await _invalid(context, error)
-        await _writable(self.guard, context)
+            await invalid(context, error)
+        await writable(self.guard, context)
         outcome = self.ledger.adjust_stock(
             adjustment_id, sku, delta, expected, reason, auth.caller.get() or ""
         )

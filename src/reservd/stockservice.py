@@ -2,9 +2,8 @@
 the rules are in reservd.stockstates, reached through the ledger."""
 from __future__ import annotations
 
-import grpc
-
 from reservd import stockstates, validation
+from reservd.refusals import invalid
 from reservd.v1 import reservd_pb2 as pb
 from reservd.validation import Invalid
 
@@ -51,7 +50,7 @@ class StockStateRpcs:
                 "reservation_id", request.reservation_id, limits.id_bytes_max, required=False
             )
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         return await self._state_answer(
             lambda: self.ledger.receive_return(return_id, sku, units, reservation_id), context
         )
@@ -63,7 +62,7 @@ class StockStateRpcs:
             sellable = validation.on_hand("sellable_units", request.sellable_units, limits)
             damaged = validation.on_hand("damaged_units", request.damaged_units, limits)
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         return await self._state_answer(
             lambda: self.ledger.inspect(return_id, sellable, damaged), context
         )
@@ -76,7 +75,7 @@ class StockStateRpcs:
             units = _positive("units", request.units, limits)
             state = validation.text("state", request.state, limits.id_bytes_max)
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         return await self._state_answer(
             lambda: self.ledger.write_off(change_id, sku, units, state), context
         )
@@ -90,7 +89,7 @@ class StockStateRpcs:
             if request.eta_ms < 0:
                 raise Invalid("eta_ms", f"must be >= 0, not {request.eta_ms}")
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         outcome = await self._decided(
             lambda: self.ledger.expect_receipt(po_id, sku, units, request.eta_ms), context
         )
@@ -103,7 +102,7 @@ class StockStateRpcs:
             po_id = validation.text("po_id", request.po_id, limits.id_bytes_max)
             units = _positive("units", request.units, limits)
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         outcome = await self._decided(
             lambda: self.ledger.receive(receipt_id, po_id, units), context
         )
