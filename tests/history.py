@@ -7,8 +7,11 @@ checker *reads* it from the answers and verifies it:
 (a) real-time order: if call A completed before call B was invoked, seq(A) < seq(B);
 (b) replaying the mutations in sequence order on :class:`history_model.Model` (plain Python,
     written from the README and the shared rules, not from the ledger) gives exactly the
-    answers every client saw, and the final GetStock/GetReservation state; a sold-out answer
-    (it has no seq) must match the model at one sequence point its call could have observed;
+    answers every client saw -- with channels (history_channels, history_buckets) each
+    Reserve line's bucket draws and ``ats`` too -- and the final GetStock/GetReservation
+    (GetBuckets/GetAts) state; a sold-out answer (it has no seq) must match the model, a
+    refusal within what its channel may draw, at one sequence point its call could have
+    observed, and so must an admin answer read after its wait;
 (c) a call that errored or timed out is absent or present as a whole: the sequences nobody was
     acknowledged for are filled from the write-ahead log, whose every record must be an expiry
     that was due, or exactly the command of a call whose outcome the client never learned.
@@ -35,7 +38,9 @@ from typing import Any, Iterable
 
 import grpc
 
+import history_channels
 import history_stock
+from history_buckets import ats as ats_of, decide
 from history_model import EXPIRED, RELEASED, Model
 
 from reservd import records, wal
@@ -44,12 +49,12 @@ from reservd.v1 import reservd_pb2 as pb
 
 TTL_SECONDS_DEFAULT = 600
 MUTATIONS = ("reserve", "commit", "extend", "release", "fulfil", "set_stock", "adjust_stock",
-             *history_stock.KINDS)
+             *history_stock.KINDS, *history_channels.KINDS)
 _RECORD_KIND = {
     RecordType.RESERVE: "reserve", RecordType.COMMIT: "commit", RecordType.EXTEND: "extend",
     RecordType.RELEASE: "release", RecordType.FULFIL: "fulfil", RecordType.EXPIRE: "expire",
     RecordType.SET_STOCK: "set_stock", RecordType.ADJUST_STOCK: "adjust_stock",
-    **history_stock.RECORD_KINDS,
+    **history_stock.RECORD_KINDS, **history_channels.RECORD_KINDS,
 }
 # Errors after which the call may or may not have happened; any other status is definite:
 # nothing happened.
@@ -85,8 +90,10 @@ class Op:
 
     @property
     def key(self) -> str:
-        """The reservation, adjustment, return, write-off, order or receipt id the call is
-        about."""
+        """The reservation, adjustment, return, write-off, order, receipt or channel change id
+        the call is about."""
+        if self.kind in history_channels.KINDS:
+            return history_channels.key(self.request)
         if self.kind in history_stock.KINDS:
             return history_stock.key(self.kind, self.request)
         if self.kind in ("set_stock", "adjust_stock"):
@@ -131,17 +138,21 @@ class Recorder:
 
 @dataclasses.dataclass
 class FinalState:
-    """What GetStock/GetReservation said after the run; ``seq`` is the last mutation applied
-    when they were read (None: the end of the history)."""
+    """What GetStock/GetReservation (and GetBuckets/GetAts) said after the run; ``seq`` is the
+    last mutation applied when they were read (None: the end of the history)."""
 
     stock: dict[str, tuple[int, int, int]]  # sku -> (on_hand, reserved, committed)
     reservations: dict[str, tuple[int, tuple[tuple[str, int], ...]] | None]  # None: NOT_FOUND
     seq: int | None = None
+    buckets: dict[str, tuple] | None = None  # sku -> ((bucket, free, reserved, committed), ...)
+    ats: dict[tuple[str, str], tuple[int, int, bool]] | None = None  # -> (ats, level, stale)
 
 
 async def read_final_state(stub, skus: Iterable[str], reservation_ids: Iterable[str],
-                           seq: int | None = None) -> FinalState:
-    """Read every SKU and reservation through a ReservationsStub (256 calls at a time)."""
+                           seq: int | None = None, admin=None,
+                           channels: Iterable[str] = ()) -> FinalState:
+    """Read every SKU and reservation through a ReservationsStub (256 calls at a time); with
+    an AdminStub also every SKU's buckets, and the ats of each of ``channels``."""
     skus = sorted(set(skus))
     stock = {}
     for start in range(0, len(skus), 500):
@@ -164,7 +175,11 @@ async def read_final_state(stub, skus: Iterable[str], reservation_ids: Iterable[
     found = []
     for start in range(0, len(ids), 256):
         found += await asyncio.gather(*(one(rid) for rid in ids[start:start + 256]))
-    return FinalState(stock, dict(zip(ids, found)), seq)
+    final = FinalState(stock, dict(zip(ids, found)), seq)
+    if admin is not None:
+        final.buckets, final.ats = await history_channels.read_final(
+            admin, stub, skus, channels)
+    return final
 
 
 def read_wal(*directories: Path) -> dict[int, tuple[RecordType, Any]]:
@@ -207,6 +222,11 @@ class Report:
     indefinite_present: int = 0  # ... of which the log holds the whole command
     indefinite_present_reserves: int = 0  # ... of those, grants
     expiries: int = 0  # expiries read from the log
+    strict_grants: int = 0  # grants on strict channels, each within the channel's ats
+    channel_answers: int = 0  # admin channel answers and refused Allocates checked
+    # "sku/bucket" -> the fewest free units the model held there (below 0: oversold, or a
+    # shortfall in shared after a recount)
+    lowest_free: dict[str, int] = dataclasses.field(default_factory=dict)
     last_seq: int = 0
     violations: list[str] = dataclasses.field(default_factory=list)
 
@@ -220,6 +240,7 @@ class Report:
             f"{self.sold_out} sold out, "
             f"{self.replayed} replayed, {self.indefinite} indefinite "
             f"({self.indefinite_present} present), {self.expiries} expiries, "
+            f"{self.strict_grants} strict grants, {self.channel_answers} channel answers, "
             f"last seq {self.last_seq}: "
         )
         if self.ok:
@@ -246,6 +267,8 @@ def _record_matches(op: Op, kind: str, command) -> bool:
     if op.kind != kind:
         return False
     request = op.request
+    if kind in history_channels.KINDS:
+        return history_channels.record_matches(op, command)
     if kind in history_stock.KINDS:
         return history_stock.record_matches(op, command)
     if kind == "reserve":
@@ -345,7 +368,9 @@ def check(ops: list[Op], wal: dict[int, tuple[RecordType, Any]] | None = None,
                 if isinstance(outcome, str):
                     bad(f"seq {seq}: {outcome}")
                 return
-            if kind in history_stock.KINDS:
+            if kind in history_channels.KINDS:
+                key = history_channels.key(command)
+            elif kind in history_stock.KINDS:
                 key = history_stock.key(kind, command)
             elif kind in ("set_stock", "adjust_stock"):
                 key = command.adjustment_id
@@ -403,6 +428,9 @@ def check(ops: list[Op], wal: dict[int, tuple[RecordType, Any]] | None = None,
             why = _check_sold_out(model, op, lo.get(id(op), 0), hi.get(id(op), last_seq))
             if why:
                 bad(why)
+    report.channel_answers = history_channels.check_answers(model, ops, lo, hi, last_seq, bad)
+    report.strict_grants = model.channels.strict_grants
+    report.lowest_free = model.channels.lowest_free
 
     if final is not None and (final.seq is None or final.seq > last_seq or final.seq == 0):
         _check_final(model, final, bad)
@@ -413,6 +441,8 @@ def _apply(model: Model, seq: int, op: Op, command, at_ms):
     """Apply op's command at seq; ``command`` is its log record when the log was given."""
     request = op.request
     kind = op.kind
+    if kind in history_channels.KINDS:
+        return history_channels.apply(model, seq, op, command)
     if kind in history_stock.KINDS:
         return history_stock.apply(model, seq, op)
     if kind == "reserve":
@@ -456,12 +486,16 @@ def _apply(model: Model, seq: int, op: Op, command, at_ms):
 def _compare(op: Op, expected: dict) -> str:
     """What differs between the answer the client saw and the model's ("" if nothing)."""
     response = op.response
-    if op.kind in history_stock.KINDS:
+    if op.kind in history_channels.KINDS:
+        seen = {}
+    elif op.kind in history_stock.KINDS:
         seen = history_stock.seen(op)
     elif op.kind == "reserve":
         seen = {
             "granted": response.granted,
             "lines": tuple((l.sku, l.requested, l.granted, l.available) for l in response.lines),
+            "draws": tuple(history_channels.seen_draws(line) for line in response.lines),
+            "ats": tuple((line.ats, line.level) for line in response.lines),
             "state": response.state,
             "expires_at_ms": response.expires_at_ms,
         }
@@ -489,6 +523,9 @@ def _check_replay(model: Model, op: Op, lo: int, hi: int, bad) -> None:
     was served, at one seq in [lo, hi]: the reservation's latest seq and state then (and for a
     Reserve, granted as long as the hold was not released or expired)."""
     response = op.response
+    if op.kind in history_channels.KINDS:
+        history_channels.check_replay(model, op, bad)
+        return
     if op.kind in history_stock.KINDS:
         history_stock.check_replay(model, op, bad)
         return
@@ -535,31 +572,27 @@ def _check_replay(model: Model, op: Op, lo: int, hi: int, bad) -> None:
 
 def _check_sold_out(model: Model, op: Op, lo: int, hi: int) -> str:
     """A sold-out answer must be the model's at one seq in [lo, hi] (the states the call could
-    have seen), with the very ``available`` figures reported; returns why not ("" if so)."""
-    request = op.request
-    skus, requested = _request_tuple(request)[:2]
-    seen = tuple(line.available for line in op.response.lines)
-    points = {lo}
-    for sku in skus:
-        seqs, _ = model.available_history.get(sku, ((), ()))
-        start = bisect.bisect_right(seqs, lo)
-        end = bisect.bisect_right(seqs, hi)
-        points.update(seqs[start:end])
-    for point in sorted(points):
-        available = tuple(model.available_at(sku, point) for sku in skus)
-        if None in available or available != seen:
+    have seen): a refusal within what its channel may draw, with the very ``available``,
+    ``ats`` and level reported per line; returns why not ("" if so)."""
+    request = _request_tuple(op.request)
+    skus, channel = request[0], request[2]
+    seen = tuple((line.available, line.ats, line.level) for line in op.response.lines)
+    book = model.channels
+    for point in sorted(book.points(skus, lo, hi)):
+        views = [book.view_at(sku, point) for sku in skus]
+        if None in views:
             continue
-        if request.allow_partial:
-            refused = all(free <= 0 for free in available)
-        else:
-            refused = any(asked > free for asked, free in zip(requested, available))
-        if refused:
+        policies = book.policies_at(point)
+        shown = tuple((view.available, *ats_of(policies.of(sku, channel), view))
+                      for sku, view in zip(skus, views))
+        if shown == seen and isinstance(decide(views, policies, request), str):
             return ""
-    return (f"sold out with available {seen}, which the model never had with a refusal "
-            f"between seq {lo} and {hi}: {op}")
+    return (f"sold out with (available, ats, level) {seen}, which the model never had with a "
+            f"refusal between seq {lo} and {hi}: {op}")
 
 
 def _check_final(model: Model, final: FinalState, bad) -> None:
+    history_channels.check_final(model, final.buckets, final.ats, bad)
     for sku, counters in final.stock.items():
         row = model.stock.get(sku)
         if row is None or tuple(row) != tuple(counters):

@@ -7,6 +7,8 @@ import bisect
 import dataclasses
 from typing import Iterable
 
+from history_buckets import ChannelModel
+
 HELD, COMMITTED, RELEASED, EXPIRED, FULFILLED = 1, 2, 3, 4, 5
 STATE_NAMES = {HELD: "HELD", COMMITTED: "COMMITTED", RELEASED: "RELEASED", EXPIRED: "EXPIRED",
                FULFILLED: "FULFILLED"}
@@ -44,8 +46,6 @@ class Model:
         self.stock: dict[str, list[int]] = {}  # sku -> [on_hand, reserved, committed]
         self.reservations: dict[str, _Reservation] = {}
         self.adjustments: dict[str, tuple[tuple, tuple]] = {}  # id -> (request, answer)
-        # sku -> ([seq, ...], [available after that seq, ...]) for sold-out answers
-        self.available_history: dict[str, tuple[list[int], list[int]]] = {}
         # Stock states (README "Stock states"): sku -> [quarantine, damaged]; returns by id
         # (sku, units, inspected); write-offs by id; purchase orders by id [sku, units,
         # received]; receipts by id; incoming units per sku.
@@ -55,50 +55,31 @@ class Model:
         self.orders: dict[str, list] = {}
         self.receipts: dict[str, tuple] = {}
         self.incoming: dict[str, int] = {}
+        # Channels, buckets and ats (README "Channels, buckets and ats").
+        self.channels = ChannelModel(self)
 
     def available(self, sku: str) -> int:
         """on_hand - reserved - committed - units in quarantine or damaged."""
         on_hand, reserved, committed = self.stock[sku]
         return on_hand - reserved - committed - sum(self.states.get(sku, (0, 0)))
 
-    def available_at(self, sku: str, seq: int) -> int | None:
-        seqs, values = self.available_history.get(sku, ((), ()))
-        index = bisect.bisect_right(seqs, seq) - 1
-        return None if index < 0 else values[index]
-
     def _changed(self, seq: int, skus: Iterable[str]) -> None:
-        for sku in skus:
-            seqs, values = self.available_history.setdefault(sku, ([], []))
-            seqs.append(seq)
-            values.append(self.available(sku))
-
-    def decide_reserve(self, skus, requested, allow_partial) -> list[int] | str:
-        """Units granted per line (the all-or-nothing or clamped rule), or why it fails."""
-        for sku in skus:
-            if sku not in self.stock:
-                return f"sku {sku!r} is unknown"
-        granted = []
-        for sku, quantity in zip(skus, requested):
-            free = self.available(sku)  # one line per sku: validation refuses duplicates
-            if allow_partial:
-                granted.append(min(quantity, max(free, 0)))
-            elif quantity <= free:
-                granted.append(quantity)
-            else:
-                return "sold out"
-        if not any(granted):
-            return "sold out"
-        return granted
+        """Remember each SKU's state after ``seq`` (sold-out and admin answers are checked
+        against every state their call could have seen)."""
+        self.channels.changed(seq, skus)
 
     def apply_reserve(self, seq, reservation_id, request, expires_at_ms):
-        skus, requested, _channel, _ttl, allow_partial = request
+        """The all-or-nothing or clamped rule, within what the channel may draw (one line per
+        sku: validation refuses duplicates)."""
+        skus, requested, channel, _ttl, _allow_partial = request
         if reservation_id in self.reservations:
             return f"reservation {reservation_id!r} already exists: a second grant"
-        granted = self.decide_reserve(skus, requested, allow_partial)
+        granted = self.channels.decide(request)
         if isinstance(granted, str):
             return f"granted, but the model says: {granted}"
         for sku, quantity in zip(skus, granted):
             self.stock[sku][1] += quantity
+        draws = self.channels.reserve(reservation_id, channel, skus, granted)
         self.reservations[reservation_id] = _Reservation(
             request, [(s, q) for s, q in zip(skus, granted) if q], None, HELD, expires_at_ms,
             [seq], [HELD],
@@ -110,6 +91,8 @@ class Model:
                 (sku, asked, given, self.available(sku))
                 for sku, asked, given in zip(skus, requested, granted)
             ),
+            "draws": tuple(draws),
+            "ats": tuple(self.channels.ats_of(sku, channel) for sku in skus),
             "state": HELD,
             "expires_at_ms": expires_at_ms,
         }
@@ -140,6 +123,8 @@ class Model:
             row = self.stock[sku]
             row[1] -= held
             row[2] += quantity
+        self.channels.commit(reservation_id, {
+            sku: quantity for (sku, _), quantity in zip(current.lines, committed)})
         current.committed, current.state = committed, COMMITTED
         current.seqs.append(seq)
         current.states.append(current.state)
@@ -169,6 +154,7 @@ class Model:
                 self.stock[sku][1] -= held
             else:
                 self.stock[sku][2] -= current.committed[index]
+        self.channels.finish(reservation_id, fulfilled=False)
         current.state = EXPIRED if expire else RELEASED
         current.seqs.append(seq)
         current.states.append(current.state)
@@ -184,6 +170,7 @@ class Model:
             row = self.stock[sku]
             row[2] -= quantity
             row[0] -= min(quantity, row[0])  # the parcel left; on_hand never goes below 0
+        self.channels.finish(reservation_id, fulfilled=True)
         current.state = FULFILLED
         current.seqs.append(seq)
         current.states.append(current.state)

@@ -253,17 +253,19 @@ def _op(kind, request, response=None, at=(0, 1), code=None) -> Op:
 
 
 def _base():
-    """A clean history: stock 10, a holds 3 then commits them, b (8) is sold out."""
+    """A clean history: stock 10, a holds 3 then commits them, b (8) is sold out (7 available
+    is level 2: a channel with no policy shows 7 - 3 = 4)."""
     ops = [
         _op("set_stock", pb.SetStockRequest(sku="s", on_hand=10, adjustment_id="adj"),
             pb.StockAdjustmentResponse(stock=pb.Stock(sku="s", on_hand=10, available=10),
                                        sequence=1), (0, 1)),
         _op("reserve", cart("a", ("s", 3), ttl_seconds=60),
             pb.ReserveResponse(granted=True, lines=[pb.LineOutcome(
-                sku="s", requested=3, granted=3, available=7)], state=1,
+                sku="s", requested=3, granted=3, available=7, ats=4, level=2)], state=1,
                 expires_at_ms=_T0_MS + 60_000, sequence=2), (2, 3)),
         _op("reserve", cart("b", ("s", 8)),
-            pb.ReserveResponse(lines=[pb.LineOutcome(sku="s", requested=8, available=7)]), (4, 5)),
+            pb.ReserveResponse(lines=[pb.LineOutcome(sku="s", requested=8, available=7, ats=4,
+                                                     level=2)]), (4, 5)),
         _op("commit", pb.CommitRequest(reservation_id="a"),
             pb.ReservationResponse(reservation_id="a", state=2, sequence=3,
                                    lines=[pb.Line(sku="s", quantity=3)]), (6, 7)),
