@@ -183,6 +183,13 @@ class RedisMirror:
         # Told each successful batch write's seconds (reservd.metrics.Metrics).
         self.observer = None
         self._position = 0  # ring position after the last entry <= settled_seq
+        # SKU -> what the latest successful write sent for it (row, rule, channel fields),
+        # kept only while the SKU has entries not durable yet: until its fsync, the next plans
+        # often choose the very same row, and sending it again would change nothing in Redis
+        # (the script writes only newer or lower values). Such rows are not sent again: most
+        # of what channel fields cost a write. At most one per ring entry not durable yet
+        # (watch_ring_capacity); emptied whenever the mirror resynchronises.
+        self._sent: dict[str, tuple] = {}
         self._rewrite_seq = 0  # sequence of the latest full rewrite
         self._open = False
         self._reason = "the Redis mirror is not written yet"
@@ -378,13 +385,21 @@ class RedisMirror:
         except FieldsDropped as error:
             raise _Rebuild(str(error)) from None
         time_ms = time.time_ns() // 1_000_000  # the table was at ``target`` now
-        rows = step.rows
+        sent, lower, channels = self._sent, step.lower, step.channels
+        sending = {row[1]: (row, row[1] in lower, channels.get(row[1])) for row in step.rows}
+        rows = [row for row in step.rows if sent.get(row[1]) != sending[row[1]]]
         chunks = [rows[start:start + batch_max] for start in range(0, len(rows), batch_max)]
         for chunk in chunks[:-1]:  # not the last call: leave the watermark where it is
             await self._apply(chunk, self.settled_seq, 0, step.lower, step.channels)
         await self._apply(
             chunks[-1] if chunks else [], durable, time_ms, step.lower, step.channels
         )
+        pending = step.pending
+        for sku, what in sending.items():
+            if sku in pending:
+                sent[sku] = what
+            else:
+                sent.pop(sku, None)
         self._position = step.settled_position
         self.fields.settle(step.settled_position)
         self.settled_seq = durable
@@ -500,6 +515,7 @@ class RedisMirror:
                 log.error("unexpected mirror failure", exc_info=error)
         self._open = False
         self._reason = why
+        self._sent.clear()
         self.stats.failures += 1
         self._lag_samples.clear()
         self.guard.trip(SOURCE, why)
@@ -546,6 +562,7 @@ class RedisMirror:
     async def _resync(self) -> None:
         """Connect, bring Redis up to date (replay the ring, or rewrite every key), reopen."""
         started = time.monotonic()
+        self._sent.clear()  # Redis may hold less than we sent (it lost data, or a write failed)
         await self._drop_client()
         self._client = client = self._connect()
         self._probe = self._connect("reservd-mirror-probe")
