@@ -138,6 +138,7 @@ class MirrorStats:
     failures: int = 0
     slow_writes: int = 0  # writes answered later than mirror_timeout_ms (Redis probed, alive)
     grant_waits_exceeded: int = 0  # grants answered UNAVAILABLE after mirror_grant_wait_ms_max
+    rows_unchanged: int = 0  # rows not sent again: the previous write sent them as they are
     reopen_seconds_last: float | None = None  # closed -> open again, the latest time
 
 
@@ -189,7 +190,7 @@ class RedisMirror:
         # (the script writes only newer or lower values). Such rows are not sent again: most
         # of what channel fields cost a write. At most one per ring entry not durable yet
         # (watch_ring_capacity); emptied whenever the mirror resynchronises.
-        self._sent: dict[str, tuple] = {}
+        self._sent: dict[str, tuple] = {}  # reservd_mirror_pending_rows
         self._rewrite_seq = 0  # sequence of the latest full rewrite
         self._open = False
         self._reason = "the Redis mirror is not written yet"
@@ -262,6 +263,11 @@ class RedisMirror:
 
         batch.add_done_callback(copy)
         return future
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows remembered as sent for SKUs with changes not durable yet (see ``_sent``)."""
+        return len(self._sent)
 
     @property
     def closed_since(self) -> float | None:
@@ -388,6 +394,7 @@ class RedisMirror:
         sent, lower, channels = self._sent, step.lower, step.channels
         sending = {row[1]: (row, row[1] in lower, channels.get(row[1])) for row in step.rows}
         rows = [row for row in step.rows if sent.get(row[1]) != sending[row[1]]]
+        self.stats.rows_unchanged += len(step.rows) - len(rows)
         chunks = [rows[start:start + batch_max] for start in range(0, len(rows), batch_max)]
         for chunk in chunks[:-1]:  # not the last call: leave the watermark where it is
             await self._apply(chunk, self.settled_seq, 0, step.lower, step.channels)
