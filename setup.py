@@ -58,8 +58,15 @@ def extensions():
         # Without a C compiler the install still works on the pure-Python table (reservd._pytable).
         optional=True,
     )
+    # Every channel's ats for one SKU in one call (reservd.channelpolicy.ats_values's twin).
+    ats = Extension(
+        "reservd._atsvalues",
+        ["ext/reservd/_atsvalues.pyx"],
+        extra_compile_args=["-O2"],
+        optional=True,
+    )
     return cythonize(
-        [ext],
+        [ext, ats],
         include_path=["ext"],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
     )

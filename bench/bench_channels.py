@@ -9,7 +9,9 @@ velocity rules enabled on each, velocity_tracking off vs on.
 Each round runs both setups (alternating which goes first) on a fresh in-memory daemon, so the
 machine's other load hits both alike; prints each round and the median ratio. ``--mirror``: the
 daemon keeps its WAL in a temporary directory and mirrors to a redis-server of its own (every
-stock hash then also carries each channel's ats and level and each bucket's free units).
+stock hash then also carries each channel's ats and level and each bucket's free units); each
+round then also prints Redis's own time in the mirror's script per Reserve (``INFO
+commandstats``, EVALSHA), which on a small machine is taken from the daemon too.
 """
 from __future__ import annotations
 
@@ -68,8 +70,24 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _redis_script_usec(url: str | None, reset: bool = False) -> float:
+    """Microseconds Redis spent in EVALSHA since the last reset (0 without a mirror)."""
+    if url is None:
+        return 0.0
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        if reset:
+            client.config_resetstat()
+            return 0.0
+        return float(client.info("commandstats").get("cmdstat_evalsha", {}).get("usec", 0))
+    finally:
+        client.close()
+
+
 async def _run(target: str, pid: int, configured: bool, ops: int, clients: int,
-               rules: bool = False):
+               rules: bool = False, redis_url: str | None = None):
     async with grpc.aio.insecure_channel(target) as channel:
         await _setup(pb_grpc.AdminStub(channel), configured, rules)
         stub = pb_grpc.ReservationsStub(channel)
@@ -82,10 +100,12 @@ async def _run(target: str, pid: int, configured: bool, ops: int, clients: int,
                     channel=CHANNELS[n % len(CHANNELS)]))
                 assert response.granted
 
+        _redis_script_usec(redis_url, reset=True)
         started, cpu = time.perf_counter(), _cpu_seconds(pid)
         await asyncio.gather(*(client(c) for c in range(clients)))
         wall = time.perf_counter() - started
-        return ops / wall, (_cpu_seconds(pid) - cpu) / ops * 1e6
+        cpu = (_cpu_seconds(pid) - cpu) / ops * 1e6
+        return ops / wall, cpu, _redis_script_usec(redis_url) / ops
 
 
 def main() -> None:
@@ -101,7 +121,7 @@ def main() -> None:
     names = ("velocity off", "velocity on") if velocity else ("none", "five channels with pools")
     ratios, cpu_ratios = [], []
     for round_ in range(args.rounds):
-        rates, cpu = {}, {}
+        rates, cpu, script = {}, {}, {}
         order = (False, True) if round_ % 2 == 0 else (True, False)
         for configured in order:
             env = {"RESERVD_VELOCITY_TRACKING": "true" if configured else "false"}
@@ -114,9 +134,10 @@ def main() -> None:
                                "--redis-url", redis.url]
                 daemon = DaemonProcess(*options, env=env if velocity else None).start()
                 try:
-                    rates[configured], cpu[configured] = uvloop.run(_run(
+                    rates[configured], cpu[configured], script[configured] = uvloop.run(_run(
                         daemon.target, daemon.process.pid, configured or velocity, args.ops,
-                        args.clients, rules=velocity))
+                        args.clients, rules=velocity,
+                        redis_url=redis.url if redis is not None else None))
                 finally:
                     daemon.kill()
                     if redis is not None:
@@ -126,7 +147,9 @@ def main() -> None:
         cpu_ratios.append(cpu[True] / cpu[False])
         print(f"round {round_ + 1}: {names[0]} {rates[False]:.0f} RPC/s ({cpu[False]:.0f} us "
               f"daemon CPU each), {names[1]} {rates[True]:.0f} RPC/s "
-              f"({cpu[True]:.0f} us), ratio {ratio:.3f}", flush=True)
+              f"({cpu[True]:.0f} us), ratio {ratio:.3f}"
+              + (f"; Redis script time per RPC {script[False]:.0f} -> {script[True]:.0f} us"
+                 if args.mirror else ""), flush=True)
     print(f"median RPC/s ratio {statistics.median(ratios):.3f}, median daemon CPU per RPC "
           f"ratio {statistics.median(cpu_ratios):.3f} over {args.rounds} rounds "
           f"({args.ops} Reserve RPCs each, {args.clients} clients, {SKUS} SKUs"

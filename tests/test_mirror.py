@@ -16,6 +16,7 @@ import dataclasses
 import random
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -23,11 +24,11 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import ROOT, aio, cart, running, test_config
+from conftest import ROOT, aio, cart, eventually, running, test_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redisserver import Monitor, Proxy, RedisServer, require_redis_server
 
-from reservd import mirrorwrite
+from reservd import mirrorwrite, walfile
 from reservd.config import Config
 from reservd.v1 import reservd_pb2 as pb
 from reservd.v1 import reservd_pb2_grpc as pb_grpc
@@ -625,6 +626,40 @@ async def test_redis_back_with_older_data_replays_what_it_lost(tmp_path, redis_s
         assert node.daemon.mirror.stats.rewrites == 1  # the one at start
         assert any(r.getMessage() == "Redis lost mirrored changes: replaying them"
                    for r in caplog.records)
+        await direct.aclose()
+
+
+@aio
+async def test_a_row_sent_unchanged_before_its_fsync_is_not_sent_again(
+    tmp_path, redis_server, monkeypatch
+):
+    """While a grant waits for its fsync, the next write plans its SKU's row again, unchanged:
+    it is not sent again, Redis keeps showing the grant, and once durable the mirror equals
+    the table."""
+    async with running(test_config(tmp_path / "data", redis_url=redis_server.url)) as node:
+        for sku in SKUS:
+            await node.set_stock(sku, SUPPLY)
+        mirror = node.daemon.mirror
+        direct = aioredis.Redis(port=redis_server.port)
+        open_gate = threading.Event()
+        write = walfile.OS_FILES.write
+
+        def gated_write(fd, data):  # in the WAL's flusher thread, as on a disk that stalls
+            assert open_gate.wait(60), "the test never opened the WAL's gate"
+            return write(fd, data)
+
+        monkeypatch.setattr(walfile.OS_FILES, "write", gated_write)
+        unchanged = mirror.stats.rows_unchanged
+        first = asyncio.ensure_future(node.reservations.Reserve(cart("first", (SKUS[0], 2))))
+        await eventually(lambda: mirror.mirrored_seq >= node.daemon.ledger.seq, "first held")
+        second = asyncio.ensure_future(node.reservations.Reserve(cart("second", (SKUS[1], 3))))
+        await eventually(lambda: mirror.stats.rows_unchanged > unchanged, "a row not re-sent")
+        assert mirror.pending_rows >= 1
+        assert int(await direct.hget(PREFIX + "stock:" + SKUS[0], "available")) == SUPPLY - 2
+        open_gate.set()
+        assert (await first).granted and (await second).granted
+        await assert_mirror_equals_table(node.daemon, direct)
+        assert mirror.pending_rows == 0
         await direct.aclose()
 
 

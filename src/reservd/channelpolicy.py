@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import NamedTuple
+import os
+from typing import Mapping, NamedTuple, Sequence
 
 BASIS_POINTS = 10_000
 
@@ -91,6 +92,63 @@ def ats(policy: Policy, available: int, drawable: int) -> Ats:
     if units <= policy.floor_units:
         units = 0
     return Ats(units, level)
+
+
+def drawable(
+    policy: Policy, available: int, named: Mapping[str, Sequence[int]] | None, shared: int
+) -> int:
+    """Units a channel with ``policy`` may draw from a SKU now: the free units of its pool and
+    of its bound reserve among the SKU's ``named`` buckets (name -> [free, reserved,
+    committed]; None or empty: none), plus ``shared``'s free units unless ``pool_only``; never
+    more than ``available``."""
+    if available <= 0:
+        return 0
+    if not named:
+        return 0 if policy.pool_only else available
+    units = 0
+    for name in (policy.pool, policy.reserve):
+        counters = named.get(name) if name else None
+        if counters is not None:
+            units += counters[0]
+    if not policy.pool_only:
+        units += max(0, shared)
+    return min(units, available)
+
+
+def ats_values(
+    policies: Sequence[Policy], available: int, named: Mapping[str, Sequence[int]] | None,
+    shared: int,
+) -> tuple[int, ...]:
+    """Each policy's :func:`ats` and level for one SKU (``named``, ``shared`` as
+    :func:`drawable` takes them), then the most severe level (-1 without policies):
+    ``(ats, level, ats, level, ..., level)``. The definition; reservd._atsvalues computes the
+    same in C (tests/test_channels_ext.py checks them equal), which :data:`ATS_VALUES` is
+    unless ``RESERVD_NO_EXT=1``."""
+    values: list[int] = []
+    worst = -1
+    for policy in policies:
+        units, level = ats(policy, available, drawable(policy, available, named, shared))
+        values += (units, int(level))
+        if level > worst:
+            worst = int(level)
+    values.append(worst)
+    return tuple(values)
+
+
+def _load_ats_values():
+    if os.environ.get("RESERVD_NO_EXT") == "1":
+        return ats_values
+    try:
+        from reservd._atsvalues import ats_values as compiled
+    except ImportError:
+        if os.environ.get("RESERVD_REQUIRE_EXT") == "1":
+            raise
+        return ats_values
+    return compiled
+
+
+# What the hot paths call (reservd.channels.Channels.mirror_fields): the C twin when built.
+ATS_VALUES = _load_ats_values()
 
 
 def policy_row(policy: Policy) -> tuple:

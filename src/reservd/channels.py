@@ -28,14 +28,16 @@ from typing import NamedTuple
 
 from reservd import stockstates
 from reservd.channelpolicy import (
-    DEFAULT_POLICY as _DEFAULT, OVERRIDABLE, Ats, Enforcement, Policy, ats, policy_from_row,
-    policy_row,
+    ATS_VALUES, DEFAULT_POLICY as _DEFAULT, OVERRIDABLE, Ats, Enforcement, Policy, ats,
+    drawable, policy_from_row, policy_row,
 )
 from reservd.rules import effective
 
 SHARED = "shared"
 
 _FREE, _RESERVED, _COMMITTED = 0, 1, 2
+# Distinct sets of named buckets whose mirror field names are kept (SKUs mostly share a few).
+_NAME_SETS_MAX = 256
 
 
 class Draw(NamedTuple):
@@ -74,7 +76,10 @@ class Channels:
         self.named_free: dict[str, int] = {}
         self.held: dict[str, _Held] = {}  # reservation id -> its draws
         self._resolved: dict[tuple[str, str], Policy] = {}
-        self._names: list[tuple[str, str, str]] | None = None  # see _field_names
+        # The mirror's field names, per set of named buckets, and the channels' policies in
+        # the same order (see mirror_fields); dropped when the channels change.
+        self._names: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._channel_policies: tuple[Policy, ...] | None = None
         # (sku, channel) -> (share points off, share ceiling, max_units cap) of the velocity
         # rules in force (reservd.rules); set only by the ledger's RULE commands.
         self.rule_effects: dict[tuple[str, str], tuple[int, int, int | None]] = {}
@@ -136,19 +141,7 @@ class Channels:
 
     def drawable(self, sku: str, policy: Policy, available: int) -> int:
         """Units a channel with ``policy`` may draw from ``sku`` now."""
-        if available <= 0:
-            return 0
-        buckets = self.buckets.get(sku)
-        if not buckets:
-            return 0 if policy.pool_only else available
-        units = 0
-        for name in (policy.pool, policy.reserve):
-            counters = buckets.get(name) if name else None
-            if counters is not None:
-                units += counters[_FREE]
-        if not policy.pool_only:
-            units += max(0, self.shared(sku, available))
-        return min(units, available)
+        return drawable(policy, available, self.buckets.get(sku), self.shared(sku, available))
 
     def ats_of(self, sku: str, channel: str, available: int | None = None) -> Ats | None:
         """The channel's ats for ``sku`` now (None: unknown SKU)."""
@@ -180,42 +173,50 @@ class Channels:
         channel ``ats:<channel>`` and ``level:<channel>``, then ``level`` (the most severe of
         them), then ``free:<bucket>`` for ``shared`` and each named bucket. Empty while no
         channel and no bucket exists, or for an unknown SKU. Called after every mutation while
-        the mirror runs: the values are :meth:`ats_of`'s and :meth:`bucket_rows`' free units,
-        computed with as little as possible per channel."""
+        the mirror runs, so every channel's ``ats`` comes from one call
+        (reservd.channelpolicy.ATS_VALUES, in C when built): the values of :meth:`ats_of` and
+        of :meth:`bucket_rows`' free units."""
         if not self.active:
             return ()
         available = self.available(sku)
         if available is None:
             return ()
-        fields: list[tuple[str, int]] = []
-        append = fields.append
-        policy_of, drawable = self.policy, self.drawable
-        worst = -1
-        for channel, ats_name, level_name in self._field_names():
-            policy = policy_of(sku, channel)
-            units, level = ats(policy, available, drawable(sku, policy, available))
-            append((ats_name, units))
-            append((level_name, int(level)))
-            if level > worst:
-                worst = level
-        if worst >= 0:
-            append(("level", int(worst)))
-        append(("free:shared", self.shared(sku, available)))
+        policies = self._channel_policies
+        if policies is None or self.overrides or self.rule_effects:
+            policies = self._policies_for(sku)
         named = self.buckets.get(sku)
+        shared = self.shared(sku, available)
+        values = ATS_VALUES(policies, available, named, shared) if policies else ()
         if named:
-            for name in sorted(named):
-                append(("free:" + name, named[name][_FREE]))
-        return tuple(fields)
-
-    def _field_names(self) -> list[tuple[str, str, str]]:
-        """(channel, "ats:<channel>", "level:<channel>") by channel name, kept until the
-        channels change."""
-        names = self._names
+            order = tuple(sorted(named))
+            values += (shared, *[named[name][_FREE] for name in order])
+        else:
+            order = ()
+            values += (shared,)
+        names = self._names.get(order)
         if names is None:
-            names = self._names = [
-                (channel, "ats:" + channel, "level:" + channel) for channel in sorted(self.policies)
-            ]
-        return names
+            if len(self._names) >= _NAME_SETS_MAX:
+                self._names.clear()
+            names = self._names[order] = self._field_names(order)
+        return tuple(zip(names, values))
+
+    def _policies_for(self, sku: str) -> tuple[Policy, ...]:
+        """Every configured channel's policy for ``sku``, by channel name (without overrides
+        and rules the same for every SKU: kept until the channels change)."""
+        policies = tuple(self.policy(sku, channel) for channel in sorted(self.policies))
+        if not self.overrides and not self.rule_effects:
+            self._channel_policies = policies
+        return policies
+
+    def _field_names(self, named: tuple[str, ...]) -> tuple[str, ...]:
+        """The names :meth:`mirror_fields` gives values for, with these named buckets."""
+        names: list[str] = []
+        for channel in sorted(self.policies):
+            names += ("ats:" + channel, "level:" + channel)
+        if names:
+            names.append("level")
+        names += ["free:" + name for name in (SHARED, *named)]
+        return tuple(names)
 
     def draws_of(self, reservation_id: str) -> dict[str, tuple[tuple[str, int], ...]]:
         """sku -> (bucket, units) of a live reservation that touched a named bucket."""
@@ -377,7 +378,8 @@ class Channels:
     def apply_set_channel(self, channel: str, policy: Policy) -> None:
         self.policies[channel] = policy
         self._resolved.clear()
-        self._names = None
+        self._names = {}
+        self._channel_policies = None
         self.active = True
         if self.tracking:
             self.touched.add((None, channel))
@@ -537,5 +539,6 @@ class Channels:
         else:
             raise ValueError(f"unknown channels snapshot part {kind!r}")
         self._resolved.clear()
-        self._names = None
+        self._names = {}
+        self._channel_policies = None
         self.active = bool(self.policies or self.buckets)

@@ -230,6 +230,17 @@ class Metrics:
                 "settled in Redis (at most watch_ring_capacity)",
                 value=len(mirror.fields),
             )
+            yield GaugeMetricFamily(
+                "reservd_mirror_pending_rows",
+                "Rows of SKUs with changes not durable yet that the mirror remembers sending, "
+                "so as not to send them again unchanged (at most watch_ring_capacity)",
+                value=mirror.pending_rows,
+            )
+            yield CounterMetricFamily(
+                "reservd_mirror_rows_unchanged",
+                "Rows not sent again: the previous write sent them as they are",
+                value=stats.rows_unchanged,
+            )
             yield CounterMetricFamily(
                 "reservd_mirror_failures", "Mirror writes that failed", value=stats.failures
             )

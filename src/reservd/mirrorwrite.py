@@ -255,6 +255,8 @@ class Plan:
     settled_position: int
     settled_entries: int  # durable entries read (changes mirrored for good)
     channels: dict[str, ChannelRow] = dataclasses.field(default_factory=dict)
+    # SKUs with entries not durable yet: their rows may come again, unchanged, in the next plan.
+    pending: set[str] = dataclasses.field(default_factory=set)
 
 
 def plan(
@@ -303,6 +305,7 @@ def plan(
     channels: dict[str, ChannelRow] = {}
     if fields_at is not None:
         channels = _channel_rows(position, durable, settled_position, pending, fields_at)
+    waiting = set(least)
     rows: list[Change] = []
     lower: set[str] = set()
     for sku, change in base.items():
@@ -312,7 +315,7 @@ def plan(
         rows.append(change)
     rows += least.values()
     lower.update(least)
-    return Plan(rows, lower, settled_position, len(durable), channels)
+    return Plan(rows, lower, settled_position, len(durable), channels, waiting)
 
 
 def _channel_rows(
