@@ -1,4 +1,5 @@
-"""Build reservd: generate the gRPC stubs from proto/ and compile the Cython counter table in ext/.
+"""Build reservd: generate the gRPC stubs from proto/ and compile the Cython counter table and
+finished-record table in ext/.
 
 RESERVD_DEBUG=1 compiles the table with its debug invariant checks (see ext/reservd/_ctable.pyx).
 """
@@ -50,16 +51,20 @@ def extensions():
     from Cython.Build import cythonize
 
     debug = os.environ.get("RESERVD_DEBUG") == "1"
-    ext = Extension(
-        "reservd._ctable",
-        ["ext/reservd/_ctable.pyx"],
-        define_macros=[("RESERVD_DEBUG", "1")] if debug else [],
-        extra_compile_args=["-O2"],
-        # Without a C compiler the install still works on the pure-Python table (reservd._pytable).
-        optional=True,
-    )
+    # Without a C compiler the install still works on the pure-Python twins (reservd._pytable,
+    # reservd._pyfinished).
+    exts = [
+        Extension(
+            f"reservd.{name}",
+            [f"ext/reservd/{name}.pyx"],
+            define_macros=[("RESERVD_DEBUG", "1")] if debug else [],
+            extra_compile_args=["-O2"],
+            optional=True,
+        )
+        for name in ("_ctable", "_cfinished")
+    ]
     return cythonize(
-        [ext],
+        exts,
         include_path=["ext"],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
     )
