@@ -5,10 +5,12 @@ reservd/_pytable.py is the pure-Python twin: it must keep the same behaviour and
 (tests/test_table.py runs both side by side against a reference model).
 
 Layout. A SKU lives in shard ``hash(sku) & (shards - 1)``, at a slot of that shard: the shard's
-dict maps sku -> slot, its list maps slot -> sku, and its C array of row_t holds the counters.
+C index maps sku -> slot (open addressing on the str hash; a Python dict would cost a slot and
+an int object per SKU, ~80 bytes), its list maps slot -> sku, and its C array of row_t holds the
+counters.
 A handle is ``slot << shard_bits | shard`` and stays valid for the table's life (rows are never
-removed). The shard is chosen with Python's str hash because a str caches it, so the dict lookup
-that follows hashes nothing again; the hash is salted per process, so handles and the order of
+removed). The shard is chosen with Python's str hash because a str caches it, so the index
+lookup that follows hashes nothing again; the hash is salted per process, so handles and the order of
 items() are deterministic within one process only, which is all handles promise.
 
 Bulk mutations (reserve, release, commit, uncommit, fulfil) run in three phases:
@@ -36,11 +38,10 @@ after every mutation.
 cimport cython
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport PyObject, Py_INCREF
-from cpython.dict cimport PyDict_GetItemWithError
 from cpython.list cimport PyList_GET_ITEM
 from cpython.sequence cimport PySequence_Fast, PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
-from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t
+from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
 
 cdef extern from *:
@@ -63,6 +64,7 @@ RING_CAPACITY_MAX = 1 << 24  # entries of 40 bytes: at most 640 MiB
 
 cdef enum:
     _ROWS_INITIAL = 16  # rows of a shard's first array
+    _INDEX_INITIAL = 16  # entries of a shard's first index
 
 cdef enum:
     # _bulk operations
@@ -127,13 +129,13 @@ cdef int _debug_check(Table table) except -1:
     cdef const row_t* row
     cdef int64_t position
     for s in range(table.shards):
-        assert len(table._index[s]) == table._shard[s].count == len(table._names[s]), s
+        assert table._shard[s].count == len(table._names[s]), s
         assert table._shard[s].count <= table._shard[s].capacity, s
         total += table._shard[s].count
         for slot in range(table._shard[s].count):
             row = &table._shard[s].rows[slot]
             assert _row_ok(row) and row.pending == 0, (table._names[s][slot], row[0])
-            assert table._index[s][table._names[s][slot]] == slot, (s, slot)
+            assert table.lookup(table._names[s][slot]) == slot << table._shard_bits | s, (s, slot)
     assert total == table._count, (total, table._count)
     position = max(0, table._head - table._ring_capacity)
     while position + 1 < table._head:
@@ -167,7 +169,6 @@ cdef class Table:
         while (1 << self._shard_bits) < shard_count:
             self._shard_bits += 1
         self._shard_mask = shard_count - 1
-        self._index = [{} for _ in range(shard_count)]
         self._names = [[] for _ in range(shard_count)]
         self._count = 0
         self._ring_capacity = capacity
@@ -188,6 +189,7 @@ cdef class Table:
         if self._shard != NULL:
             for s in range(self.shards):
                 free(self._shard[s].rows)
+                free(self._shard[s].index)
             free(self._shard)
         free(self._ring)
 
@@ -200,15 +202,56 @@ cdef class Table:
     cdef int64_t _find(self, object sku) except -2:
         """The handle of ``sku``, or -1 if unknown."""
         cdef Py_ssize_t shard
-        cdef PyObject* slot
+        cdef uint64_t hash_value, entry, i, tag
+        cdef const shard_t* sh
+        cdef object name
         # Exactly str: its hash and equality are C code, so resolving runs no Python code.
         if type(sku) is not str:
             raise TypeError(f"sku must be a str, not {type(sku).__name__}")
-        shard = hash(sku) & self._shard_mask
-        slot = PyDict_GetItemWithError(<object>PyList_GET_ITEM(self._index, shard), sku)
-        if slot == NULL:
+        hash_value = <uint64_t>hash(sku)
+        shard = hash_value & self._shard_mask
+        sh = &self._shard[shard]
+        if sh.index == NULL:
             return -1
-        return (<int64_t><object>slot) << self._shard_bits | shard
+        tag = hash_value >> 32
+        i = (hash_value >> self._shard_bits) & sh.index_mask
+        while True:
+            entry = sh.index[i]
+            if entry == 0:
+                return -1
+            if entry >> 32 == tag:
+                name = <object>PyList_GET_ITEM(
+                    <object>PyList_GET_ITEM(self._names, shard), (entry & 0xFFFFFFFF) - 1
+                )
+                if name is sku or <str>name == <str>sku:
+                    return (<int64_t>((entry & 0xFFFFFFFF) - 1)) << self._shard_bits | shard
+            i = (i + 1) & sh.index_mask
+
+    cdef int _index_slot(self, shard_t* shard, list names, uint64_t hash_value,
+                         Py_ssize_t slot) except -1:
+        """Enter ``slot`` (whose sku hashes to ``hash_value``) in the shard's index, growing it
+        (doubling, rehashing every name: their str hashes are cached) beyond 3/4 full."""
+        cdef uint64_t capacity = shard.index_mask + 1 if shard.index != NULL else 0
+        cdef uint64_t* index
+        cdef uint64_t i
+        cdef Py_ssize_t other
+        if slot >= 0xFFFFFFFF:
+            raise OverflowError("a shard holds at most 2^32 - 2 SKUs")
+        if (<uint64_t>slot + 1) * 4 > capacity * 3:
+            capacity = capacity * 2 if capacity else _INDEX_INITIAL
+            index = <uint64_t*>calloc(capacity, sizeof(uint64_t))
+            if index == NULL:
+                raise MemoryError()
+            free(shard.index)
+            shard.index = index
+            shard.index_mask = capacity - 1
+            for other in range(slot):
+                self._index_slot(shard, names, <uint64_t>hash(names[other]), other)
+        i = (hash_value >> self._shard_bits) & shard.index_mask
+        while shard.index[i]:
+            i = (i + 1) & shard.index_mask
+        shard.index[i] = (hash_value >> 32) << 32 | <uint64_t>(slot + 1)
+        return 0
 
     cdef int64_t _handle(self, object handle) except -1:
         """``handle`` checked against the table (IndexError if it names no row)."""
@@ -383,16 +426,18 @@ cdef class Table:
         cdef Py_ssize_t s
         cdef shard_t* shard
         cdef row_t* row
+        cdef uint64_t hash_value
         if handle >= 0:
             return handle
-        s = hash(sku) & self._shard_mask
+        hash_value = <uint64_t>hash(sku)
+        s = hash_value & self._shard_mask
         shard = &self._shard[s]
         if shard.count == shard.capacity:
             self._grow(shard)
+        self._index_slot(shard, self._names[s], hash_value, shard.count)
         row = &shard.rows[shard.count]
         row.on_hand = row.reserved = row.committed = row.unsellable = row.pending = 0
         self._names[s].append(sku)
-        self._index[s][sku] = shard.count
         handle = (<int64_t>shard.count) << self._shard_bits | s
         shard.count += 1
         self._count += 1

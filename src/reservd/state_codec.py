@@ -7,15 +7,21 @@ versions (strings are a u16 byte length and UTF-8, as in reservd.records)::
     then sections until the end: kind u8 | rows u32 | rows
 
     stock (1):        sku | on_hand i64 | reserved i64 | committed i64
-    reservation (2):  reservation_id | channel | state u8 | allow_partial u8 | ttl_seconds i32 |
+    reservation (2):  (live ones: held or committed)
+                      reservation_id | channel | state u8 | allow_partial u8 | ttl_seconds i32 |
                       expires_at_ms i64 | seq i64 | finished_at_ms i64 | committed_present u8 |
                       lines u16, then per request line: sku | requested i64 | granted i64 |
                       committed i64
     owner (9):        reservation_id | owner (only reservations made by an identity; the
                       rows follow the reservations they name; older snapshots have none)
-    adjustment (3):   adjustment_id | kind u8 | sku | value i64 | expected_present u8 |
-                      expected i64 | on_hand i64 | reserved i64 | committed i64 |
-                      previous_on_hand i64 | seq i64 | finished_at_ms i64
+    finished (10):    idempotency records, oldest first (reservd.finished: the key and digest
+                      are hashes of the id and of the request):
+                      kind u8 | key 16 bytes | digest u64 | seq i64 | finished_at_ms i64, then
+                      kind 1, a finished reservation: state u8 | committed_present u8 |
+                      expires_at_ms i64 | channel | owner | lines u16, per request line:
+                      sku | granted i64 | committed i64;
+                      kind 2, an adjustment: record_type u8 | sku | on_hand i64 | reserved i64 |
+                      committed i64 | previous_on_hand i64
     states (4):       sku | quarantine i64 | damaged i64 | quality_control i64
     return (5):       return_id | sku | units i64 | reservation_id | at_ms i64 | inspected u8 |
                       sellable_units i64 | damaged_units i64 | quarantine i64 | damaged i64 |
@@ -25,8 +31,16 @@ versions (strings are a u16 byte length and UTF-8, as in reservd.records)::
     order (7):        po_id | sku | units i64 | eta_ms i64 | received i64
     receipt (8):      receipt_id | po_id | units i64 | seq i64
 
-Format 4 added sections 4-8 (reservd.stockstates, reservd.incoming); format 3 (the same without them) is still
-read.
+Format 5 keeps finished reservations and adjustments as FINISHED rows (by key, without their
+ids). Formats 3 and 4 are still read: their finished reservations were RESERVATION rows and their
+adjustments ADJUSTMENT rows (3):
+
+    adjustment (3):   adjustment_id | kind u8 | sku | value i64 | expected_present u8 |
+                      expected i64 | on_hand i64 | reserved i64 | committed i64 |
+                      previous_on_hand i64 | seq i64 | finished_at_ms i64
+
+Format 4 added sections 4-8 (reservd.stockstates, reservd.incoming); format 3 is the same
+without them.
 
 Format 2 (pickled chunks of builtin types, written before format 3) is still read, so a data
 directory written by an older reservd recovers; it is never written.
@@ -42,8 +56,8 @@ from typing import Iterable, Iterator
 
 from reservd.records import Reader, put_str
 
-FORMAT = 4
-_FORMATS_READ = (3, 4)
+FORMAT = 5
+_FORMATS_READ = (3, 4, 5)
 MAGIC = b"RSVDSTAT"
 _HEAD = struct.Struct("<8sIq")
 _SECTION = struct.Struct("<BI")
@@ -60,6 +74,12 @@ _RETURN = struct.Struct("<qBqqqqqq")
 _WRITE_OFF = struct.Struct("<qqq")
 _ORDER = struct.Struct("<qqq")
 _RECEIPT = struct.Struct("<qq")
+_FINISHED_HEAD = struct.Struct("<B16sQqq")
+_FINISHED_RESERVATION = struct.Struct("<BBq")
+_FINISHED_LINES = struct.Struct("<H")
+_FINISHED_LINE = struct.Struct("<qq")
+_FINISHED_ADJUSTMENT_KIND = struct.Struct("<B")
+_FINISHED_ADJUSTMENT = struct.Struct("<qqqq")
 _SECTION_ROWS_MAX = 4096  # rows per section, so no section header needs a huge count
 
 STOCK = 1
@@ -71,6 +91,7 @@ WRITE_OFF = 6
 ORDER = 7
 RECEIPT = 8
 OWNER = 9
+FINISHED = 10
 
 
 def encode(
@@ -84,14 +105,16 @@ def encode(
     orders: Iterable[tuple] = (),
     receipts: Iterable[tuple] = (),
     owners: Iterable[tuple] = (),
+    finished: Iterable[tuple] = (),
 ) -> bytes:
-    """The state after ``seq`` as format-4 bytes; rows as :func:`decode` yields them.
+    """The state after ``seq`` as format-5 bytes; rows as :func:`decode` yields them.
     ``owners`` is read after ``reservations`` has been consumed."""
     out = bytearray(_HEAD.pack(MAGIC, FORMAT, seq))
     _sections(out, STOCK, stock, _put_stock)
     _sections(out, RESERVATION, reservations, _put_reservation)
     _sections(out, OWNER, owners, _put_owner)
     _sections(out, ADJUSTMENT, adjustments, _put_adjustment)
+    _sections(out, FINISHED, finished, _put_finished)
     _sections(out, STATES, states, _put_states)
     _sections(out, RETURN, returns, _put_return)
     _sections(out, WRITE_OFF, write_offs, _put_write_off)
@@ -117,6 +140,10 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
     - WRITE_OFF: (change_id, sku, units, state, at_ms, seq)
     - ORDER: (po_id, sku, units, eta_ms, received)
     - RECEIPT: (receipt_id, po_id, units, seq)
+    - FINISHED: (1, key, digest, seq, finished_at_ms, state, committed_present, expires_at_ms,
+      channel, owner, ((sku, granted, committed), ...) per request line) or
+      (2, key, digest, seq, finished_at_ms, record_type, sku, on_hand, reserved, committed,
+      previous_on_hand)
 
     ValueError, naming the offset, for anything that does not parse exactly.
     """
@@ -141,7 +168,7 @@ def _rows(payload: bytes) -> Iterator[tuple[int, tuple]]:
         STOCK: _read_stock, RESERVATION: _read_reservation, OWNER: _read_owner,
         ADJUSTMENT: _read_adjustment,
         STATES: _read_states, RETURN: _read_return, WRITE_OFF: _read_write_off,
-        ORDER: _read_order, RECEIPT: _read_receipt,
+        ORDER: _read_order, RECEIPT: _read_receipt, FINISHED: _read_finished,
     }
     try:
         while reader.offset < len(payload):
@@ -259,6 +286,41 @@ def _read_adjustment(reader: Reader) -> tuple:
         adjustment_id, kind, (sku, value, expected if expected_present else None), outcome,
         finished_at_ms,
     )
+
+
+def _put_finished(parts: list, row: tuple) -> None:
+    kind, key, digest, seq, finished_at_ms, *rest = row
+    parts.append(_FINISHED_HEAD.pack(kind, key, digest, seq, finished_at_ms))
+    if kind == 1:
+        state, committed_present, expires_at_ms, channel, owner, lines = rest
+        parts.append(_FINISHED_RESERVATION.pack(state, committed_present, expires_at_ms))
+        put_str(parts, channel)
+        put_str(parts, owner)
+        parts.append(_FINISHED_LINES.pack(len(lines)))
+        for sku, granted, committed in lines:
+            put_str(parts, sku)
+            parts.append(_FINISHED_LINE.pack(granted, committed))
+    else:
+        record_type, sku, on_hand, reserved, committed, previous_on_hand = rest
+        parts.append(_FINISHED_ADJUSTMENT_KIND.pack(record_type))
+        put_str(parts, sku)
+        parts.append(_FINISHED_ADJUSTMENT.pack(on_hand, reserved, committed, previous_on_hand))
+
+
+def _read_finished(reader: Reader) -> tuple:
+    head = reader.unpack(_FINISHED_HEAD)
+    if head[0] == 1:
+        state, committed_present, expires_at_ms = reader.unpack(_FINISHED_RESERVATION)
+        channel = reader.text()
+        owner = reader.text()
+        (count,) = reader.unpack(_FINISHED_LINES)
+        lines = tuple((reader.text(), *reader.unpack(_FINISHED_LINE)) for _ in range(count))
+        return (*head, state, bool(committed_present), expires_at_ms, channel, owner, lines)
+    if head[0] != 2:
+        raise ValueError(f"unknown finished record kind {head[0]} at {reader.offset}")
+    (record_type,) = reader.unpack(_FINISHED_ADJUSTMENT_KIND)
+    sku = reader.text()
+    return (*head, record_type, sku, *reader.unpack(_FINISHED_ADJUSTMENT))
 
 
 def _put_states(parts: list, row: tuple) -> None:
