@@ -27,8 +27,9 @@ Bulk mutations (reserve, release, commit, uncommit, fulfil) run in three phases:
 
 Check and apply run with no Python code in between, so no caller can see a partial application.
 
-Errors: a bad handle is IndexError; a non-int (a float included) is TypeError; an int outside
-int64 OverflowError; sequences of different lengths ValueError. Amounts a correct ledger never
+Errors: a bad handle is IndexError; a non-int (a float included) is TypeError; a SKU with no
+UTF-8 form (a lone surrogate; validation refuses them first) UnicodeEncodeError on ensure; an
+int outside int64 OverflowError; sequences of different lengths ValueError. Amounts a correct ledger never
 passes (negative, a reserve quantity below 1, committed above held, a mutation that would take a
 counter below zero, a seq older than the newest change) are bugs and raise AssertionError, naming
 the SKU and its counters where there is one, with nothing applied. These checks are always on:

@@ -197,6 +197,7 @@ class Table:
         handle = self._find(sku)
         if handle >= 0:
             return handle
+        sku.encode()  # the C table keeps names as UTF-8: a lone surrogate is UnicodeEncodeError
         shard = hash(sku) & self._shard_mask
         slot = len(self._rows[shard])
         self._rows[shard].append([0, 0, 0])
