@@ -1,7 +1,10 @@
 """What channels cost a Reserve: RPC/s with no channel configured vs the five example channels
 with pools and reserves on every SKU, at 64 concurrent clients, against a daemon subprocess.
+With ``--compare velocity``: what velocity tracking costs, the five channels with pools and the
+velocity rules enabled on each, velocity_tracking off vs on.
 
     .venv/bin/python bench/bench_channels.py [--ops 6000] [--rounds 3] [--clients 64]
+        [--compare channels|velocity]
 
 Each round runs both setups (alternating which goes first) on a fresh in-memory daemon, so the
 machine's other load hits both alike; prints each round and the median ratio.
@@ -30,7 +33,7 @@ PRESETS = Path(__file__).resolve().parent.parent / "examples" / "channels.json"
 CHANNELS = ("amazon", "walmart", "shopify", "ebay", "tiktok")
 
 
-async def _setup(admin, configured: bool) -> None:
+async def _setup(admin, configured: bool, rules: bool = False) -> None:
     for i in range(SKUS):
         await admin.SetStock(pb.SetStockRequest(sku=f"s{i}", on_hand=1_000_000,
                                                 adjustment_id=f"set-{i}"))
@@ -46,6 +49,10 @@ async def _setup(admin, configured: bool) -> None:
             await admin.Allocate(pb.AllocateRequest(
                 sku=f"s{i}", from_bucket="shared", to_bucket=bucket, units=units,
                 change_id=f"a-{i}-{bucket}"))
+    if rules:
+        for name in CHANNELS:
+            await admin.SetRulePolicy(pb.SetRulePolicyRequest(
+                channel=name, policy=pb.RulePolicy(enabled=True), change_id=f"r-{name}"))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -57,9 +64,10 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _run(target: str, pid: int, configured: bool, ops: int, clients: int):
+async def _run(target: str, pid: int, configured: bool, ops: int, clients: int,
+               rules: bool = False):
     async with grpc.aio.insecure_channel(target) as channel:
-        await _setup(pb_grpc.AdminStub(channel), configured)
+        await _setup(pb_grpc.AdminStub(channel), configured, rules)
         stub = pb_grpc.ReservationsStub(channel)
         counter = iter(range(ops))
 
@@ -81,23 +89,28 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=6000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--compare", choices=("channels", "velocity"), default="channels")
     args = parser.parse_args()
+    velocity = args.compare == "velocity"
+    names = ("velocity off", "velocity on") if velocity else ("none", "five channels with pools")
     ratios, cpu_ratios = [], []
     for round_ in range(args.rounds):
         rates, cpu = {}, {}
         order = (False, True) if round_ % 2 == 0 else (True, False)
         for configured in order:
-            daemon = DaemonProcess("--in-memory").start()
+            env = {"RESERVD_VELOCITY_TRACKING": "true" if configured else "false"}
+            daemon = DaemonProcess("--in-memory", env=env if velocity else None).start()
             try:
                 rates[configured], cpu[configured] = uvloop.run(_run(
-                    daemon.target, daemon.process.pid, configured, args.ops, args.clients))
+                    daemon.target, daemon.process.pid, configured or velocity, args.ops,
+                    args.clients, rules=velocity))
             finally:
                 daemon.kill()
         ratio = rates[True] / rates[False]
         ratios.append(ratio)
         cpu_ratios.append(cpu[True] / cpu[False])
-        print(f"round {round_ + 1}: none {rates[False]:.0f} RPC/s ({cpu[False]:.0f} us daemon "
-              f"CPU each), five channels with pools {rates[True]:.0f} RPC/s "
+        print(f"round {round_ + 1}: {names[0]} {rates[False]:.0f} RPC/s ({cpu[False]:.0f} us "
+              f"daemon CPU each), {names[1]} {rates[True]:.0f} RPC/s "
               f"({cpu[True]:.0f} us), ratio {ratio:.3f}", flush=True)
     print(f"median RPC/s ratio {statistics.median(ratios):.3f}, median daemon CPU per RPC "
           f"ratio {statistics.median(cpu_ratios):.3f} over {args.rounds} rounds "

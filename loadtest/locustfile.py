@@ -22,6 +22,15 @@ Scenarios (--scenario):
               by 10 units every second.
   steady      10,000 SKUs with 1,000 units each, picked uniformly, 1-3 lines of 1-3 units; ten
               of them get 100 units every second.
+  viral       buyers of the 50-SKU catalogue as background, and ViralBuyers (--viral-buyers,
+              20) reserving one unit of the SKU "viral" at a time on Amazon, Shopify and a
+              TikTok pool (2,000 units, a spike reserve of 200, 10,000 in all), the velocity
+              rules enabled on the three: 0.5 units/s per channel for the first quarter of the
+              run, 10x that in the second, 40x in the third, back to 0.5 in the last. The
+              daemon measures velocity over 1-minute windows (run.py starts it so), so the
+              baseline is pinned at 630 units/h per channel (0.35 x the baseline traffic: a
+              1-minute bucket only reaches the true rate at its end) and the rules hold for
+              20 s; run it for 4 minutes or more (a phase per minute at least).
 
 Users:
   Buyer           GetStock of the cart, Reserve it (all or nothing), then after a short think
@@ -143,6 +152,11 @@ class Scenario:
 
 
 _ITEMS = tuple(f"item-{i:02d}" for i in range(50))
+VIRAL_SKU = "viral"
+VIRAL_CHANNELS = ("amazon", "shopify", "tiktok")
+VIRAL_PHASES = ((0.25, 1), (0.5, 10), (0.75, 40), (1.01, 1))  # (until fraction of run, x)
+VIRAL_UNITS_PER_SECOND = 0.5  # per channel, at 1x
+VIRAL_PINNED_UNITS_PER_HOUR = 630
 _FLASH = tuple(f"flash-{i}" for i in range(10))
 SCENARIOS = {
     "last-unit": Scenario(
@@ -154,6 +168,11 @@ SCENARIOS = {
         "flash-sale", _FLASH, tuple(1 / (i + 1) for i in range(10)), 100, (1, 3), (1, 2),
         (), 0, (0, 0), (1, 1),
         1.0, _FLASH, 1, 10, True,
+    ),
+    "viral": Scenario(
+        "viral", (VIRAL_SKU,), (1.0,), 10_000, (0, 0), (1, 1),
+        _ITEMS, 1_000_000, (1, 2), (1, 2),
+        2.0, _ITEMS, 1, 2, False,
     ),
     "steady": Scenario(
         "steady", (), (), 0, (0, 0), (1, 1),
@@ -259,6 +278,8 @@ class Tallies:
         self.restocker: collections.Counter = collections.Counter()  # its failed calls
         self.watchers: list[WatchView] = []
         self.watch_errors = 0
+        # viral: units granted per channel, sold-out answers, and when each phase began
+        self.viral: collections.Counter = collections.Counter()
 
     def acknowledged(self, seq: int, skus) -> None:
         """A mutation of ``skus`` at ``seq`` was acknowledged (durable)."""
@@ -293,6 +314,7 @@ class Tallies:
             "restocker": dict(self.restocker),
             "watchers": [view.summary(self.mutations) for view in self.watchers],
             "watch_errors": self.watch_errors,
+            "viral": dict(self.viral),
         }
 
 
@@ -404,6 +426,59 @@ class Restocker(GrpcUser):
                 TALLIES.acknowledged(response.sequence, (sku,))
 
 
+_viral_channels = itertools.cycle(VIRAL_CHANNELS)
+_started = [0.0, 60.0]  # monotonic start, run time in seconds
+_pinned = [VIRAL_PINNED_UNITS_PER_HOUR]
+_next_due = [0.0]
+
+
+def viral_multiplier() -> int:
+    fraction = (time.monotonic() - _started[0]) / _started[1]
+    return next(x for until, x in VIRAL_PHASES if fraction < until)
+
+
+class ViralBuyer(GrpcUser):
+    """One unit of the viral SKU at a time; together the ViralBuyers keep to the phase's rate
+    (a shared schedule: each takes the next due slot, so the rate follows the phase at once).
+    Committed at once (a creator's fans pay)."""
+
+    fixed_count = 20
+    rename = staticmethod(_reserve_name)
+    wait_time = constant(0.01)
+
+    def _due(self) -> bool:
+        now = time.monotonic()
+        if now < _next_due[0]:
+            return False
+        per_second = VIRAL_UNITS_PER_SECOND * len(VIRAL_CHANNELS) * viral_multiplier()
+        _next_due[0] = max(_next_due[0], now - 1.0) + 1 / per_second
+        return True
+
+    @task
+    def burst(self) -> None:
+        if not self._due():
+            return
+        tally, channel = TALLIES.buyers, next(_viral_channels)
+        lines = {VIRAL_SKU: 1}
+        reservation_id = uuid.uuid4().hex
+        TALLIES.reservations[reservation_id] = [lines, "unknown", 0]
+        response = call(self.reservations.Reserve, pb.ReserveRequest(
+            reservation_id=reservation_id, lines=[pb.Line(sku=VIRAL_SKU, quantity=1)],
+            channel=channel), tally)
+        if response is None:
+            return
+        if not response.granted:
+            del TALLIES.reservations[reservation_id]
+            TALLIES.viral[f"sold_out x{viral_multiplier()}"] += 1
+            return
+        tally["granted"] += 1
+        tally["units_granted"] += 1
+        TALLIES.viral[f"units {channel}"] += 1
+        TALLIES.acknowledged(response.sequence, lines)
+        TALLIES.reservations[reservation_id] = [lines, "held", response.expires_at_ms]
+        Buyer._finish(self, self.reservations.Commit, pb.CommitRequest, reservation_id, lines)
+
+
 class ChannelWatcher(GrpcUser):
     fixed_count = 2
     wait_time = constant(1)
@@ -441,6 +516,10 @@ def _arguments(parser) -> None:
     parser.add_argument(
         "--no-seed", action="store_true", help="reservd: keep the daemon's stock as it is"
     )
+    parser.add_argument("--viral-buyers", type=int, default=20,
+                        help="reservd: ViralBuyer users (scenario viral)")
+    parser.add_argument("--viral-baseline", type=int, default=VIRAL_PINNED_UNITS_PER_HOUR,
+                        help="reservd: the viral SKU's pinned baseline, units/h per channel")
 
 
 @events.init.add_listener
@@ -452,6 +531,12 @@ def _init(environment, **_kwargs) -> None:
     SCENARIO = SCENARIOS[options.scenario]
     Restocker.wait_time = constant_pacing(SCENARIO.restock_interval_seconds)
     ChannelWatcher.fixed_count = options.watchers
+    if SCENARIO.name == "viral":
+        ViralBuyer.fixed_count = options.viral_buyers
+        _started[1] = float(options.run_time or 60)
+        _pinned[0] = options.viral_baseline
+    else:
+        environment.user_classes[:] = [c for c in environment.user_classes if c is not ViralBuyer]
     if options.no_seed or not environment.host:
         return
     _seed(environment.host)
@@ -477,10 +562,37 @@ def _seed(target: str) -> None:
             for (sku, on_hand), future in zip(batch, futures):
                 TALLIES.seeded[sku] = on_hand
                 TALLIES.acknowledged(future.result().sequence, (sku,))
+        if SCENARIO.name == "viral":
+            _viral_setup(admin, run)
     log.info(
         "seeded %d SKUs of scenario %s in %.1f s",
         len(TALLIES.seeded), SCENARIO.name, time.monotonic() - started,
     )
+
+
+def _viral_setup(admin, run: str) -> None:
+    """Channels, the TikTok pool and spike reserve, the rules on, the baseline pinned."""
+    for channel in VIRAL_CHANNELS:
+        admin.SetChannel(pb.SetChannelRequest(
+            channel=channel, change_id=f"seed-{run}-c-{channel}", policy=pb.ChannelPolicy(
+                share_bp=9000 if channel == "amazon" else 10_000,
+                pool="tiktok" if channel == "tiktok" else "")), timeout=CALL_TIMEOUT_SECONDS)
+        admin.SetRulePolicy(pb.SetRulePolicyRequest(
+            channel=channel, change_id=f"seed-{run}-r-{channel}", policy=pb.RulePolicy(
+                enabled=True, hold_seconds=20, viral_reassess_seconds=20, release_pct=100)),
+            timeout=CALL_TIMEOUT_SECONDS)
+    admin.SetRulePolicy(pb.SetRulePolicyRequest(
+        sku=VIRAL_SKU, change_id=f"seed-{run}-pin", policy=pb.RulePolicy(
+            baseline_units_per_hour=_pinned[0])), timeout=CALL_TIMEOUT_SECONDS)
+    for bucket, units in (("tiktok", 2000), ("spike", 200)):
+        admin.Allocate(pb.AllocateRequest(
+            sku=VIRAL_SKU, from_bucket="shared", to_bucket=bucket, units=units,
+            change_id=f"seed-{run}-a-{bucket}"), timeout=CALL_TIMEOUT_SECONDS)
+
+
+@events.test_start.add_listener
+def _start_clock(**_kwargs) -> None:
+    _started[0] = time.monotonic()
 
 
 @events.test_stopping.add_listener

@@ -22,6 +22,9 @@ own final state (GetStock, GetReservation) and the users' tallies:
   recovery          a restart on the same data directory recovers exactly the final counters
   progress          units were granted; failed requests <= --max-failure-ratio; every unknown
                     outcome was resolved; the daemon did not die
+  viral (scenario)  from the daemon's WAL: the buffers tightened during the burst (spike and
+                    viral fired) and the spike reserve was deployed into the TikTok pool; it
+                    prints seed 000's spike survival, buffer utilisation and units per channel
 
 Reservations whose outcome the buyers could not know (cut off at the end, failed calls) are
 looked up with GetReservation; restocks with an unknown outcome are resent with the same
@@ -51,11 +54,12 @@ LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 from daemonproc import DaemonProcess  # noqa: E402
+import viral  # noqa: E402  (loadtest/viral.py: the viral scenario's verdict)
 from reservd.metrics import scrape  # noqa: E402
 from reservd.v1 import reservd_pb2 as pb  # noqa: E402
 from reservd.v1 import reservd_pb2_grpc as pb_grpc  # noqa: E402
 
-SCENARIOS = ("last-unit", "flash-sale", "steady")
+SCENARIOS = ("last-unit", "flash-sale", "steady", "viral")
 GET_STOCK_BATCH_MAX = 1000  # the daemon's get_skus_max
 LOOKUP_BATCH_MAX = 200  # GetReservation calls in flight at once
 EXPIRY_SLACK_SECONDS = 2.0  # expiry ticks every 100 ms; this is generous on a busy machine
@@ -140,6 +144,7 @@ def run_locust(args, target: str, reports: Path) -> tuple[int, Path, Path]:
         "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.time,
         "--host", target, "--scenario", args.scenario, "--watchers", str(args.watchers),
         "--tallies", str(tallies), "--csv", str(prefix), "--html", f"{prefix}.html",
+        "--viral-buyers", str(args.viral_buyers), "--viral-baseline", str(args.viral_baseline),
         "--stop-timeout", str(args.stop_timeout), "--exit-code-on-error", "0", "--only-summary",
         *args.locust_args,
     ]
@@ -332,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spawn-rate", "-r", type=float, default=10)
     parser.add_argument("--time", "-t", default="30s", help="locust's -t (30s, 2m, 1h30m)")
     parser.add_argument("--watchers", type=int, default=2, help="of the users")
+    parser.add_argument("--viral-buyers", type=int, default=20,
+                        help="of the users, scenario viral: they make the bursts")
+    parser.add_argument("--viral-baseline", type=int, default=630,
+                        help="scenario viral: the pinned baseline, units/h per channel (a "
+                        "short run needs a low one: its 1-minute buckets hold few units)")
     parser.add_argument("--reports", type=Path, default=ROOT / "loadtest" / "reports")
     parser.add_argument("--redis-url", default=None, help="run the daemon with the mirror")
     parser.add_argument("--stop-timeout", type=int, default=10,
@@ -341,13 +351,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("locust_args", nargs="*", help="after --: passed on to locust")
     args = parser.parse_args(argv)
     seconds(args.time)
-    if args.users < args.watchers + 2:
-        parser.error(f"--users must leave room for buyers: {args.watchers} watchers + 1 restocker")
+    fixed = args.watchers + 1 + (args.viral_buyers if args.scenario == "viral" else 0)
+    if args.users < fixed + 1:
+        parser.error(f"--users must leave room for buyers: {fixed} fixed users (watchers, "
+                     "restocker, viral buyers)")
 
     args.reports.mkdir(parents=True, exist_ok=True)
     data_dir = Path(tempfile.mkdtemp(prefix="reservd-load-"))
     metrics_port = free_port()
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    if args.scenario == "viral":
+        env.update(viral.DAEMON_ENV)
     daemon_args = ["--data-dir", str(data_dir), "--metrics-port", str(metrics_port)]
     if args.redis_url:
         daemon_args += ["--redis-url", args.redis_url]
@@ -385,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         errors = [line for line in daemon.lines if line.get("level") in ("error", "critical")]
         if errors:
             print(f"reservd logged {len(errors)} errors, e.g. {errors[:2]}")
+        if args.scenario == "viral":
+            viral.judge(data_dir, tallies, verdict)
         check_recovery(args, data_dir, final, env, verdict)
     finally:
         daemon.kill()

@@ -35,6 +35,7 @@ from typing import Any, Iterable
 
 import grpc
 
+import history_stock
 from history_model import EXPIRED, RELEASED, Model
 
 from reservd import records, wal
@@ -42,11 +43,13 @@ from reservd.records import RecordType
 from reservd.v1 import reservd_pb2 as pb
 
 TTL_SECONDS_DEFAULT = 600
-MUTATIONS = ("reserve", "commit", "extend", "release", "fulfil", "set_stock", "adjust_stock")
+MUTATIONS = ("reserve", "commit", "extend", "release", "fulfil", "set_stock", "adjust_stock",
+             *history_stock.KINDS)
 _RECORD_KIND = {
     RecordType.RESERVE: "reserve", RecordType.COMMIT: "commit", RecordType.EXTEND: "extend",
     RecordType.RELEASE: "release", RecordType.FULFIL: "fulfil", RecordType.EXPIRE: "expire",
     RecordType.SET_STOCK: "set_stock", RecordType.ADJUST_STOCK: "adjust_stock",
+    **history_stock.RECORD_KINDS,
 }
 # Errors after which the call may or may not have happened; any other status is definite:
 # nothing happened.
@@ -82,7 +85,10 @@ class Op:
 
     @property
     def key(self) -> str:
-        """The reservation or adjustment id the call is about."""
+        """The reservation, adjustment, return, write-off, order or receipt id the call is
+        about."""
+        if self.kind in history_stock.KINDS:
+            return history_stock.key(self.kind, self.request)
         if self.kind in ("set_stock", "adjust_stock"):
             return self.request.adjustment_id
         return self.request.reservation_id
@@ -240,6 +246,8 @@ def _record_matches(op: Op, kind: str, command) -> bool:
     if op.kind != kind:
         return False
     request = op.request
+    if kind in history_stock.KINDS:
+        return history_stock.record_matches(op, command)
     if kind == "reserve":
         return (command.reservation_id == request.reservation_id and (
             command.skus, command.requested, command.channel, command.ttl_seconds,
@@ -337,8 +345,12 @@ def check(ops: list[Op], wal: dict[int, tuple[RecordType, Any]] | None = None,
                 if isinstance(outcome, str):
                     bad(f"seq {seq}: {outcome}")
                 return
-            key = command.adjustment_id if kind in ("set_stock", "adjust_stock") \
-                else command.reservation_id
+            if kind in history_stock.KINDS:
+                key = history_stock.key(kind, command)
+            elif kind in ("set_stock", "adjust_stock"):
+                key = command.adjustment_id
+            else:
+                key = command.reservation_id
             candidates = unplaced.get((kind, key), [])
             match = next((c for c in candidates if _record_matches(c, kind, command)), None)
             if match is None:
@@ -401,6 +413,8 @@ def _apply(model: Model, seq: int, op: Op, command, at_ms):
     """Apply op's command at seq; ``command`` is its log record when the log was given."""
     request = op.request
     kind = op.kind
+    if kind in history_stock.KINDS:
+        return history_stock.apply(model, seq, op)
     if kind == "reserve":
         if command is not None:
             expires_at_ms = command.expires_at_ms
@@ -442,7 +456,9 @@ def _apply(model: Model, seq: int, op: Op, command, at_ms):
 def _compare(op: Op, expected: dict) -> str:
     """What differs between the answer the client saw and the model's ("" if nothing)."""
     response = op.response
-    if op.kind == "reserve":
+    if op.kind in history_stock.KINDS:
+        seen = history_stock.seen(op)
+    elif op.kind == "reserve":
         seen = {
             "granted": response.granted,
             "lines": tuple((l.sku, l.requested, l.granted, l.available) for l in response.lines),
@@ -473,6 +489,9 @@ def _check_replay(model: Model, op: Op, lo: int, hi: int, bad) -> None:
     was served, at one seq in [lo, hi]: the reservation's latest seq and state then (and for a
     Reserve, granted as long as the hold was not released or expired)."""
     response = op.response
+    if op.kind in history_stock.KINDS:
+        history_stock.check_replay(model, op, bad)
+        return
     if op.kind in ("set_stock", "adjust_stock"):
         entry = model.adjustments.get(op.key)
         if entry is None:

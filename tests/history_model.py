@@ -46,10 +46,20 @@ class Model:
         self.adjustments: dict[str, tuple[tuple, tuple]] = {}  # id -> (request, answer)
         # sku -> ([seq, ...], [available after that seq, ...]) for sold-out answers
         self.available_history: dict[str, tuple[list[int], list[int]]] = {}
+        # Stock states (README "Stock states"): sku -> [quarantine, damaged]; returns by id
+        # (sku, units, inspected); write-offs by id; purchase orders by id [sku, units,
+        # received]; receipts by id; incoming units per sku.
+        self.states: dict[str, list[int]] = {}
+        self.returns: dict[str, list] = {}
+        self.write_offs: dict[str, tuple] = {}
+        self.orders: dict[str, list] = {}
+        self.receipts: dict[str, tuple] = {}
+        self.incoming: dict[str, int] = {}
 
     def available(self, sku: str) -> int:
+        """on_hand - reserved - committed - units in quarantine or damaged."""
         on_hand, reserved, committed = self.stock[sku]
-        return on_hand - reserved - committed
+        return on_hand - reserved - committed - sum(self.states.get(sku, (0, 0)))
 
     def available_at(self, sku: str, seq: int) -> int | None:
         seqs, values = self.available_history.get(sku, ((), ()))
@@ -202,6 +212,77 @@ class Model:
         self.adjustments[adjustment_id] = (request, answer)
         self._changed(seq, [sku])
         return answer
+
+    # -- stock states, returns and incoming stock (README "Stock states", "Incoming stock") --
+
+    def _state_answer(self, sku: str) -> dict:
+        quarantine, damaged = self.states.get(sku, (0, 0))
+        return {"stock": (sku, *self.stock[sku], self.available(sku), quarantine, damaged)}
+
+    def apply_receive_return(self, seq, return_id, sku, units):
+        if return_id in self.returns:
+            return f"return {return_id!r} applied twice"
+        if sku not in self.stock:
+            return f"return of unknown sku {sku!r}"
+        self.stock[sku][0] += units
+        self.states.setdefault(sku, [0, 0])[0] += units
+        self.returns[return_id] = [sku, units, False]
+        self._changed(seq, [sku])
+        return self._state_answer(sku)
+
+    def apply_inspect(self, seq, return_id, sellable_units, damaged_units):
+        entry = self.returns.get(return_id)
+        if entry is None or entry[2]:
+            return f"inspection of {return_id!r}: {'unknown' if entry is None else 'twice'}"
+        sku, units, _ = entry
+        if sellable_units + damaged_units != units:
+            return f"inspection of {return_id!r}: {sellable_units} + {damaged_units} != {units}"
+        row = self.states[sku]
+        row[0] -= units
+        row[1] += damaged_units
+        entry[2] = True
+        self._changed(seq, [sku])
+        return self._state_answer(sku)
+
+    def apply_write_off(self, seq, change_id, sku, units, state):
+        if change_id in self.write_offs:
+            return f"write-off {change_id!r} applied twice"
+        row = self.states.get(sku, [0, 0])
+        if state != "damaged" or units > row[1] or units > self.stock[sku][0]:
+            return f"write-off of {units} {state} units of {sku!r}, which has {row[1]}"
+        row[1] -= units
+        self.stock[sku][0] -= units
+        self.write_offs[change_id] = (sku, units, state)
+        self._changed(seq, [sku])
+        return self._state_answer(sku)
+
+    def _incoming_answer(self, po_id: str) -> dict:
+        sku, units, received = self.orders[po_id]
+        return {"incoming": self.incoming[sku], "on_hand": self.stock[sku][0],
+                "received": received, "over_received": max(0, received - units)}
+
+    def apply_expect_receipt(self, seq, po_id, sku, units):
+        if po_id in self.orders:
+            return f"purchase order {po_id!r} applied twice"
+        if sku not in self.stock:
+            return f"purchase order of unknown sku {sku!r}"
+        self.orders[po_id] = [sku, units, 0]
+        self.incoming[sku] = self.incoming.get(sku, 0) + units
+        return self._incoming_answer(po_id)
+
+    def apply_receive(self, seq, receipt_id, po_id, units):
+        if receipt_id in self.receipts:
+            return f"receipt {receipt_id!r} applied twice"
+        order = self.orders.get(po_id)
+        if order is None:
+            return f"receipt against unknown purchase order {po_id!r}"
+        sku = order[0]
+        self.incoming[sku] -= min(units, max(0, order[1] - order[2]))
+        order[2] += units
+        self.stock[sku][0] += units
+        self.receipts[receipt_id] = (po_id, units)
+        self._changed(seq, [sku])
+        return self._incoming_answer(po_id)
 
     @staticmethod
     def _answer(current: _Reservation) -> dict:

@@ -173,9 +173,10 @@ def test_replay_rebuilds_the_same_records_when_an_id_comes_back_after_it_was_for
     assert replica.retained == ledger.retained == 2
 
 
-def test_a_format_4_snapshot_still_restores_its_finished_records_oldest_first():
-    """Formats 3 and 4 kept finished reservations as reservation rows and adjustments as
-    adjustment rows, in no order; with its owner row, as written before format 5."""
+@pytest.mark.parametrize("version", [3, 4, 5, 6])
+def test_an_older_snapshot_still_restores_its_finished_records_oldest_first(version):
+    """Formats 3 to 6 kept finished reservations as reservation rows and adjustments as
+    adjustment rows, in no order; with its owner row, as written before format 7."""
     rows = [
         ("held", "web", (("a",), (2,), "web", 60, False), ("a",), (2,), None, 1, 90_000, 5, 0),
         ("sold", "", (("a", "b"), (3, 1), "", 60, True), ("a",), (3,), (2,), 5, 80_000, 6, 3_000),
@@ -188,7 +189,7 @@ def test_a_format_4_snapshot_still_restores_its_finished_records_oldest_first():
     payload = state_codec.encode(
         7, [("a", 10, 2, 0), ("b", 5, 0, 0)], rows, adjustments, owners=[("sold", "shop")],
     )
-    payload = payload[:8] + struct.pack("<I", 4) + payload[12:]
+    payload = payload[:8] + struct.pack("<I", version) + payload[12:]
     ledger = Ledger(Table(), RecordingLog(), ManualClock(), Config())
     ledger.restore(payload)
     assert (ledger.seq, ledger.live, ledger.held, ledger.retained) == (7, 1, 1, 3)

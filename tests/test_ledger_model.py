@@ -584,12 +584,17 @@ def test_a_damaged_or_newer_snapshot_is_refused_with_a_clear_error():
     import struct
 
     from reservd import state_codec
+    from reservd.ledger_channels import unwrap
     from reservd.table import Table
 
     ledger = _stocked_ledger()
     ledger.reserve("r", ("a",), (1,), "", 60, False)
     _, encode = ledger.snapshot_state()
-    payload = encode()
+    wrapped = encode()
+    # Its SKUs are at 10 units: the alerts feed's JSON section follows the ledger's bytes.
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        Ledger(Table(), RecordingLog(), ManualClock(), CONFIG).restore(wrapped[:-3])
+    payload, _ = unwrap(wrapped)
     with pytest.raises(ValueError, match="truncated"):
         Ledger(Table(), RecordingLog(), ManualClock(), CONFIG).restore(payload[:-3])
     newer = payload[:8] + struct.pack("<I", state_codec.FORMAT + 1) + payload[12:]

@@ -33,3 +33,21 @@ def test_last_unit_smoke_run_keeps_every_invariant(tmp_path: Path) -> None:
     assert "Reserve (sold out)" in run.stdout, output
     for report in ("last-unit.html", "last-unit_stats.csv", "last-unit-tallies.json"):
         assert (tmp_path / report).exists(), report
+
+
+@pytest.mark.timeout(120)
+def test_viral_smoke_run_tightens_buffers_and_deploys_the_spike_reserve(tmp_path: Path) -> None:
+    """16 s of the viral scenario (4 s a phase): a low pinned baseline so that the daemon's
+    1-minute buckets cross the 10x and 40x thresholds in seconds."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "loadtest" / "run.py"), "--scenario", "viral",
+         "--users", "26", "--spawn-rate", "26", "--time", "16s", "--stop-timeout", "3",
+         "--viral-baseline", "30", "--reports", str(tmp_path)],
+        capture_output=True, text=True, timeout=110,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    assert "verdict for viral: PASS" in run.stdout, output
+    assert "oversold == 0 units" in run.stdout, output
+    assert "spike reserve deployed: 200 units" in run.stdout, output
+    assert "spike survival" in run.stdout, output

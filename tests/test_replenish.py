@@ -78,3 +78,33 @@ def test_history_is_a_fixed_ring_of_days():
     assert sum(history.daily((13 + DAYS_KEPT) * DAY_MS, DAYS_KEPT - 1)) == 1
     with pytest.raises(ValueError):
         history.daily(0, DAYS_KEPT)
+
+
+def test_window_units_and_entries_agree_with_the_days():
+    rng = random.Random(7)
+    history = DemandHistory()
+    for day in range(300):
+        if rng.random() < 0.6:
+            history.add(day * DAY_MS + rng.randrange(DAY_MS), rng.randint(1, 9))
+        for now_day in (day, day + 1, day + 5, day + 200):
+            for days in (1, 30, 90, DAYS_KEPT - 1):
+                assert history.window_units(now_day * DAY_MS, days) == sum(
+                    history.daily(now_day * DAY_MS, days))
+    copy = DemandHistory()
+    copy.restore(*history.entries())
+    assert copy.daily(301 * DAY_MS, DAYS_KEPT - 1) == history.daily(301 * DAY_MS, DAYS_KEPT - 1)
+
+
+def test_abc_classes_rank_the_skus_that_sold():
+    from reservd.config import Config
+    from reservd.planning import Planning
+
+    planning = Planning(Config())
+    for i in range(10):  # sku-0 sold most
+        planning.on_commit([f"sku-{i}"], [100 - i], 0)
+    planning.on_commit(["today"], [500], 5 * DAY_MS)  # today's sales count from tomorrow
+    now = 5 * DAY_MS
+    classes = [planning.class_of(f"sku-{i}", now) for i in range(10)]
+    assert classes == ["A"] * 2 + ["B"] * 3 + ["C"] * 5
+    assert planning.class_of("today", now) == "C" and planning.class_of("never", now) == "C"
+    assert planning.class_of("today", now + DAY_MS) == "A"

@@ -69,8 +69,15 @@ async def _raw_call(channel: grpc.aio.Channel, service, method, body: bytes):
     return await channel.unary_unary(path)(body, timeout=10)
 
 
+# Requests whose only fields are numbers: no string to send invalid UTF-8 in.
+_NO_STRINGS = {"WatchAlerts", "GetAudit"}
+
+
 def test_every_request_has_a_string_field_case():
     for _, method in _methods():
+        if method.name in _NO_STRINGS:
+            assert not any(_bad_utf8_bodies(method.input_type)), method.name
+            continue
         assert any(_bad_utf8_bodies(method.input_type)), method.name
 
 

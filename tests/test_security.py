@@ -164,6 +164,8 @@ REQUESTS = {
     ),
     ("Reservations", "GetAts"): pb.GetAtsRequest(skus=["a"]),
     ("Reservations", "WatchAts"): pb.WatchAtsRequest(skus=["a"]),
+    ("Reservations", "GetAlerts"): pb.GetAlertsRequest(),
+    ("Reservations", "WatchAlerts"): pb.WatchAlertsRequest(),
     ("Admin", "SetStock"): pb.SetStockRequest(sku="a", on_hand=5, adjustment_id="s"),
     ("Admin", "AdjustStock"): pb.AdjustStockRequest(sku="a", delta=1, adjustment_id="d"),
     ("Admin", "SetChannel"): pb.SetChannelRequest(channel="amazon", change_id="c"),
@@ -178,13 +180,22 @@ REQUESTS = {
     ("Admin", "WriteOff"): pb.WriteOffRequest(change_id="w", sku="a", units=1, state="damaged"),
     ("Admin", "ExpectReceipt"): pb.ExpectReceiptRequest(po_id="p", sku="a", units=1),
     ("Admin", "Receive"): pb.ReceiveRequest(receipt_id="c", po_id="p", units=1),
+    ("Admin", "SetRulePolicy"): pb.SetRulePolicyRequest(channel="amazon", change_id="rp"),
+    ("Admin", "GetVelocity"): pb.GetVelocityRequest(sku="a"),
+    ("Admin", "SetPromotion"): pb.SetPromotionRequest(
+        promotion_id="p", skus=["a"], channels=["amazon"], starts_at_ms=1, ends_at_ms=2),
+    ("Admin", "ListPromotions"): pb.ListPromotionsRequest(),
+    ("Admin", "SetReplenishment"): pb.SetReplenishmentRequest(sku="a", lead_time_days=7),
+    ("Admin", "GetReplenishment"): pb.GetReplenishmentRequest(skus=["a"]),
+    ("Admin", "GetAudit"): pb.GetAuditRequest(),
 }
 ALLOWED = {
     "checkout": {"Reserve", "Commit", "Extend", "Release", "Fulfil", "GetReservation", "GetStock",
                  "Batch", "BatchStream"},
     "sync": {"GetStock", "WatchStock", "GetAts", "WatchAts", "ListChannels"},
     "ops": {"GetReservation", "GetStock", "WatchStock", "GetAts", "WatchAts", "ListChannels",
-            "GetBuckets"},
+            "GetBuckets", "GetVelocity", "ListPromotions", "GetAlerts", "WatchAlerts",
+            "GetReplenishment", "GetAudit"},
     "admin": {method for _, method in REQUESTS},
 }
 
@@ -201,7 +212,7 @@ async def _call(channel, service, method, request, metadata):
         request = iter([request])
     call = getattr(stub, method)(request, metadata=metadata, timeout=5)
     try:
-        if method in ("WatchStock", "WatchAts", "BatchStream"):
+        if method in ("WatchStock", "WatchAts", "WatchAlerts", "BatchStream"):
             async for _ in call:
                 call.cancel()
                 break
@@ -216,6 +227,11 @@ async def _call(channel, service, method, request, metadata):
 async def test_each_role_may_call_its_methods_and_nothing_else(tmp_path):
     config = test_config(auth_roles=ROLES, auth_tokens_file=tokens_file(tmp_path))
     async with running(config) as r:
+        # One alert (a SKU at 1 unit) for WatchAlerts to send at once when it is allowed.
+        await r.admin.SetStock(
+            pb.SetStockRequest(sku="low", on_hand=1, adjustment_id="low"),
+            metadata=(("authorization", f"Bearer {TOKENS['root']}"),),
+        )
         for identity, (role,) in ROLES.items():
             metadata = (("authorization", f"Bearer {TOKENS[identity]}"),)
             for (service, method), request in REQUESTS.items():

@@ -31,6 +31,7 @@ from reservd.channelpolicy import (
     DEFAULT_POLICY as _DEFAULT, OVERRIDABLE, Ats, Enforcement, Policy, ats, policy_from_row,
     policy_row,
 )
+from reservd.rules import effective
 
 SHARED = "shared"
 
@@ -73,6 +74,9 @@ class Channels:
         self.named_free: dict[str, int] = {}
         self.held: dict[str, _Held] = {}  # reservation id -> its draws
         self._resolved: dict[tuple[str, str], Policy] = {}
+        # (sku, channel) -> (share points off, share ceiling, max_units cap) of the velocity
+        # rules in force (reservd.rules); set only by the ledger's RULE commands.
+        self.rule_effects: dict[tuple[str, str], tuple[int, int, int | None]] = {}
         # Anything to check on a Reserve at all: no channel and no bucket costs nothing.
         self.active = False
         # While WatchAts streams are open: the (sku, channel) pairs a channel command touched
@@ -88,19 +92,35 @@ class Channels:
     def policy(self, sku: str, channel: str) -> Policy:
         """The channel's policy with the SKU's overrides (an unknown channel: the default,
         which draws shared only)."""
-        if not self.overrides:
+        if not self.overrides and not self.rule_effects:
             return self.policies.get(channel, _DEFAULT)
         key = (sku, channel)
         resolved = self._resolved.get(key)
         if resolved is not None:
             return resolved
-        base = self.policies.get(channel, _DEFAULT)
+        resolved = self.policies.get(channel, _DEFAULT)
         overrides = self.overrides.get(key)
-        if not overrides:
-            return base
-        resolved = dataclasses.replace(base, **overrides)
+        effect = self.rule_effects.get(key)
+        if not overrides and effect is None:
+            return resolved
+        if overrides:
+            resolved = dataclasses.replace(resolved, **overrides)
+        if effect is not None:
+            resolved = effective(resolved, effect)
         self._resolved[key] = resolved
         return resolved
+
+    def set_rule_effect(self, sku: str, channel: str, effect) -> None:
+        """What the velocity rules in force do to (sku, channel)'s policy (None: nothing);
+        reservd.rules.effective applies it after the SKU's overrides."""
+        key = (sku, channel)
+        if effect is None:
+            self.rule_effects.pop(key, None)
+        else:
+            self.rule_effects[key] = effect
+        self._resolved.pop(key, None)
+        if self.tracking:
+            self.touched.add(key)
 
     def available(self, sku: str) -> int | None:
         handle = self.table.lookup(sku)

@@ -12,6 +12,7 @@ from reservd.channelpolicy import (
 from reservd.channels import SHARED
 from reservd.config import Limits
 from reservd.ledger import Code, Rejection
+from reservd.ruleservice import rule_messages
 from reservd.v1 import reservd_pb2 as pb
 from reservd.validation import Invalid
 
@@ -172,7 +173,7 @@ class AtsRpcs:
             request.skus, context, self.limits.get_skus_max, required=True
         )
         channels = await self._channels("channels", request.channels, context, required=True)
-        book, seq = self.ledger.channels, self.ledger.seq
+        book, seq, rules = self.ledger.channels, self.ledger.seq, self.ledger.rules
         stale = self.guard.grant_reason is not None
         out = []
         for sku in skus:
@@ -182,6 +183,7 @@ class AtsRpcs:
                 out.append(pb.Ats(
                     sku=sku, channel=channel, ats=value.ats, level=int(value.level),
                     sequence=seq, stale=stale,
+                    rules=rule_messages(rules.in_force(sku, channel)) if rules.active else (),
                 ))
         return pb.GetAtsResponse(ats=out)
 

@@ -9,7 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from reservd import cli_channels, cli_stock, logs, output
+from reservd import cli_alerts, cli_channels, cli_planning, cli_rules, cli_stock, logs, output
 from reservd.config import Config, ConfigError
 
 
@@ -223,6 +223,9 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_channels.add_parsers(command, client_command)
     cli_stock.add_parsers(client_command)
+    cli_rules.add_parsers(command, client_command, _connection_options)
+    cli_alerts.add_parsers(command, lambda sub: _connection_options(sub, suppress=True))
+    cli_planning.add_parsers(client_command)
 
     wal = command("wal", "inspect a data directory without starting")
     wal_commands = wal.add_subparsers(dest="wal_command", required=True)
@@ -312,7 +315,8 @@ async def _client(args) -> int:
     from reservd.client import ReservdClient
 
     client = ReservdClient(
-        args.target, deadline_seconds=args.deadline, ca_file=args.ca, cert_file=args.cert,
+        # `watch` and `alerts --follow` may have no deadline: their unary calls still do.
+        args.target, deadline_seconds=args.deadline or 5.0, ca_file=args.ca, cert_file=args.cert,
         key_file=args.key, token=args.token, server_name=args.server_name, tls=args.tls,
     )
 
@@ -357,6 +361,12 @@ async def _client(args) -> int:
             return await cli_channels.run(client, args, _print)
         elif command in cli_stock.COMMANDS:
             return await cli_stock.run(client, args, _print)
+        elif command in cli_rules.COMMANDS:
+            return await cli_rules.run(client, args, _print)
+        elif command in cli_alerts.COMMANDS:
+            return await cli_alerts.run(client, args, _print)
+        elif command in cli_planning.COMMANDS:
+            return await cli_planning.run(client, args, _print)
     return 0
 
 

@@ -287,6 +287,38 @@ class ReservdClient:
         request = pb.ReceiveRequest(receipt_id=receipt_id, po_id=po_id, units=units)
         return await self._call(self.admin.Receive, request)
 
+    async def set_rule_policy(self, request: pb.SetRulePolicyRequest) -> pb.RulePolicyResponse:
+        return await self._call(self.admin.SetRulePolicy, request)
+
+    async def get_velocity(self, sku: str) -> pb.GetVelocityResponse:
+        return await self._call(self.admin.GetVelocity, pb.GetVelocityRequest(sku=sku))
+
+    async def set_promotion(self, request: pb.SetPromotionRequest) -> pb.PromotionResponse:
+        return await self._call(self.admin.SetPromotion, request)
+
+    async def list_promotions(self, sku: str = "") -> list[pb.Promotion]:
+        response = await self._call(self.admin.ListPromotions, pb.ListPromotionsRequest(sku=sku))
+        return list(response.promotions)
+    async def set_replenishment(
+        self, sku: str, lead_time_days: float, lead_time_sigma_days: float = 0.0,
+        service_level: float = 0.0, abc_class: str = "", seasonal: Iterable[float] = (),
+    ) -> pb.SetReplenishmentResponse:
+        request = pb.SetReplenishmentRequest(
+            sku=sku, lead_time_days=lead_time_days, lead_time_sigma_days=lead_time_sigma_days,
+            service_level=service_level, abc_class=abc_class, seasonal_indices=list(seasonal),
+        )
+        return await self._call(self.admin.SetReplenishment, request)
+
+    async def get_replenishment(
+        self, skus: Iterable[str] = (), after_sku: str = "", limit: int = 0
+    ) -> list[pb.Replenishment]:
+        request = pb.GetReplenishmentRequest(skus=list(skus), after_sku=after_sku, limit=limit)
+        return list((await self._call(self.admin.GetReplenishment, request)).rows)
+
+    async def get_audit(self, all_skus: bool = False, limit: int = 0) -> pb.GetAuditResponse:
+        request = pb.GetAuditRequest(all=all_skus, limit=limit)
+        return await self._call(self.admin.GetAudit, request)
+
     async def get_buckets(self, skus: Iterable[str]) -> list[pb.SkuBuckets]:
         response = await self._call(self.admin.GetBuckets, pb.GetBucketsRequest(skus=skus))
         return list(response.skus)
@@ -309,6 +341,35 @@ class ReservdClient:
         try:
             async for update in call:
                 yield update
+        except grpc.aio.AioRpcError as error:
+            raise ReservdError(error.code(), error.details() or "") from None
+        finally:
+            call.cancel()
+
+    # -- alerts -------------------------------------------------------------------------------
+
+    async def get_alerts(
+        self, kinds: Iterable[str] = (), sku: str = "", level_min: int = 0, limit: int = 0
+    ) -> list[pb.Alert]:
+        """The newest retained alerts that match, oldest first (limit 0: the server's most)."""
+        request = pb.GetAlertsRequest(
+            kinds=list(kinds), sku=sku, level_min=level_min, limit=limit
+        )
+        return list((await self._call(self.reservations.GetAlerts, request)).alerts)
+
+    async def watch_alerts(
+        self, from_sequence: int = 0, deadline_seconds: float | None = None
+    ) -> AsyncIterator[pb.Alert]:
+        """Stream alerts after ``from_sequence`` (0: every retained alert first); as ``watch``:
+        no deadline unless given one, in seconds."""
+        call = self.reservations.WatchAlerts(
+            pb.WatchAlertsRequest(from_sequence=from_sequence),
+            timeout=deadline_seconds,
+            metadata=self._metadata,
+        )
+        try:
+            async for alert in call:
+                yield alert
         except grpc.aio.AioRpcError as error:
             raise ReservdError(error.code(), error.details() or "") from None
         finally:

@@ -31,6 +31,8 @@ class Limits:
     batch_stream_in_flight_max: int = 16
     # GetAts and WatchAts: channels named in one request.
     ats_channels_max: int = 64
+    # GetAlerts: alerts in one answer.
+    get_alerts_max: int = 1_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,6 +80,82 @@ class Config:
     ats_buffer_updates_max: int = 4_096
     # (sku, channel) pairs whose ats is kept up to date for streams that may resume.
     ats_tracked_pairs_max: int = 1_000_000
+    # Velocity (reservd.velocity): units reserved per hour per (sku, channel), in minute
+    # buckets over velocity_window_minutes (detection) and hour buckets over
+    # velocity_baseline_hours (the learned baseline); at most velocity_tracked_pairs_max pairs.
+    velocity_tracking: bool = True
+    velocity_window_minutes: int = 10
+    velocity_baseline_hours: int = 24
+    velocity_tracked_pairs_max: int = 1_000_000
+    # The velocity rules and promotions (reservd.rules, reservd.promotions) are evaluated every
+    # rules_evaluate_ms (each firing a WAL command); the spike-absorption reserve is the
+    # bucket named rules_spike_reserve; at most rules_active_max rules in force at once.
+    rules_evaluate_ms: int = 1_000
+    rules_spike_reserve: str = "spike"
+    rules_active_max: int = 100_000
+    # Promotions kept (normalised ones are forgotten retention_seconds after); their buffers
+    # rise promotion_preload_points_bp (basis points of share) promotion_preload_seconds before
+    # the start; sales at promotion_overrun_pct of the pro-rated forecast (and at least
+    # promotion_overrun_units_min) tighten them like a spike; promotion_normalize_seconds after
+    # the end they are back; announced less than promotion_notice_seconds ahead: flagged.
+    promotions_max: int = 10_000
+    promotion_preload_seconds: int = 86_400
+    promotion_preload_points_bp: int = 2_000
+    promotion_overrun_pct: int = 150
+    promotion_overrun_units_min: int = 10
+    promotion_normalize_seconds: int = 10_800
+    promotion_notice_seconds: int = 172_800
+    # Alerts (reservd.alerts): alerts retained for GetAlerts, resuming WatchAlerts streams and
+    # snapshots (the oldest is dropped beyond it); open WatchAlerts streams (RESOURCE_EXHAUSTED
+    # beyond); alerts one stream takes from the retained ones per step.
+    alerts_retained_max: int = 10_000
+    alert_watchers_max: int = 100
+    alerts_batch_max: int = 256
+    # Reserve-level alerts: a SKU leaves a level towards normal only once its available units
+    # are more than this above the level's threshold (no alert per unit around a threshold).
+    alert_level_hysteresis_units: int = 2
+    # Recount shortfalls, graded: level 1 one SKU short by fewer than alert_shortfall_major_units;
+    # level 2 one SKU short by that many or more, or several SKUs short within
+    # alert_shortfall_window_seconds; level 3 (widespread) alert_shortfall_widespread_skus SKUs
+    # or more short within the window.
+    alert_shortfall_window_seconds: int = 3_600
+    alert_shortfall_major_units: int = 5
+    alert_shortfall_widespread_skus: int = 5
+    # Stock states and incoming stock (issue 12), each refused RESOURCE_EXHAUSTED beyond its
+    # bound: returns kept (in quarantine, or inspected and kept retention_seconds); write-offs
+    # and receipts (idempotency records, kept retention_seconds); purchase orders (open, or
+    # received and kept retention_seconds after the last receipt). Measured by
+    # tests/test_stock_bounds.py (ids of 10-20 bytes): 0.7 KiB per return in quarantine, 1.2 KiB
+    # inspected; 0.6 KiB per write-off or receipt; 0.2 KiB per order: the defaults hold at
+    # most ~1.1 GiB together.
+    returns_max: int = 500_000
+    write_offs_max: int = 200_000
+    purchase_orders_max: int = 200_000
+    receipts_max: int = 500_000
+    # Replenishment and cycle counts (reservd.planning). SKUs with demand history (1 KiB each),
+    # settings or a count: settings beyond it are refused, further demand is not kept.
+    replenish_skus_max: int = 200_000
+    # Whole days of history D and sigma_D are measured over (1-127).
+    replenish_demand_days: int = 90
+    # Defaults of SKUs without settings (Admin.SetReplenishment), in days.
+    replenish_lead_time_days: float = 14.0
+    replenish_lead_time_sigma_days: float = 3.0
+    # A suggested order brings available + incoming to the reorder point plus this many days
+    # of demand.
+    replenish_order_cycle_days: float = 30.0
+    # Monthly seasonal indices, January first (seed 001's table).
+    replenish_seasonal_indices: str = "0.8,0.7,0.9,1.0,1.0,1.1,1.1,1.2,1.3,1.5,2.5,2.0"
+    # Cycle-count frequency by ABC class, in days (A weekly, B monthly, C quarterly).
+    count_days_a: int = 7
+    count_days_b: int = 30
+    count_days_c: int = 91
+    # Alerts: ghost stock at a recount above these, in basis points of the system count (seed
+    # 001: target below 2%, above 5% a data integrity problem); returns waiting for inspection
+    # longer than inspection_backlog_seconds_max, checked every inspection_backlog_check_seconds.
+    ghost_stock_warning_bp: int = 200
+    ghost_stock_critical_bp: int = 500
+    inspection_backlog_seconds_max: int = 172_800
+    inspection_backlog_check_seconds: float = 60.0
     metrics_port: int | None = None
     redis_url: str | None = None
     redis_prefix: str = "reservd:"

@@ -13,6 +13,7 @@ from typing import NamedTuple
 from reservd import records
 from reservd.records import RecordType
 from reservd.stockstates import Refusal
+from reservd.store import Fifo
 
 
 class Order(NamedTuple):
@@ -20,6 +21,9 @@ class Order(NamedTuple):
     units: int
     eta_ms: int
     received: int
+    # Unix ms of the last receipt once received >= units (0 while open): the order's
+    # retention clock, so it outlives every receipt against it.
+    closed_at_ms: int = 0
 
 
 class IncomingOutcome(NamedTuple):
@@ -40,11 +44,19 @@ class IncomingOutcome(NamedTuple):
 class Incoming:
     """Purchase orders by po_id, receipts by receipt_id, incoming units per SKU."""
 
-    def __init__(self, table) -> None:
+    def __init__(self, table, orders_max: int = 1 << 62, receipts_max: int = 1 << 62) -> None:
         self.table = table
+        # Open orders and, for retention_seconds after their last receipt, received ones; and
+        # receipts (idempotency records, kept retention_seconds). Each bounded: a new one beyond
+        # its bound is refused RESOURCE_EXHAUSTED before anything is logged.
         self.orders: dict[str, Order] = {}
-        self.receipts: dict[str, tuple[tuple[str, int], int]] = {}  # id -> ((po, units), seq)
+        # receipt_id -> ((po_id, units), seq, at_ms)
+        self.receipts: dict[str, tuple[tuple[str, int], int, int]] = {}
         self.by_sku: dict[str, int] = {}
+        self.orders_max = orders_max
+        self.receipts_max = receipts_max
+        self._closed = Fifo()  # (closed_at_ms, po_id), one entry per receipt on a closed order
+        self._received = Fifo()  # (at_ms, receipt_id)
 
     def of(self, sku: str) -> int:
         """Units of ``sku`` on open purchase orders, not yet received."""
@@ -60,6 +72,9 @@ class Incoming:
             return self._outcome(po_id, 0)._replace(replayed=True)
         if self.table.lookup(sku) < 0:
             return Refusal("NOT_FOUND", f"sku {sku!r} is unknown: SetStock creates it", "sku")
+        if len(self.orders) >= self.orders_max:
+            return Refusal("RESOURCE_EXHAUSTED", f"{len(self.orders)} purchase orders are kept: "
+                           "purchase_orders_max reached")
         return records.ExpectReceipt(now_ms, po_id, sku, units, eta_ms)
 
     def decide_receive(
@@ -75,6 +90,9 @@ class Incoming:
         order = self.orders.get(po_id)
         if order is None:
             return Refusal("NOT_FOUND", f"po {po_id!r} is unknown", "po_id")
+        if len(self.receipts) >= self.receipts_max:
+            return Refusal("RESOURCE_EXHAUSTED", f"{len(self.receipts)} receipts are kept for "
+                           "their idempotency window: receipts_max reached")
         on_hand = self.table.counters(self.table.lookup(order.sku))[0]
         if on_hand + units > on_hand_max:
             return Refusal(
@@ -97,9 +115,29 @@ class Incoming:
         expected_now = max(0, order.units - order.received)
         self.by_sku[order.sku] = self.of(order.sku) - min(command.units, expected_now)
         assert self.by_sku[order.sku] >= 0, (order, self.by_sku[order.sku])
-        self.orders[command.po_id] = order._replace(received=order.received + command.units)
-        self.receipts[command.receipt_id] = ((command.po_id, command.units), seq)
+        received = order.received + command.units
+        closed_at_ms = command.at_ms if received >= order.units else 0
+        self.orders[command.po_id] = order._replace(received=received, closed_at_ms=closed_at_ms)
+        if closed_at_ms:
+            self._closed.append(closed_at_ms, command.po_id)
+        self.receipts[command.receipt_id] = ((command.po_id, command.units), seq, command.at_ms)
+        self._received.append(command.at_ms, command.receipt_id)
         return self._outcome(command.po_id, seq)
+
+    def prune(self, horizon_ms: int) -> None:
+        """Forget receipts, and received orders, whose last command was at or before
+        ``horizon_ms`` (retention_seconds over). Receipts go first: an order is closed at its
+        last receipt, so no receipt kept names a forgotten order."""
+        while len(self._received) and self._received.oldest_ms() <= horizon_ms:
+            at_ms, receipt_id = self._received.popleft()
+            entry = self.receipts.get(receipt_id)
+            if entry is not None and entry[2] == at_ms:
+                del self.receipts[receipt_id]
+        while len(self._closed) and self._closed.oldest_ms() <= horizon_ms:
+            at_ms, po_id = self._closed.popleft()
+            order = self.orders.get(po_id)
+            if order is not None and order.closed_at_ms == at_ms:
+                del self.orders[po_id]
 
     def _outcome(self, po_id: str, seq: int) -> IncomingOutcome:
         order = self.orders[po_id]
@@ -114,15 +152,28 @@ class Incoming:
     def snapshot_rows(self) -> tuple[list, list]:
         """(order rows, receipt rows) as plain tuples for reservd.state_codec."""
         orders = [(po_id, *order) for po_id, order in self.orders.items()]
-        receipts = [(receipt_id, po_id, units, seq)
-                    for receipt_id, ((po_id, units), seq) in self.receipts.items()]
+        receipts = [(receipt_id, po_id, units, seq, at_ms)
+                    for receipt_id, ((po_id, units), seq, at_ms) in self.receipts.items()]
         return orders, receipts
 
-    def restore_order(self, row: tuple) -> None:
-        po_id, sku, units, eta_ms, received = row
-        self.orders[po_id] = Order(sku, units, eta_ms, received)
+    def restore_order(self, row: tuple, now_ms: int) -> None:
+        """``now_ms``: the retention start of a received order from a format-4 snapshot (no
+        times there: kept a whole window from the restart, never too short)."""
+        po_id, sku, units, eta_ms, received, closed_at_ms = row
+        if received >= units and not closed_at_ms:
+            closed_at_ms = now_ms
+        self.orders[po_id] = Order(sku, units, eta_ms, received, closed_at_ms or 0)
         self.by_sku[sku] = self.of(sku) + max(0, units - received)
+        if closed_at_ms:
+            self._closed.append(closed_at_ms, po_id)
 
-    def restore_receipt(self, row: tuple) -> None:
-        receipt_id, po_id, units, seq = row
-        self.receipts[receipt_id] = ((po_id, units), seq)
+    def restore_receipt(self, row: tuple, now_ms: int) -> None:
+        receipt_id, po_id, units, seq, at_ms = row
+        at_ms = at_ms or now_ms
+        self.receipts[receipt_id] = ((po_id, units), seq, at_ms)
+        self._received.append(at_ms, receipt_id)
+
+    def restored(self) -> None:
+        """After a snapshot restore: order the retention queues by time."""
+        self._closed.sort()
+        self._received.sort()

@@ -16,11 +16,16 @@ import enum
 import logging
 from typing import NamedTuple, Protocol, Sequence
 
-from reservd import finished, finished_rows, incoming, records, state_codec, stockstates
+from reservd import (
+    alerts, finished, finished_rows, incoming, planning, planning_records, records, state_codec, stockstates,
+)
+from reservd.alertrules import SNAPSHOT_KINDS as _RULE_KINDS, AlertRules
 from reservd.channels import Channels
 from reservd.config import Config
 from reservd.expiry import Deadlines
 from reservd.ledger_channels import ChannelCommands, unwrap, wrap
+from reservd.ledger_planning import PlanningCommands
+from reservd.ledger_rules import ENCODERS as _RULE_ENCODERS, RULE_KINDS as _RULE_RECORDS, RuleCommands
 from reservd.records import RecordType
 from reservd.finished import FinishedAdjustment, FinishedReservation
 from reservd.store import Reservation, ReservationStore, State, StockOutcome
@@ -45,6 +50,8 @@ _ENCODERS = {
     RecordType.WRITE_OFF: records.encode_write_off,
     RecordType.EXPECT_RECEIPT: records.encode_expect_receipt,
     RecordType.RECEIVE: records.encode_receive,
+    RecordType.SET_REPLENISHMENT: planning_records.encode,
+    **_RULE_ENCODERS,
 }
 _STATE_KINDS = (RecordType.RECEIVE_RETURN, RecordType.INSPECT, RecordType.WRITE_OFF)
 _INCOMING_KINDS = (RecordType.EXPECT_RECEIPT, RecordType.RECEIVE)
@@ -102,9 +109,9 @@ class Log(Protocol):
     def append(self, seq: int, type: int, payload: bytes) -> None: ...
 
 
-class Ledger(ChannelCommands):
+class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
     """Reservations, their expiry and idempotency, over a counter table; channels and buckets
-    (reservd.channels) beside it."""
+    (reservd.channels), velocity, rules and promotions (reservd.ledger_rules) beside it."""
 
     def __init__(self, table: CounterTable, log_: Log, clock, config: Config) -> None:
         self.table = table
@@ -118,8 +125,9 @@ class Ledger(ChannelCommands):
         # Idempotency records of finished reservations and of adjustments, oldest first, by a
         # hash of their id (reservd.finished). Forgotten only once retention_seconds old.
         self.finished = finished.Table()
-        self.states = stockstates.StockStates(table)
-        self.incoming = incoming.Incoming(table)
+        self.states = stockstates.StockStates(table, config.returns_max, config.write_offs_max)
+        self.incoming = incoming.Incoming(table, config.purchase_orders_max, config.receipts_max)
+        self.planning = planning.Planning(config)
         self.live = 0  # held + committed
         self.held = 0
         # Held reservations' ids by expiry second. An entry goes stale when its hold ends or
@@ -128,6 +136,10 @@ class Ledger(ChannelCommands):
         # making the stale entries cost).
         self._deadlines = Deadlines()
         self.channels = Channels(table, config.channels_max, config.buckets_per_sku_max)
+        self._init_rules(config)
+        # Alerts raised inside applies (reservd.alerts), and the ledger's own alert rules.
+        self.alerts = alerts.AlertFeed(config, clock)
+        self.alert_rules = AlertRules(self.alerts, table, config)
         # Called with the sequence of every mutation right after it is applied and logged
         # (reservd.atswatch computes the ats of what is watched at that very state).
         self.on_applied = None
@@ -193,6 +205,7 @@ class Ledger(ChannelCommands):
             now_ms, reservation_id, channel, ttl_seconds, allow_partial,
             now_ms + ttl_seconds * 1000, skus, quantities, granted, owner,
         )
+        self.alerts.begin(seq, now_ms)
         if all(granted):
             self._apply_reserve(command, skus, handles, granted, seq)
         else:
@@ -533,6 +546,7 @@ class Ledger(ChannelCommands):
         assert seq == self.seq + 1, f"replay out of order: {seq} after {self.seq}"
         command = records.decode(record_type, payload)
         kind = RecordType(record_type)
+        self.alerts.begin(seq, command.at_ms, replayed=True)
         if kind is RecordType.RESERVE:
             lines = [
                 (sku, granted) for sku, granted in zip(command.skus, command.granted) if granted
@@ -549,6 +563,15 @@ class Ledger(ChannelCommands):
         else:
             self._apply(kind, command, seq)
         self.seq = seq
+        self._alerts_after(seq)
+
+    def _alerts_after(self, seq: int) -> None:
+        """The command ``seq`` is applied: the rules that read its result, then no more alerts
+        for it."""
+        changed = self.alert_rules.applied(seq)
+        if changed:
+            self._reorder_alerts(changed)
+        self.alerts.end(seq)
 
     def snapshot_state(self):
         """Capture the state after ``self.seq`` now (cheap copies, no encoding); returns
@@ -563,6 +586,7 @@ class Ledger(ChannelCommands):
         decode_reservation = self.reservations.decode
         states, returns, write_offs = self.states.snapshot_rows()
         orders, receipts = self.incoming.snapshot_rows()
+        demand, replenishment, counts = self.planning.snapshot_rows()
 
         # Filled while the reservation rows are encoded, and written after them: one decode each.
         owners: list[tuple[str, str]] = []
@@ -577,13 +601,17 @@ class Ledger(ChannelCommands):
                     int(r.state), r.expires_at_ms, r.seq, r.finished_at_ms,
                 )
 
-        channel_rows = self.channels.snapshot_rows()
+        channel_rows = {
+            **self.channels.snapshot_rows(), **self.alerts.snapshot_rows(),
+            **self.alert_rules.snapshot_rows(),
+        }
+        rule_sections = self._rule_sections()
 
         def encode() -> bytes:
             return wrap(
                 state_codec.encode(
                     seq, stock, reservation_rows(), (), states, returns, write_offs, orders,
-                    receipts, owners,
+                    receipts, owners, demand, replenishment, counts, rule_sections,
                     finished_rows.snapshot_rows(
                         kept, self.table.sku, self.reservations.origin_of
                     ),
@@ -599,26 +627,38 @@ class Ledger(ChannelCommands):
         assert not self.reservations and len(self.table) == 0, "restore into a fresh ledger"
         payload, channel_rows = unwrap(payload)
         for kind, rows in channel_rows.items():
-            self.channels.restore_rows(kind, rows)
+            if kind in alerts.SNAPSHOT_KINDS:
+                self.alerts.restore_rows(kind, rows)
+            elif kind in _RULE_KINDS:
+                self.alert_rules.restore_rows(kind, rows)
+            else:
+                self.channels.restore_rows(kind, rows)
         seq, rows = state_codec.decode(payload)
         lookup = self.table.lookup
         origin = self.reservations.origin
-        # Finished reservations (with their owners) and adjustments of formats 2-4.
+        # Finished reservations (with their owners) and adjustments of formats 2-6.
         legacy_finished: dict[str, list] = {}
         legacy_adjustments: list[tuple] = []
+        now_ms = self.clock.now_ms()
         for kind, row in rows:
             if kind == state_codec.STOCK:
                 self.table.restore(*row)
             elif kind == state_codec.STATES:
                 self.states.restore_state(row)
             elif kind == state_codec.RETURN:
-                self.states.restore_return(row)
+                self.states.restore_return(row, now_ms)
             elif kind == state_codec.WRITE_OFF:
                 self.states.restore_write_off(row)
             elif kind == state_codec.ORDER:
-                self.incoming.restore_order(row)
+                self.incoming.restore_order(row, now_ms)
             elif kind == state_codec.RECEIPT:
-                self.incoming.restore_receipt(row)
+                self.incoming.restore_receipt(row, now_ms)
+            elif kind == state_codec.DEMAND:
+                self.planning.restore_demand(row)
+            elif kind == state_codec.REPLENISHMENT:
+                self.planning.restore_settings(row)
+            elif kind == state_codec.COUNT:
+                self.planning.restore_count(row)
             elif kind == state_codec.FINISHED:
                 self.finished.add(finished_rows.record(row, lookup, origin))
             elif kind == state_codec.RESERVATION:
@@ -637,6 +677,8 @@ class Ledger(ChannelCommands):
                     self._deadlines.push(expires_at_ms, reservation_id)
                     self.held += 1
                 self.live += 1
+            elif kind >= state_codec.FIRST_RULES_SECTION:
+                self._restore_rule_row(kind, row)
             elif kind == state_codec.OWNER:
                 reservation_id, owner = row
                 if reservation_id in legacy_finished:
@@ -651,6 +693,9 @@ class Ledger(ChannelCommands):
             legacy_finished.values(), legacy_adjustments, lookup, origin
         ):
             self.finished.add(packed)
+        self.alert_rules.restart_ring()
+        self.states.restored()
+        self.incoming.restored()
         self.seq = seq
 
     # -- Internals ------------------------------------------------------------------------------
@@ -674,6 +719,7 @@ class Ledger(ChannelCommands):
         a command that replay could not apply.
         """
         seq = self.seq + 1
+        self.alerts.begin(seq, command.at_ms)
         result = self._apply(kind, command, seq)
         self._append(seq, kind, _ENCODERS[kind](command))
         return result, seq
@@ -681,6 +727,7 @@ class Ledger(ChannelCommands):
     def _append(self, seq: int, kind: RecordType, payload: bytes) -> None:
         self.log.append(seq, kind, payload)
         self.seq = seq
+        self._alerts_after(seq)
         if self.on_applied is not None:
             self.on_applied(seq)
 
@@ -704,7 +751,15 @@ class Ledger(ChannelCommands):
         if kind in _STATE_KINDS:
             return self.states.apply(kind, command, seq)
         if kind in _INCOMING_KINDS:
-            return self.incoming.apply(kind, command, seq)
+            outcome = self.incoming.apply(kind, command, seq)
+            self._reorder_alert(outcome.sku)  # incoming moved, maybe with no table change
+            return outcome
+        if kind is RecordType.SET_REPLENISHMENT:
+            self.planning.apply_settings(command)
+            self._reorder_alert(command.sku)  # the reorder point moved
+            return command
+        if kind in _RULE_RECORDS:
+            return self._apply_rules(kind, command, seq)
         if kind >= RecordType.SET_CHANNEL:
             return self._apply_channels(kind, command, seq)
         assert kind in (RecordType.SET_STOCK, RecordType.ADJUST_STOCK), kind
@@ -817,11 +872,13 @@ class Ledger(ChannelCommands):
         self.live += 1
         self.held += 1
         self.channels.apply_reserve(command.reservation_id, command.channel, skus, quantities)
+        self._track_reserve(command.channel, skus, quantities, command.at_ms)
 
     def _apply_commit(self, command: records.Commit, seq: int) -> Reservation:
         current = self.reservations[command.reservation_id]
         assert current.state is State.HELD, f"commit of {current.state.name} {current}"
         self.table.commit(current.handles, current.quantities, command.committed, seq)
+        self.planning.on_commit(current.skus, command.committed, command.at_ms)
         self.channels.apply_commit(
             command.reservation_id, dict(zip(current.skus, command.committed))
         )
@@ -891,8 +948,12 @@ class Ledger(ChannelCommands):
         self, kind: RecordType, command: records.StockChange, seq: int
     ) -> StockOutcome:
         if kind is RecordType.SET_STOCK:
+            recount = self.table.lookup(command.sku) >= 0
             handle = self.table.ensure(command.sku)
             previous = self.table.set_on_hand(handle, command.value, seq)
+            if recount:  # creating a SKU is not a count
+                self.planning.on_count(command.sku, command.at_ms, previous, command.value)
+                self._ghost_alert(command.sku)
         else:
             handle = self.table.lookup(command.sku)
             assert handle >= 0, f"adjust of unknown sku {command.sku!r}"
@@ -907,6 +968,8 @@ class Ledger(ChannelCommands):
         self.finished.add(
             finished.pack_adjustment(finished.adjustment_key(command.adjustment_id), kept)
         )
+        self.stock_dirty.add(command.sku)
+        self.alert_rules.stock_changed(command.sku, on_hand, reserved, committed, command.at_ms)
         return StockOutcome(
             command.sku, on_hand, reserved, committed, previous,
             max(0, reserved + committed - on_hand), seq, False,
@@ -915,7 +978,10 @@ class Ledger(ChannelCommands):
     def _prune(self, now_ms: int) -> None:
         """Forget idempotency records older than retention_seconds (and only those: the window
         is the promise; retained_max refuses new work instead of cutting it)."""
-        self.finished.forget(now_ms - self.config.retention_seconds * 1000)
+        horizon_ms = now_ms - self.config.retention_seconds * 1000
+        self.finished.forget(horizon_ms)
+        self.states.prune(horizon_ms)
+        self.incoming.prune(horizon_ms)
 
 
 def _exists(reservation_id: str) -> Rejection:

@@ -47,7 +47,12 @@ def unwrap(payload: bytes) -> tuple[bytes, dict]:
     start = len(_MAGIC) + _LENGTH.size
     if start + length > len(payload):
         raise ValueError("snapshot: the channel section's ledger length runs past the end")
-    rows = json.loads(payload[start + length:])
+    try:
+        rows = json.loads(payload[start + length:])
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(
+            f"snapshot: the channel section is truncated or damaged ({error})"
+        ) from None
     if not isinstance(rows, dict):
         raise ValueError("snapshot: the channel section is not a JSON object")
     return payload[start:start + length], {kind: _tupled(value) for kind, value in rows.items()}

@@ -98,6 +98,7 @@ class Metrics:
         self._sources: list = []
         self._hub = None
         self._ats_hub = None
+        self._alert_hub = None
         self._admission = None
         self.registry.register(self)
 
@@ -109,12 +110,14 @@ class Metrics:
         return RpcMetrics(self._handled, self._handling_seconds, (kind, service, method))
 
     def watch(
-        self, ledger, log_, guard, mirror=None, supervisor=None, hub=None, ats_hub=None
+        self, ledger, log_, guard, mirror=None, supervisor=None, hub=None, ats_hub=None,
+        alert_hub=None,
     ) -> None:
         """Report these objects' state at each scrape."""
         self._sources = [ledger, log_, guard, mirror, supervisor]
         self._hub = hub
         self._ats_hub = ats_hub
+        self._alert_hub = alert_hub
 
     def watch_admission(self, admission) -> None:
         """Report calls in flight, open streams and overload refusals at each scrape."""
@@ -169,6 +172,7 @@ class Metrics:
             "reservd_retained_max", "Bound on retained records (new work refused at it)",
             value=ledger.config.retained_max,
         )
+        yield from _stock_table_metrics(ledger)
         yield GaugeMetricFamily(
             "reservd_held_reservations", "Held (uncommitted) reservations", value=ledger.held
         )
@@ -255,6 +259,8 @@ class Metrics:
                 value=hub.fanout_seconds,
             )
         yield from _channel_metrics(ledger.channels, self._ats_hub)
+        yield from _rule_metrics(ledger)
+        yield from _alert_metrics(ledger.alerts, self._alert_hub)
         stats = getattr(log_, "stats", None)
         if stats is not None:
             yield CounterMetricFamily(
@@ -268,6 +274,51 @@ class Metrics:
         """Serve /metrics on ``address:port`` (port 0: any); returns the bound port."""
         server, _thread = start_http_server(port, addr=address, registry=self.registry)
         return server.server_port
+
+
+def _stock_table_metrics(ledger):
+    """The stock-state tables beside their bounds, and the age of the inspection backlog."""
+    config = ledger.config
+    for name, kept, bound, what in (
+        ("returns", len(ledger.states.returns), config.returns_max,
+         "Returns kept (in quarantine, or inspected within retention_seconds)"),
+        ("write_offs", len(ledger.states.write_offs), config.write_offs_max,
+         "Write-offs kept for their idempotency window"),
+        ("purchase_orders", len(ledger.incoming.orders), config.purchase_orders_max,
+         "Purchase orders kept (open, or received within retention_seconds)"),
+        ("receipts", len(ledger.incoming.receipts), config.receipts_max,
+         "Receipts kept for their idempotency window"),
+    ):
+        yield GaugeMetricFamily(f"reservd_{name}", what, value=kept)
+        yield GaugeMetricFamily(
+            f"reservd_{name}_max", f"Bound on reservd_{name} (RESOURCE_EXHAUSTED at it)",
+            value=bound,
+        )
+    planning = ledger.planning
+    yield GaugeMetricFamily(
+        "reservd_planned_skus", "SKUs with demand history, replenishment settings or a count",
+        value=len(planning.plans),
+    )
+    yield GaugeMetricFamily(
+        "reservd_planned_skus_max", "Bound on reservd_planned_skus (replenish_skus_max)",
+        value=config.replenish_skus_max,
+    )
+    yield CounterMetricFamily(
+        "reservd_planning_untracked",
+        "Commits and recounts of SKUs beyond replenish_skus_max, not kept as demand or counts",
+        value=planning.untracked,
+    )
+    yield GaugeMetricFamily(
+        "reservd_ghost_stock_ratio",
+        "(system - counted) / system over every SKU's last recount (target < 0.02)",
+        value=planning.ghost_overall(),
+    )
+    oldest_ms = ledger.states.oldest_quarantine_ms()
+    yield GaugeMetricFamily(
+        "reservd_quarantine_oldest_seconds",
+        "Age of the oldest return awaiting inspection (0 when none)",
+        value=0 if oldest_ms is None else max(0, ledger.clock.now_ms() - oldest_ms) / 1000,
+    )
 
 
 def _channel_metrics(channels, ats_hub):
@@ -306,6 +357,72 @@ def _channel_metrics(channels, ats_hub):
         "reservd_ats_snapshots",
         "WatchAts streams sent every value afresh (new, not resumable, or over their buffer)",
         value=ats_hub.snapshots,
+    )
+
+
+def _rule_metrics(ledger):
+    velocity, rules = ledger.velocity, ledger.rules
+    if velocity is not None:
+        yield GaugeMetricFamily(
+            "reservd_velocity_tracked_pairs",
+            "(sku, channel) pairs with velocity buckets (bound: velocity_tracked_pairs_max)",
+            value=len(velocity),
+        )
+        yield CounterMetricFamily(
+            "reservd_velocity_untracked_samples",
+            "Reserve lines not tracked: velocity_tracked_pairs_max busy pairs",
+            value=velocity.untracked,
+        )
+    yield GaugeMetricFamily(
+        "reservd_rules_in_force", "Velocity and promotion rules in force (bound: rules_active_max)",
+        value=len(rules.active),
+    )
+    yield CounterMetricFamily("reservd_rules_fired", "Rule firings logged", value=rules.fired)
+    yield CounterMetricFamily("reservd_rules_ended", "Rule reversals logged", value=rules.ended)
+    yield CounterMetricFamily(
+        "reservd_rules_refused", "Rule firings not logged: rules_active_max in force",
+        value=ledger.rules_refused,
+    )
+    yield GaugeMetricFamily(
+        "reservd_promotions", "Promotions on the calendar (bound: promotions_max)",
+        value=len(ledger.promotions),
+    )
+
+
+def _alert_metrics(feed, alert_hub):
+    alerts = CounterMetricFamily(
+        "reservd_alerts", "Alerts published (not those replayed at start-up), by kind and level",
+        labels=("kind", "level"),
+    )
+    for (kind, level), count in sorted(feed.counts.items()):
+        alerts.add_metric((kind, str(level)), count)
+    yield alerts
+    yield GaugeMetricFamily(
+        "reservd_alerts_retained", "Alerts retained for GetAlerts and resuming WatchAlerts "
+        "(bound: alerts_retained_max)", value=len(feed.retained),
+    )
+    yield GaugeMetricFamily(
+        "reservd_alerts_retained_max", "Bound on retained alerts (the oldest is dropped)",
+        value=feed.retained_max,
+    )
+    yield GaugeMetricFamily(
+        "reservd_alert_latches",
+        "(kind, sku, channel) whose last alert level is not 0 (one each at most)",
+        value=feed.latches,
+    )
+    if alert_hub is None:
+        return
+    yield GaugeMetricFamily(
+        "reservd_alert_watchers", "Open WatchAlerts streams (bound: alert_watchers_max)",
+        value=len(alert_hub),
+    )
+    yield CounterMetricFamily(
+        "reservd_alert_watchers_lapped",
+        "WatchAlerts streams that missed alerts no longer retained (told with lapped)",
+        value=alert_hub.lapped,
+    )
+    yield CounterMetricFamily(
+        "reservd_alerts_sent", "Alerts sent on WatchAlerts streams", value=alert_hub.sent
     )
 
 

@@ -81,6 +81,22 @@ class DemandHistory:
             return
         self._units[day % DAYS_KEPT] += units
 
+    def entries(self) -> tuple[int, list[tuple[int, int]]]:
+        """(newest day, [(day, units) of the days kept with demand]), days since the epoch:
+        the compact form a snapshot carries."""
+        newest = self._newest_day
+        if newest is None:
+            return -1, []
+        days = range(newest - DAYS_KEPT + 1, newest + 1)
+        return newest, [(day, self._units[day % DAYS_KEPT]) for day in days
+                        if self._units[day % DAYS_KEPT]]
+
+    def restore(self, newest_day: int, entries: list[tuple[int, int]]) -> None:
+        """Load :meth:`entries`' output into an empty history."""
+        self._newest_day = None if newest_day < 0 else newest_day
+        for day, units in entries:
+            self._units[day % DAYS_KEPT] = units
+
     def daily(self, now_ms: int, days: int) -> list[int]:
         """Units per day of the ``days`` whole days before the day of ``now_ms``, oldest
         first (days without demand count as 0)."""
@@ -93,6 +109,21 @@ class DemandHistory:
             kept = newest is not None and newest - DAYS_KEPT < day <= newest
             out.append(self._units[day % DAYS_KEPT] if kept else 0)
         return out
+
+    def window_units(self, now_ms: int, days: int) -> int:
+        """Units of the ``days`` whole days before the day of ``now_ms``: ``sum(daily(...))``,
+        summed over slices of the ring (C loops: cheap enough to rank every SKU once a day)."""
+        newest = self._newest_day
+        if newest is None:
+            return 0
+        today = now_ms // DAY_MS
+        low, high = max(today - days, newest - DAYS_KEPT + 1), min(today - 1, newest)
+        if low > high:
+            return 0
+        first, last = low % DAYS_KEPT, high % DAYS_KEPT
+        if first <= last:
+            return sum(self._units[first:last + 1])
+        return sum(self._units[first:]) + sum(self._units[:last + 1])
 
     def demand(self, now_ms: int, days: int = 90) -> Demand:
         """Mean and sample standard deviation of daily demand over ``days`` whole days."""

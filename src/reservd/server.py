@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from reservd import admission, auth, handlers, tls
+from reservd import admission, auth, backlog, handlers, tls
 from reservd.clock import SystemClock
 from reservd.config import Config, ConfigError
 from reservd.guard import Guard
@@ -28,6 +28,7 @@ from reservd.v1 import reservd_pb2 as pb
 from reservd.wal import WalFailed
 from reservd.watch import WatchHub
 from reservd.atswatch import AtsHub
+from reservd.alertwatch import AlertHub
 
 log = logging.getLogger("reservd.server")
 
@@ -55,6 +56,7 @@ class Daemon:
         self.ledger = Ledger(self.table, self.log, self.clock, config)
         self.hub = WatchHub(self.table, self.ledger, config)
         self.ats_hub = AtsHub(self.ledger, self.ledger.channels, self.table, config, self.guard)
+        self.alert_hub = AlertHub(self.ledger.alerts, config, self.guard, self.clock)
         self.mirror = None
         if config.redis_url:
             from reservd.mirror import RedisMirror
@@ -101,6 +103,7 @@ class Daemon:
         self.log.open()
         self.hub.on_durable(self.ledger.seq)
         self.ats_hub.on_durable(self.ledger.seq)
+        self.alert_hub.on_durable(self.ledger.seq)
         log.info(
             "recovered",
             extra={
@@ -144,6 +147,7 @@ class Daemon:
         await self.log.start()
         self.log.add_durable_listener(self.hub.on_durable)
         self.log.add_durable_listener(self.ats_hub.on_durable)
+        self.log.add_durable_listener(self.alert_hub.on_durable)
         self.log.add_failure_listener(self._log_failed)
         # Holds whose TTL passed while the daemon was down are released before serving.
         if self.ledger.expire_due(1 << 62):
@@ -156,7 +160,7 @@ class Daemon:
             server, "Reservations",
             ReservationsService(
                 self.ledger, durability, self.guard, self.hub, config.limits, self.metrics,
-                self.ats_hub,
+                self.ats_hub, self.alert_hub,
             ),
             self._on_bug, authorizer=authorizer, metrics=self.metrics, admission=self.admission,
         )
@@ -182,7 +186,7 @@ class Daemon:
         )
         self.metrics.watch(
             self.ledger, self.log, self.guard, self.mirror, self.supervisor, self.hub,
-            self.ats_hub,
+            self.ats_hub, self.alert_hub,
         )
         self.metrics.watch_admission(self.admission)
         for part in (self.log, self.mirror):
@@ -194,6 +198,8 @@ class Daemon:
         elif config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(config.metrics_port)
         self.supervisor.spawn(self._expire_loop(), "expiry")
+        self.supervisor.spawn(backlog.watch(self.ledger, self.clock, config), "inspection backlog")
+        self.supervisor.spawn(self._rules_loop(), "rules")
         if not isinstance(self.log, MemoryLog):
             self.supervisor.spawn(self._snapshot_loop(), "snapshot")
         log.info(
@@ -231,6 +237,7 @@ class Daemon:
         await self._health.enter_graceful_shutdown()
         self.hub.close()
         self.ats_hub.close()
+        self.alert_hub.close()
         if self._server is not None:
             await self._server.stop(grace)
         self.supervisor.stopping()
@@ -247,6 +254,7 @@ class Daemon:
         mirror is not written either. Recovery on the next start takes over."""
         self.hub.close()
         self.ats_hub.close()
+        self.alert_hub.close()
         if self._server is not None:
             await self._server.stop(0)
         await self.supervisor.stop()
@@ -282,6 +290,20 @@ class Daemon:
             expired_before = self.ledger.live
             if self.ledger.expire_due(self.config.expiry_batch_max):
                 self.metrics.expired.inc(expired_before - self.ledger.live)
+                try:
+                    await self.log.commit()
+                except WalFailed:
+                    pass  # the failure listener has closed writes; the loop waits above
+
+    async def _rules_loop(self) -> None:
+        """The velocity rules and promotions (reservd.ledger_rules): the ledger decides and
+        logs each firing; replay never runs this."""
+        tick = self.config.rules_evaluate_ms / 1000
+        while True:
+            await asyncio.sleep(tick)
+            if self.guard.write_reason is not None:
+                continue
+            if self.ledger.evaluate_rules():
                 try:
                     await self.log.commit()
                 except WalFailed:

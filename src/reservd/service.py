@@ -7,9 +7,12 @@ import logging
 import grpc
 
 from reservd import auth, stockstates, validation
+from reservd.alertservice import AlertRpcs
 from reservd.channelservice import AtsRpcs, ChannelAdminRpcs, line_extras
+from reservd.ruleservice import RuleAdminRpcs
 from reservd.config import Limits
 from reservd.guard import Guard
+from reservd.planningservice import PlanningRpcs
 from reservd.stockservice import StockStateRpcs, stock_message
 from reservd.mirror import MirrorSlow, MirrorUnavailable
 from reservd.ledger import Code, Ledger, Rejection, Reservation, ReservationOutcome, State
@@ -99,10 +102,10 @@ def _reservation_response(outcome: ReservationOutcome) -> pb.ReservationResponse
     )
 
 
-class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
+class ReservationsService(AtsRpcs, AlertRpcs, pb_grpc.ReservationsServicer):
     def __init__(
         self, ledger: Ledger, durability: Durability, guard: Guard, hub: WatchHub,
-        limits: Limits, metrics, ats_hub=None,
+        limits: Limits, metrics, ats_hub=None, alert_hub=None,
     ) -> None:
         self.ledger = ledger
         self.durability = durability
@@ -111,6 +114,7 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
         self.limits = limits
         self.metrics = metrics
         self.ats_hub = ats_hub
+        self.alert_hub = alert_hub
         # Imported here: reservd.batch builds on this module's translation helpers.
         from reservd.batch import BatchService
 
@@ -288,7 +292,9 @@ class ReservationsService(AtsRpcs, pb_grpc.ReservationsServicer):
             self.hub.release(watcher)
 
 
-class AdminService(ChannelAdminRpcs, StockStateRpcs, pb_grpc.AdminServicer):
+class AdminService(
+    ChannelAdminRpcs, StockStateRpcs, PlanningRpcs, RuleAdminRpcs, pb_grpc.AdminServicer
+):
     def __init__(self, ledger: Ledger, durability: Durability, guard: Guard, limits: Limits):
         self.ledger = ledger
         self.durability = durability

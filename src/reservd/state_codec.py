@@ -7,14 +7,14 @@ versions (strings are a u16 byte length and UTF-8, as in reservd.records)::
     then sections until the end: kind u8 | rows u32 | rows
 
     stock (1):        sku | on_hand i64 | reserved i64 | committed i64
-    reservation (2):  (live ones: held or committed)
+    reservation (2):  (live ones, held or committed; formats 3 to 6 also finished ones)
                       reservation_id | channel | state u8 | allow_partial u8 | ttl_seconds i32 |
                       expires_at_ms i64 | seq i64 | finished_at_ms i64 | committed_present u8 |
                       lines u16, then per request line: sku | requested i64 | granted i64 |
                       committed i64
     owner (9):        reservation_id | owner (only reservations made by an identity; the
                       rows follow the reservations they name; older snapshots have none)
-    finished (10):    idempotency records, oldest first (reservd.finished: the key and digest
+    finished (17):    idempotency records, oldest first (reservd.finished: the key and digest
                       are hashes of the id and of the request):
                       kind u8 | key 16 bytes | digest u64 | seq i64 | finished_at_ms i64, then
                       kind 1, a finished reservation: state u8 | committed_present u8 |
@@ -27,20 +27,33 @@ versions (strings are a u16 byte length and UTF-8, as in reservd.records)::
                       sellable_units i64 | damaged_units i64 | quarantine i64 | damaged i64 |
                       quality_control i64 | seq i64 (the last three and seq: right after the
                       return's last command, for an idempotent repeat's answer)
+                      | inspected_at_ms i64 (format 5)
     write-off (6):    change_id | sku | units i64 | state | at_ms i64 | seq i64
-    order (7):        po_id | sku | units i64 | eta_ms i64 | received i64
-    receipt (8):      receipt_id | po_id | units i64 | seq i64
+    order (7):        po_id | sku | units i64 | eta_ms i64 | received i64 | closed_at_ms i64
+                      (format 5)
+    receipt (8):      receipt_id | po_id | units i64 | seq i64 | at_ms i64 (format 5)
 
-Format 5 keeps finished reservations and adjustments as FINISHED rows (by key, without their
-ids). Formats 3 and 4 are still read: their finished reservations were RESERVATION rows and their
-adjustments ADJUSTMENT rows (3):
+    demand (10):      sku | newest_day i64 | days u16, then per day with demand: age u8 (days
+                      before newest_day) | units i64 (reservd.planning: units committed per
+                      UTC day, days since the epoch)
+    replenishment (11): sku | lead_time_days f64 | lead_time_sigma_days f64 |
+                      service_level f64 | abc_class | indices u8 | seasonal index f64 each
+    count (12):       sku | at_ms i64 | system i64 | counted i64 (the SKU's last recount)
+
+Format 5 added the retention times (the fields marked format 5) and sections 10-12; format 4
+(sections 4-8 without those times: read as None, and the ledger keeps such records a whole
+retention window from the restore) and format 3 (without sections 4-8) are still read.
+
+Format 6 added sections 13-16 (reservd.rules_records: velocity buckets, rule policies, rules in
+force, promotions).
+
+Format 7 keeps finished reservations and adjustments as FINISHED rows (section 17, by key,
+without their ids). Formats 3 to 6 are still read: their finished reservations were RESERVATION
+rows and their adjustments ADJUSTMENT rows (3):
 
     adjustment (3):   adjustment_id | kind u8 | sku | value i64 | expected_present u8 |
                       expected i64 | on_hand i64 | reserved i64 | committed i64 |
                       previous_on_hand i64 | seq i64 | finished_at_ms i64
-
-Format 4 added sections 4-8 (reservd.stockstates, reservd.incoming); format 3 is the same
-without them.
 
 Format 2 (pickled chunks of builtin types, written before format 3) is still read, so a data
 directory written by an older reservd recovers; it is never written.
@@ -54,10 +67,11 @@ import pickle
 import struct
 from typing import Iterable, Iterator
 
+from reservd import rules_records
 from reservd.records import Reader, put_str
 
-FORMAT = 5
-_FORMATS_READ = (3, 4, 5)
+FORMAT = 7
+_FORMATS_READ = (3, 4, 5, 6, 7)
 MAGIC = b"RSVDSTAT"
 _HEAD = struct.Struct("<8sIq")
 _SECTION = struct.Struct("<BI")
@@ -80,6 +94,13 @@ _FINISHED_LINES = struct.Struct("<H")
 _FINISHED_LINE = struct.Struct("<qq")
 _FINISHED_ADJUSTMENT_KIND = struct.Struct("<B")
 _FINISHED_ADJUSTMENT = struct.Struct("<qqqq")
+_TIME = struct.Struct("<q")
+_DEMAND_HEAD = struct.Struct("<qH")
+_DEMAND_DAY = struct.Struct("<Bq")
+_SETTINGS = struct.Struct("<ddd")
+_U8 = struct.Struct("<B")
+_F64 = struct.Struct("<d")
+_COUNT = struct.Struct("<qqq")
 _SECTION_ROWS_MAX = 4096  # rows per section, so no section header needs a huge count
 
 STOCK = 1
@@ -91,7 +112,11 @@ WRITE_OFF = 6
 ORDER = 7
 RECEIPT = 8
 OWNER = 9
-FINISHED = 10
+DEMAND = 10
+REPLENISHMENT = 11
+COUNT = 12
+FIRST_RULES_SECTION = rules_records.VELOCITY
+FINISHED = 17
 
 
 def encode(
@@ -105,10 +130,15 @@ def encode(
     orders: Iterable[tuple] = (),
     receipts: Iterable[tuple] = (),
     owners: Iterable[tuple] = (),
+    demand: Iterable[tuple] = (),
+    replenishment: Iterable[tuple] = (),
+    counts: Iterable[tuple] = (),
+    extra: Iterable[tuple[int, Iterable[tuple]]] = (),
     finished: Iterable[tuple] = (),
 ) -> bytes:
-    """The state after ``seq`` as format-5 bytes; rows as :func:`decode` yields them.
-    ``owners`` is read after ``reservations`` has been consumed."""
+    """The state after ``seq`` as format-7 bytes; rows as :func:`decode` yields them.
+    ``owners`` is read after ``reservations`` has been consumed; ``extra`` is (kind, rows) of
+    reservd.rules_records' sections."""
     out = bytearray(_HEAD.pack(MAGIC, FORMAT, seq))
     _sections(out, STOCK, stock, _put_stock)
     _sections(out, RESERVATION, reservations, _put_reservation)
@@ -120,6 +150,11 @@ def encode(
     _sections(out, WRITE_OFF, write_offs, _put_write_off)
     _sections(out, ORDER, orders, _put_order)
     _sections(out, RECEIPT, receipts, _put_receipt)
+    _sections(out, DEMAND, demand, _put_demand)
+    _sections(out, REPLENISHMENT, replenishment, _put_replenishment)
+    _sections(out, COUNT, counts, _put_count)
+    for kind, rows in extra:
+        _sections(out, kind, rows, rules_records.SECTIONS[kind][0])
     return bytes(out)
 
 
@@ -136,14 +171,23 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
       finished_at_ms)
     - STATES: (sku, quarantine, damaged, quality_control), after the SKU's STOCK row
     - RETURN: (return_id, sku, units, reservation_id, at_ms, inspected, sellable_units,
-      damaged_units, quarantine, damaged, quality_control, seq)
+      damaged_units, quarantine, damaged, quality_control, seq, inspected_at_ms or None)
     - WRITE_OFF: (change_id, sku, units, state, at_ms, seq)
-    - ORDER: (po_id, sku, units, eta_ms, received)
-    - RECEIPT: (receipt_id, po_id, units, seq)
+    - ORDER: (po_id, sku, units, eta_ms, received, closed_at_ms or None)
+    - RECEIPT: (receipt_id, po_id, units, seq, at_ms or None)
     - FINISHED: (1, key, digest, seq, finished_at_ms, state, committed_present, expires_at_ms,
       channel, owner, ((sku, granted, committed), ...) per request line) or
       (2, key, digest, seq, finished_at_ms, record_type, sku, on_hand, reserved, committed,
       previous_on_hand)
+
+    - DEMAND: (sku, newest_day, [(day, units), ...])
+    - REPLENISHMENT: (sku, lead_time_days, lead_time_sigma_days, service_level, abc_class,
+      seasonal indices tuple)
+    - COUNT: (sku, at_ms, system, counted)
+
+    (None: a format-4 snapshot, which has no such time.)
+    - rules_records.VELOCITY, RULE_POLICY, RULE_ACTIVE, PROMOTION: the rows of
+      reservd.velocity, reservd.rules and reservd.promotions
 
     ValueError, naming the offset, for anything that does not parse exactly.
     """
@@ -158,17 +202,24 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
             f"snapshot format {version} is not one this reservd reads ({_LEGACY_FORMAT} to "
             f"{FORMAT}): it was written by a newer reservd"
         )
-    return seq, _rows(payload)
+    return seq, _rows(payload, version)
 
 
-def _rows(payload: bytes) -> Iterator[tuple[int, tuple]]:
-    reader = Reader(payload)
+class _SnapshotReader(Reader):
+    __slots__ = ("timed",)
+
+
+def _rows(payload: bytes, version: int) -> Iterator[tuple[int, tuple]]:
+    reader = _SnapshotReader(payload)
+    reader.timed = version >= 5  # rows carry their retention times
     reader.offset = _HEAD.size
     readers = {
         STOCK: _read_stock, RESERVATION: _read_reservation, OWNER: _read_owner,
         ADJUSTMENT: _read_adjustment,
         STATES: _read_states, RETURN: _read_return, WRITE_OFF: _read_write_off,
         ORDER: _read_order, RECEIPT: _read_receipt, FINISHED: _read_finished,
+        DEMAND: _read_demand, REPLENISHMENT: _read_replenishment, COUNT: _read_count,
+        **{kind: read for kind, (_, read) in rules_records.SECTIONS.items()},
     }
     try:
         while reader.offset < len(payload):
@@ -335,13 +386,14 @@ def _read_states(reader: Reader) -> tuple:
 
 def _put_return(parts: list, row: tuple) -> None:
     (return_id, sku, units, reservation_id, at_ms, inspected, sellable, damaged, quarantine_then,
-     damaged_then, quality_control_then, seq) = row
+     damaged_then, quality_control_then, seq, inspected_at_ms) = row
     put_str(parts, return_id)
     put_str(parts, sku)
     parts.append(_RETURN_HEAD.pack(units))
     put_str(parts, reservation_id)
     parts.append(_RETURN.pack(at_ms, inspected, sellable, damaged, quarantine_then,
                               damaged_then, quality_control_then, seq))
+    parts.append(_TIME.pack(inspected_at_ms))
 
 
 def _read_return(reader: Reader) -> tuple:
@@ -350,7 +402,13 @@ def _read_return(reader: Reader) -> tuple:
     (units,) = reader.unpack(_RETURN_HEAD)
     reservation_id = reader.text()
     at_ms, inspected, *rest = reader.unpack(_RETURN)
-    return (return_id, sku, units, reservation_id, at_ms, bool(inspected), *rest)
+    return (return_id, sku, units, reservation_id, at_ms, bool(inspected), *rest,
+            _time(reader))
+
+
+def _time(reader: _SnapshotReader) -> int | None:
+    """A format-5 retention time (unix ms), None in a format-4 row."""
+    return reader.unpack(_TIME)[0] if reader.timed else None
 
 
 def _put_write_off(parts: list, row: tuple) -> None:
@@ -370,25 +428,72 @@ def _read_write_off(reader: Reader) -> tuple:
 
 
 def _put_order(parts: list, row: tuple) -> None:
-    po_id, sku, units, eta_ms, received = row
+    po_id, sku, units, eta_ms, received, closed_at_ms = row
     put_str(parts, po_id)
     put_str(parts, sku)
     parts.append(_ORDER.pack(units, eta_ms, received))
+    parts.append(_TIME.pack(closed_at_ms))
 
 
 def _read_order(reader: Reader) -> tuple:
-    return (reader.text(), reader.text(), *reader.unpack(_ORDER))
+    return (reader.text(), reader.text(), *reader.unpack(_ORDER), _time(reader))
 
 
 def _put_receipt(parts: list, row: tuple) -> None:
-    receipt_id, po_id, units, seq = row
+    receipt_id, po_id, units, seq, at_ms = row
     put_str(parts, receipt_id)
     put_str(parts, po_id)
     parts.append(_RECEIPT.pack(units, seq))
+    parts.append(_TIME.pack(at_ms))
 
 
 def _read_receipt(reader: Reader) -> tuple:
-    return (reader.text(), reader.text(), *reader.unpack(_RECEIPT))
+    return (reader.text(), reader.text(), *reader.unpack(_RECEIPT), _time(reader))
+
+
+def _put_demand(parts: list, row: tuple) -> None:
+    sku, newest_day, entries = row
+    put_str(parts, sku)
+    parts.append(_DEMAND_HEAD.pack(newest_day, len(entries)))
+    parts.extend(_DEMAND_DAY.pack(newest_day - day, units) for day, units in entries)
+
+
+def _read_demand(reader: Reader) -> tuple:
+    sku = reader.text()
+    newest_day, count = reader.unpack(_DEMAND_HEAD)
+    entries = []
+    for _ in range(count):
+        age, units = reader.unpack(_DEMAND_DAY)
+        entries.append((newest_day - age, units))
+    return (sku, newest_day, entries)
+
+
+def _put_replenishment(parts: list, row: tuple) -> None:
+    sku, lead_time, lead_sigma, level, abc_class, seasonal = row
+    put_str(parts, sku)
+    parts.append(_SETTINGS.pack(lead_time, lead_sigma, level))
+    put_str(parts, abc_class)
+    parts.append(_U8.pack(len(seasonal)))
+    parts.extend(_F64.pack(value) for value in seasonal)
+
+
+def _read_replenishment(reader: Reader) -> tuple:
+    sku = reader.text()
+    lead_time, lead_sigma, level = reader.unpack(_SETTINGS)
+    abc_class = reader.text()
+    (count,) = reader.unpack(_U8)
+    seasonal = tuple(reader.unpack(_F64)[0] for _ in range(count))
+    return (sku, lead_time, lead_sigma, level, abc_class, seasonal)
+
+
+def _put_count(parts: list, row: tuple) -> None:
+    sku, at_ms, system, counted = row
+    put_str(parts, sku)
+    parts.append(_COUNT.pack(at_ms, system, counted))
+
+
+def _read_count(reader: Reader) -> tuple:
+    return (reader.text(), *reader.unpack(_COUNT))
 
 
 def _decode_legacy(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:

@@ -24,6 +24,7 @@ from typing import Iterator, NamedTuple
 
 from reservd import records
 from reservd.records import RecordType
+from reservd.store import Fifo
 
 QUARANTINE, DAMAGED, QUALITY_CONTROL = 0, 1, 2
 STATE_NAMES = ("quarantine", "damaged", "quality_control")
@@ -61,11 +62,12 @@ class Return(NamedTuple):
     sku: str
     units: int
     reservation_id: str
-    at_ms: int
+    at_ms: int  # received, unix ms
     inspected: bool
     sellable_units: int
     damaged_units: int
     outcome: StateOutcome  # of the last command on this return (receive, then inspect)
+    inspected_at_ms: int = 0  # unix ms; the retention clock of an inspected return starts here
 
 
 class WrittenOff(NamedTuple):
@@ -77,11 +79,23 @@ class WrittenOff(NamedTuple):
 class StockStates:
     """Per-SKU state counters, returns by id and write-offs by id, over the counter table."""
 
-    def __init__(self, table) -> None:
+    def __init__(self, table, returns_max: int = 1 << 62, write_offs_max: int = 1 << 62) -> None:
         self.table = table
         self.counts: dict[str, list[int]] = {}  # sku -> [quarantine, damaged, quality_control]
+        # Returns (in quarantine, or inspected and kept retention_seconds for an idempotent
+        # repeat) and write-offs (idempotency records, kept retention_seconds): each bounded, a
+        # new one beyond its bound is refused RESOURCE_EXHAUSTED before anything is logged.
         self.returns: dict[str, Return] = {}
         self.write_offs: dict[str, WrittenOff] = {}
+        self.returns_max = returns_max
+        self.write_offs_max = write_offs_max
+        self._inspected = Fifo()  # (inspected_at_ms, return_id)
+        # Returns awaiting inspection, by arrival: the head is the oldest still waiting once
+        # inspect has dropped the inspected ones before it (metrics and the backlog alert read
+        # it from other threads and tasks, without a scan).
+        self._quarantined = Fifo()  # (at_ms, return_id)
+        self.awaiting = 0  # returns in quarantine
+        self._written_off = Fifo()  # (at_ms, change_id)
 
     def of(self, sku: str) -> tuple[int, int, int]:
         """(quarantine, damaged, quality_control) of ``sku``, zeros if it has none."""
@@ -105,6 +119,9 @@ class StockStates:
         handle = self.table.lookup(sku)
         if handle < 0:
             return Refusal("NOT_FOUND", f"sku {sku!r} is unknown: SetStock creates it", "sku")
+        if len(self.returns) >= self.returns_max:
+            return Refusal("RESOURCE_EXHAUSTED", f"{len(self.returns)} returns are kept: "
+                           "returns_max reached (inspect returns, or raise returns_max)")
         on_hand = self.table.counters(handle)[0]
         if on_hand + units > on_hand_max:
             return Refusal(
@@ -147,6 +164,9 @@ class StockStates:
                     "ALREADY_EXISTS", f"write-off {change_id!r} exists with a different payload"
                 )
             return previous.outcome._replace(replayed=True)
+        if len(self.write_offs) >= self.write_offs_max:
+            return Refusal("RESOURCE_EXHAUSTED", f"{len(self.write_offs)} write-offs are kept for "
+                           "their idempotency window: write_offs_max reached")
         if state not in WRITE_OFF_STATES:
             return Refusal(
                 "FAILED_PRECONDITION", f"state must be one of {', '.join(WRITE_OFF_STATES)}, "
@@ -173,6 +193,8 @@ class StockStates:
                 command.sku, command.units, command.reservation_id, command.at_ms, False, 0, 0,
                 outcome,
             )
+            self._quarantined.append(command.at_ms, command.return_id)
+            self.awaiting += 1
             return outcome
         if kind is RecordType.INSPECT:
             entry = self.returns[command.return_id]
@@ -187,7 +209,11 @@ class StockStates:
             self.returns[command.return_id] = entry._replace(
                 inspected=True, sellable_units=command.sellable_units,
                 damaged_units=command.damaged_units, outcome=outcome,
+                inspected_at_ms=command.at_ms,
             )
+            self._inspected.append(command.at_ms, command.return_id)
+            self.awaiting -= 1
+            self._drop_inspected()
             return outcome
         assert kind is RecordType.WRITE_OFF, kind
         index = STATE_NAMES.index(command.state)
@@ -196,7 +222,37 @@ class StockStates:
         self.write_offs[command.change_id] = WrittenOff(
             (command.sku, command.units, command.state), outcome, command.at_ms
         )
+        self._written_off.append(command.at_ms, command.change_id)
         return outcome
+
+    def prune(self, horizon_ms: int) -> None:
+        """Forget inspected returns and write-offs done at or before ``horizon_ms`` (their
+        retention_seconds are over); returns still in quarantine are never forgotten."""
+        while len(self._inspected) and self._inspected.oldest_ms() <= horizon_ms:
+            at_ms, return_id = self._inspected.popleft()
+            entry = self.returns.get(return_id)
+            if entry is not None and entry.inspected and entry.inspected_at_ms == at_ms:
+                del self.returns[return_id]
+        while len(self._written_off) and self._written_off.oldest_ms() <= horizon_ms:
+            at_ms, change_id = self._written_off.popleft()
+            entry = self.write_offs.get(change_id)
+            if entry is not None and entry.at_ms == at_ms:
+                del self.write_offs[change_id]
+
+    def oldest_quarantine_ms(self) -> int | None:
+        """When the oldest return still awaiting inspection arrived (unix ms), or None."""
+        return self._quarantined.oldest_ms()
+
+    def oldest_quarantine_id(self) -> str | None:
+        return self._quarantined.oldest_key()
+
+    def _drop_inspected(self) -> None:
+        queue = self._quarantined
+        while len(queue):
+            entry = self.returns.get(queue.oldest_key())
+            if entry is not None and not entry.inspected:
+                return
+            queue.popleft()
 
     def _move(self, sku: str, on_hand_delta: int, state: int, units: int, seq: int) -> None:
         row = self.counts.setdefault(sku, [0, 0, 0])
@@ -228,7 +284,7 @@ class StockStates:
     def snapshot_rows(self) -> tuple[list, list, list]:
         """(state rows, return rows, write-off rows) as plain tuples for reservd.state_codec."""
         states = [(sku, *row) for sku, row in self.counts.items() if any(row)]
-        returns = [(return_id, *entry[:7], *entry.outcome[4:8])
+        returns = [(return_id, *entry[:7], *entry.outcome[4:8], entry.inspected_at_ms)
                    for return_id, entry in self.returns.items()]
         write_offs = [(change_id, *w.request, w.at_ms, w.outcome.seq)
                       for change_id, w in self.write_offs.items()]
@@ -243,15 +299,24 @@ class StockStates:
         self.table.restore(sku, *self.table.counters(handle),
                            quarantine + damaged + quality_control)
 
-    def restore_return(self, row: tuple) -> None:
+    def restore_return(self, row: tuple, now_ms: int) -> None:
+        """``now_ms``: the retention start of an inspected return from a format-4 snapshot,
+        which has no inspection time (kept a whole window from the restart: never too short)."""
         (return_id, sku, units, reservation_id, at_ms, inspected, sellable, damaged,
-         quarantine_then, damaged_then, quality_control_then, seq) = row
+         quarantine_then, damaged_then, quality_control_then, seq, inspected_at_ms) = row
+        if inspected and inspected_at_ms is None:
+            inspected_at_ms = now_ms
         handle = self.table.lookup(sku)
         counters = self.table.counters(handle) if handle >= 0 else (0, 0, 0)
         outcome = StateOutcome(sku, *counters, quarantine_then, damaged_then,
                                quality_control_then, seq, False)
         self.returns[return_id] = Return(sku, units, reservation_id, at_ms, bool(inspected),
-                                         sellable, damaged, outcome)
+                                         sellable, damaged, outcome, inspected_at_ms or 0)
+        if inspected:
+            self._inspected.append(inspected_at_ms, return_id)
+        else:
+            self._quarantined.append(at_ms, return_id)
+            self.awaiting += 1
 
     def restore_write_off(self, row: tuple) -> None:
         change_id, sku, units, state, at_ms, seq = row
@@ -259,6 +324,13 @@ class StockStates:
         counters = self.table.counters(handle) if handle >= 0 else (0, 0, 0)
         outcome = StateOutcome(sku, *counters, *self.of(sku), seq, False)
         self.write_offs[change_id] = WrittenOff((sku, units, state), outcome, at_ms)
+        self._written_off.append(at_ms, change_id)
+
+    def restored(self) -> None:
+        """After a snapshot restore: order the retention queues by time."""
+        self._inspected.sort()
+        self._written_off.sort()
+        self._quarantined.sort()
 
     def items(self) -> Iterator[tuple[str, int, int, int]]:
         return ((sku, *row) for sku, row in self.counts.items())

@@ -4,7 +4,8 @@ A reservation kept as a NamedTuple of tuples of Python ints and strs costs close
 as one packed record under its id it costs the record, the id and a dict slot. The store is a
 mapping whose values are decoded on access (:class:`Reservation`), so the ledger reads and
 writes whole values and never sees the layout. Finished reservations and stock adjustments are
-kept smaller still, without their ids (reservd.finished).
+kept smaller still, without their ids (reservd.finished). :class:`Fifo` is the retention queue
+of the other id-keyed records (reservd.stockstates, reservd.incoming).
 
 SKUs are kept as counter-table handles (the table keeps each SKU's name once) and the (channel,
 owner) pair as an index into an interned list, so no record holds a str of its own. Records are immutable bytes: a
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from array import array
 from collections.abc import Iterator, MutableMapping
 from typing import NamedTuple
 
@@ -206,3 +208,50 @@ class ReservationStore(MutableMapping):
         )
         self._cached = (data, view)
         return view
+
+
+class Fifo:
+    """Ids in the order they finished, with their unix ms: the retention queue.
+
+    Two flat arrays and a head index instead of a deque of tuples: 16 bytes per entry (the id
+    str is the one the store keys by). Popping is O(1) amortised: the consumed prefix is cut off
+    once it is the larger half.
+    """
+
+    __slots__ = ("_times", "_keys", "_head")
+
+    def __init__(self) -> None:
+        self._times = array("q")
+        self._keys: list[str] = []
+        self._head = 0
+
+    def __len__(self) -> int:
+        return len(self._keys) - self._head
+
+    def append(self, at_ms: int, key: str) -> None:
+        self._times.append(at_ms)
+        self._keys.append(key)
+
+    def oldest_ms(self) -> int | None:
+        return self._times[self._head] if self._head < len(self._keys) else None
+
+    def oldest_key(self) -> str | None:
+        return self._keys[self._head] if self._head < len(self._keys) else None
+
+    def popleft(self) -> tuple[int, str]:
+        head = self._head
+        entry = (self._times[head], self._keys[head])
+        self._keys[head] = ""  # drop the reference now
+        self._head = head + 1
+        if self._head * 2 >= len(self._keys) and self._head >= 1024:
+            del self._times[: self._head]
+            del self._keys[: self._head]
+            self._head = 0
+        return entry
+
+    def sort(self) -> None:
+        """Order by time (after a snapshot restore appended in any order)."""
+        entries = sorted(zip(self._times[self._head :], self._keys[self._head :]))
+        self._times = array("q", (at_ms for at_ms, _ in entries))
+        self._keys = [key for _, key in entries]
+        self._head = 0
