@@ -57,6 +57,9 @@ def extensions():
         Extension(
             f"reservd.{name}",
             [f"ext/reservd/{name}.pyx"],
+            # blake2b.h: the ids' hash (reservd._cfinished), inlined where a Reserve probes.
+            depends=["ext/reservd/blake2b.h"],
+            include_dirs=["ext/reservd"],
             define_macros=[("RESERVD_DEBUG", "1")] if debug else [],
             extra_compile_args=["-O2"],
             optional=True,

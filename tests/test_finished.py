@@ -88,6 +88,32 @@ def test_the_table_agrees_with_a_plain_model(table_class):
         table.get(b"short")
 
 
+def test_keys_and_digests_in_c_are_hashlib_blake2b():
+    """The C BLAKE2b (ext/reservd/blake2b.h) gives the twin's hashlib bytes: ids of every
+    length around the 128-byte block, non-ASCII, empty; and the table probes by them."""
+    _cfinished = pytest.importorskip("reservd._cfinished")
+    rng = random.Random(3)
+    ids = ["", "r", "order-l-00012345", "é", "commande-été-🛒", "x" * 127, "x" * 128,
+           "x" * 129, "y" * 256, "z" * 257, "ü" * 100]
+    ids += ["".join(chr(rng.randrange(32, 0x3000)) for _ in range(rng.randrange(300)))
+            for _ in range(200)]
+    tables = (_cfinished.FinishedTable(), _pyfinished.FinishedTable())
+    for at_ms, id_ in enumerate(ids):
+        assert _cfinished.reservation_key(id_) == _pyfinished.reservation_key(id_), id_
+        assert _cfinished.adjustment_key(id_) == _pyfinished.adjustment_key(id_), id_
+        data = id_.encode()
+        assert _cfinished.payload_digest(data) == _pyfinished.payload_digest(data), id_
+        record = finished.pack_adjustment(_pyfinished.adjustment_key(id_), FinishedAdjustment(
+            1, 2, at_ms, int(RecordType.SET_STOCK), 5, 6, 7, 8, 9,
+        ))
+        for table in tables:
+            table.add(record)
+            assert table.adjustment(id_) == record and table.reservation(id_) is None
+    for table in tables:
+        with pytest.raises(TypeError):
+            table.reservation(b"r")
+
+
 def test_records_round_trip():
     key = finished.reservation_key("r")
     one = FinishedReservation(7, 3, 1_000, 5, 2, 900, True, ((4, 2, 2),))
@@ -203,3 +229,34 @@ def test_an_older_snapshot_still_restores_its_finished_records_oldest_first(vers
     assert ledger.reserve("sold", ("a", "b"), (3, 1), "", 60, True).quantities == (3, 0)
     assert ledger.reserve("gone", ("a",), (2,), "", 60, False).code is Code.ALREADY_EXISTS
     assert ledger.set_stock("count-a", "a", 10, None, "").replayed
+
+
+def test_a_retry_of_a_finished_reservation_is_answered_on_every_reserve_path():
+    """The finished records are probed inside the counter table's reserve call; a channel with
+    a policy probes first, and so does a Reserve that would be refused (retained_max): each
+    replays or says ALREADY_EXISTS, and changes nothing."""
+    from reservd.channelpolicy import Policy
+
+    clock = ManualClock()
+    ledger = _ledger(clock, retained_max=4)
+    ledger.reserve("gone", ("a",), (2,), "", 60, False)
+    ledger.release("gone")
+    seq = ledger.seq
+    replay = ledger.reserve("gone", ("a",), (2,), "", 60, False)
+    assert (replay.granted, replay.quantities, replay.replayed) == (False, (0,), True)
+    assert ledger.reserve("gone", ("a",), (3,), "", 60, False).code is Code.ALREADY_EXISTS
+    status, record, _, _ = ledger.table.reserve(
+        ("a",), (1,), False, seq + 1, ledger.finished, "gone"
+    )
+    assert status == 3 and record == ledger.finished.reservation("gone")
+    assert ledger.table.counters(ledger.table.lookup("a")) == (10, 0, 0)
+    ledger.set_channel("web-policy", "web", Policy(max_units=4))
+    ledger.reserve("web-gone", ("a",), (1,), "web", 60, False)
+    ledger.release("web-gone")
+    assert ledger.reserve("web-gone", ("a",), (1,), "web", 60, False).replayed
+    assert ledger.reserve("web-gone", ("a",), (2,), "web", 60, False).code is Code.ALREADY_EXISTS
+    # Two adjustments and two reservations kept: a new Reserve is refused, retries are not.
+    assert ledger.reserve("new", ("a",), (1,), "", 60, False).code is Code.RESOURCE_EXHAUSTED
+    assert ledger.reserve("gone", ("a",), (2,), "", 60, False).replayed
+    assert ledger.reserve("gone", ("b",), (1,), "", 60, False).code is Code.ALREADY_EXISTS
+    assert ledger.seq == seq + 3  # the channel change, web-gone's reserve and release

@@ -30,3 +30,4 @@ cdef class FinishedTable:
     cdef int _rehash(self, uint64_t capacity) except -1
     cdef void _unindex(self, uint64_t position) noexcept
     cdef void _forget_at(self, uint64_t position) noexcept
+    cdef object _record_of(self, object id_, bint adjustment)

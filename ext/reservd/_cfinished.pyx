@@ -22,14 +22,23 @@ Adding a key that is kept already replaces its record: the ledger only does so w
 log, which does not repeat the forgetting (an id forgotten, then used again). The replaced record
 stays in the arena, marked dead (its kind's high bit), until the head passes it.
 
+Ids are hashed here too (BLAKE2b in C, ext/reservd/blake2b.h: the same bytes as the hashlib
+keys of reservd._pyfinished), so a Reserve hashes and probes within the counter table's own call
+(reservd._ctable.CounterTable.reserve) and needs no hashlib object.
+
 Errors: a record that does not parse is ValueError.
 """
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove
+
+cdef extern from "blake2b.h":
+    void reservd_blake2b(uint8_t* out, size_t outlen, const uint8_t* data, size_t length,
+                         const uint8_t* person) noexcept
 
 KIND_RESERVATION = 1
 KIND_ADJUSTMENT = 2
@@ -74,6 +83,46 @@ cdef inline uint64_t _record_size(const char* record) noexcept:
     if (<unsigned char>record[2]) & _FLAG_INLINE:
         return 64
     return 64 + ((12 * <uint64_t>_le32(record + 56) + 7) & ~(<uint64_t>7))
+
+
+# Personalisations (16 bytes, zero-padded as hashlib pads them): the two id spaces apart.
+cdef const uint8_t* _RESERVE_PERSON = <const uint8_t*>b"reservd.reserve\0"
+cdef const uint8_t* _ADJUST_PERSON = <const uint8_t*>b"reservd.adjust\0\0"
+cdef const uint8_t* _PAYLOAD_PERSON = <const uint8_t*>b"reservd.payload\0"
+
+
+cdef inline void _id_key(object id_, const uint8_t* person, uint8_t* key) except *:
+    """key[0..16) = the 128-bit BLAKE2b of ``id_`` (a str) as UTF-8."""
+    cdef Py_ssize_t length
+    cdef const char* data
+    if type(id_) is not str:
+        raise TypeError(f"id must be str, not {type(id_).__name__}")
+    data = PyUnicode_AsUTF8AndSize(id_, &length)
+    reservd_blake2b(key, _KEY_BYTES, <const uint8_t*>data, length, person)
+
+
+def reservation_key(reservation_id):
+    """The 16-byte key of a reservation id (reservd.finished)."""
+    cdef uint8_t key[_KEY_BYTES]
+    _id_key(reservation_id, _RESERVE_PERSON, key)
+    return PyBytes_FromStringAndSize(<char*>key, _KEY_BYTES)
+
+
+def adjustment_key(adjustment_id):
+    """The 16-byte key of an adjustment id (reservd.finished)."""
+    cdef uint8_t key[_KEY_BYTES]
+    _id_key(adjustment_id, _ADJUST_PERSON, key)
+    return PyBytes_FromStringAndSize(<char*>key, _KEY_BYTES)
+
+
+def payload_digest(data):
+    """The 64-bit digest (int) of a request's encoded payload (bytes; reservd.finished)."""
+    cdef unsigned char out[8]
+    if type(data) is not bytes:
+        raise TypeError(f"data must be bytes, not {type(data).__name__}")
+    reservd_blake2b(out, 8, <const uint8_t*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
+                    _PAYLOAD_PERSON)
+    return _le64(<const char*>out)
 
 
 @cython.final
@@ -235,6 +284,26 @@ cdef class FinishedTable:
             self.reservations += 1
         else:
             self.adjustments += 1
+
+    cdef object _record_of(self, object id_, bint adjustment):
+        """The record kept for the id (str) of a reservation or an adjustment, or None."""
+        cdef uint8_t key[_KEY_BYTES]
+        cdef Py_ssize_t slot
+        cdef const char* record
+        _id_key(id_, _ADJUST_PERSON if adjustment else _RESERVE_PERSON, key)
+        slot = self._find(<const char*>key)
+        if slot < 0:
+            return None
+        record = self._at(self._slots[slot] - 1)
+        return PyBytes_FromStringAndSize(record, _record_size(record))
+
+    def reservation(self, reservation_id):
+        """The record kept for ``reservation_id`` (str), or None: hashed and probed in one call."""
+        return self._record_of(reservation_id, False)
+
+    def adjustment(self, adjustment_id):
+        """The record kept for ``adjustment_id`` (str), or None."""
+        return self._record_of(adjustment_id, True)
 
     def get(self, key):
         """The record kept under ``key`` (16 bytes), or None."""

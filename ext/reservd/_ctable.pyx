@@ -47,6 +47,8 @@ from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcmp, memcpy
 
+from reservd._cfinished cimport FinishedTable
+
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
 
@@ -64,6 +66,7 @@ cdef extern from *:
 RESERVE_OK = 0
 RESERVE_INSUFFICIENT = 1
 RESERVE_UNKNOWN_SKU = 2
+RESERVE_FINISHED = 3
 
 SHARDS_MAX = 1 << 16
 RING_CAPACITY_MAX = 1 << 24  # entries of 40 bytes: at most 640 MiB
@@ -534,8 +537,13 @@ cdef class Table:
 
     # -- mutations ----------------------------------------------------------------------------
 
-    def reserve(self, skus, quantities, allow_partial, seq):
+    def reserve(self, skus, quantities, allow_partial, seq, finished=None, reservation_id=None):
         """Reserve ``quantities[i]`` (>= 1 item) of ``skus[i]``, atomically, as mutation ``seq``.
+
+        With ``finished`` (the ledger's finished-record table, reservd.finished) and
+        ``reservation_id`` (str), the id is first looked up there, hashed and probed within this
+        same call: if a record is kept, (RESERVE_FINISHED, the record, None, None) and nothing
+        is applied.
 
         At least one line (ValueError otherwise); skus and quantities of the same length.
 
@@ -552,7 +560,16 @@ cdef class Table:
         line; it may be negative after a recount shortfall. A SKU repeated within one call is
         checked against what its earlier lines took. One change entry per line granted > 0.
         """
-        cdef int64_t seq_value = self._begin(seq)
+        cdef object kept
+        cdef int64_t seq_value
+        if finished is not None:
+            if type(finished) is FinishedTable:
+                kept = (<FinishedTable>finished)._record_of(reservation_id, False)
+            else:
+                kept = finished.reservation(reservation_id)
+            if kept is not None:
+                return (RESERVE_FINISHED, kept, None, None)
+        seq_value = self._begin(seq)
         cdef bint partial = allow_partial
         cdef object sku_lines = _lines(skus, "skus")
         cdef object quantity_lines = _lines(quantities, "quantities")

@@ -6,6 +6,7 @@ reservd.finished; this table reads only their header: kind, key and finished_at_
 """
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections import deque
 
@@ -16,6 +17,27 @@ RECORD_BYTES_MAX = 1 << 20
 _KEY = slice(8, 24)
 _FINISHED_AT = struct.Struct("<q")
 _FLAG_INLINE = 2
+
+
+def reservation_key(reservation_id: str) -> bytes:
+    """The 16-byte key of a reservation id (reservd.finished)."""
+    return hashlib.blake2b(
+        reservation_id.encode(), digest_size=16, person=b"reservd.reserve"
+    ).digest()
+
+
+def adjustment_key(adjustment_id: str) -> bytes:
+    """The 16-byte key of an adjustment id (reservd.finished)."""
+    return hashlib.blake2b(
+        adjustment_id.encode(), digest_size=16, person=b"reservd.adjust"
+    ).digest()
+
+
+def payload_digest(data: bytes) -> int:
+    """The 64-bit digest (int) of a request's encoded payload (reservd.finished)."""
+    return int.from_bytes(
+        hashlib.blake2b(data, digest_size=8, person=b"reservd.payload").digest(), "little"
+    )
 
 
 def _record_size(record: bytes) -> int:
@@ -66,6 +88,18 @@ class FinishedTable:
 
     def _live(self, record: bytes) -> bool:
         return self._records.get(record[_KEY]) is record
+
+    def reservation(self, reservation_id: str) -> bytes | None:
+        """The record kept for ``reservation_id``, or None."""
+        if type(reservation_id) is not str:
+            raise TypeError(f"id must be str, not {type(reservation_id).__name__}")
+        return self._records.get(reservation_key(reservation_id))
+
+    def adjustment(self, adjustment_id: str) -> bytes | None:
+        """The record kept for ``adjustment_id``, or None."""
+        if type(adjustment_id) is not str:
+            raise TypeError(f"id must be str, not {type(adjustment_id).__name__}")
+        return self._records.get(adjustment_key(adjustment_id))
 
     def get(self, key: bytes) -> bytes | None:
         """The record kept under ``key`` (16 bytes), or None."""

@@ -7,7 +7,8 @@ reservd keeps (``retained_max``, 20 M by default), so none holds a Python object
 packed record in :class:`FinishedTable` (the C ``reservd._cfinished`` or its twin
 ``reservd._pyfinished``), keyed by a hash of its id, and the id itself is not kept.
 
-**Keys.** The key is 128 bits of BLAKE2b of the id (the two id spaces apart by personalisation).
+**Keys.** The key is 128 bits of BLAKE2b of the id (the two id spaces apart by personalisation),
+computed in C beside the C tables (ext/reservd/blake2b.h) and by hashlib beside their twins.
 Two ids kept at once share a key with probability at most n^2 / 2^129 for n records: with the
 retained_max of 20 M plus 5 M live reservations, n = 2.5e7, that is 1e-24; checking every new id
 against 20 M kept ones at 10,000 ids/s for ten years (3e12 ids) still gives 3e12 * 2e7 / 2^128 =
@@ -40,7 +41,6 @@ the counter table's (valid for one process; snapshots carry SKU names). Quantiti
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from typing import Iterator, NamedTuple, Protocol
@@ -66,6 +66,8 @@ class FinishedTable(Protocol):
     def __len__(self) -> int: ...
     def add(self, record: bytes) -> None: ...
     def get(self, key: bytes) -> bytes | None: ...
+    def reservation(self, reservation_id: str) -> bytes | None: ...  # hash and probe at once
+    def adjustment(self, adjustment_id: str) -> bytes | None: ...
     def oldest_ms(self) -> int | None: ...
     def forget(self, horizon_ms: int) -> int: ...
     def raw(self) -> bytes: ...
@@ -99,18 +101,6 @@ class FinishedAdjustment(NamedTuple):
     previous_on_hand: int
 
 
-def reservation_key(reservation_id: str) -> bytes:
-    return hashlib.blake2b(
-        reservation_id.encode(), digest_size=16, person=b"reservd.reserve"
-    ).digest()
-
-
-def adjustment_key(adjustment_id: str) -> bytes:
-    return hashlib.blake2b(
-        adjustment_id.encode(), digest_size=16, person=b"reservd.adjust"
-    ).digest()
-
-
 def _text(parts: list, text: str) -> None:
     data = text.encode()
     parts.append(struct.pack("<I", len(data)))
@@ -139,10 +129,7 @@ def adjustment_digest(request: tuple) -> int:
 
 
 def _digest(parts: list[bytes]) -> int:
-    return int.from_bytes(
-        hashlib.blake2b(b"".join(parts), digest_size=8, person=b"reservd.payload").digest(),
-        "little",
-    )
+    return payload_digest(b"".join(parts))
 
 
 def pack_reservation(key: bytes, record: FinishedReservation) -> bytes:
@@ -223,16 +210,21 @@ def records(raw: bytes) -> Iterator[tuple[bytes, FinishedReservation | FinishedA
 
 def _load():
     if os.environ.get("RESERVD_NO_EXT") == "1":
-        from reservd._pyfinished import FinishedTable as table
+        from reservd import _pyfinished as implementation
 
-        return table
+        return implementation
     try:
-        from reservd._cfinished import FinishedTable as table
+        from reservd import _cfinished as implementation
     except ImportError:
         if os.environ.get("RESERVD_REQUIRE_EXT") == "1":
             raise
-        from reservd._pyfinished import FinishedTable as table
-    return table
+        from reservd import _pyfinished as implementation
+    return implementation
 
 
-Table = _load()
+_implementation = _load()
+Table = _implementation.FinishedTable
+# BLAKE2b: in C beside the C table, hashlib beside its twin (the same bytes either way).
+reservation_key = _implementation.reservation_key
+adjustment_key = _implementation.adjustment_key
+payload_digest = _implementation.payload_digest

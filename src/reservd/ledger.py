@@ -29,7 +29,9 @@ from reservd.ledger_rules import ENCODERS as _RULE_ENCODERS, RULE_KINDS as _RULE
 from reservd.records import RecordType
 from reservd.finished import FinishedAdjustment, FinishedReservation
 from reservd.store import Reservation, ReservationStore, State, StockOutcome
-from reservd.table import RESERVE_INSUFFICIENT, RESERVE_UNKNOWN_SKU, CounterTable
+from reservd.table import (
+    RESERVE_FINISHED, RESERVE_INSUFFICIENT, RESERVE_UNKNOWN_SKU, CounterTable,
+)
 
 log = logging.getLogger("reservd.ledger")
 
@@ -171,26 +173,25 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
                 self._expire(existing, self.clock.now_ms())
                 existing = self.get(reservation_id)
             return self._replayed_reserve(existing, skus, quantities)
-        record = self.finished.get(finished.reservation_key(reservation_id))
-        if record is not None:
-            _, kept = finished.unpack(record)
-            if kept.digest != finished.reserve_digest(request):
-                return _exists(reservation_id)
-            return self._replayed_reserve(
-                self._finished_view(reservation_id, kept), skus, quantities
-            )
         refused = self._unwritable() or self._retention_full()
-        if refused is not None:
-            return refused
-        if self.live >= self.config.reservations_max:
-            return Rejection(
+        if refused is None and self.live >= self.config.reservations_max:
+            refused = Rejection(
                 Code.RESOURCE_EXHAUSTED,
                 f"{self.live} live reservations: reservations_max reached",
             )
+        if refused is not None:
+            # A retry of a finished reservation is answered even so (it changes nothing).
+            record = self.finished.reservation(reservation_id)
+            if record is None:
+                return refused
+            return self._replayed_finished(reservation_id, record, request)
         seq = self.seq + 1
+        # The finished records are probed within the table's call (reservd._ctable).
         status, handles, granted, available = self._reserve_in_table(
-            skus, quantities, channel, allow_partial, seq
+            skus, quantities, channel, allow_partial, seq, reservation_id
         )
+        if status == RESERVE_FINISHED:
+            return self._replayed_finished(reservation_id, handles, request)
         if status == RESERVE_UNKNOWN_SKU:
             line = handles.index(-1)
             return Rejection(
@@ -343,10 +344,22 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
         live = self.reservations.get(reservation_id)
         if live is not None:
             return live
-        record = self.finished.get(finished.reservation_key(reservation_id))
+        record = self.finished.reservation(reservation_id)
         if record is None:
             return None
         return self._finished_view(reservation_id, finished.unpack(record)[1])
+
+    def _replayed_finished(
+        self, reservation_id: str, record: bytes, request: tuple
+    ) -> ReserveOutcome | Rejection:
+        """A Reserve of an id whose finished ``record`` is kept: its replay, or ALREADY_EXISTS
+        for another payload."""
+        kept = finished.unpack(record)[1]
+        if kept.digest != finished.reserve_digest(request):
+            return _exists(reservation_id)
+        return self._replayed_reserve(
+            self._finished_view(reservation_id, kept), request[0], request[1]
+        )
 
     def _finished_view(self, reservation_id: str, kept: FinishedReservation) -> Reservation:
         """A finished record as a Reservation: the lines it held or committed (request None)."""
@@ -362,7 +375,7 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
 
     def adjustment(self, adjustment_id: str) -> tuple[StockOutcome, int] | None:
         """The outcome of a retained adjustment and its finished_at_ms, or None."""
-        record = self.finished.get(finished.adjustment_key(adjustment_id))
+        record = self.finished.adjustment(adjustment_id)
         if record is None:
             return None
         kept = finished.unpack(record)[1]
@@ -430,7 +443,7 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
         expected_on_hand: int | None, reason: str, actor: str = "",
     ) -> StockOutcome | Rejection:
         request = (kind, sku, value, expected_on_hand)
-        record = self.finished.get(finished.adjustment_key(adjustment_id))
+        record = self.finished.adjustment(adjustment_id)
         if record is not None:
             _, kept = finished.unpack(record)
             if kept.digest != finished.adjustment_digest(request):
