@@ -1,11 +1,14 @@
 """Memory per SKU, per finished reservation id and per live reservation, through the proto.
 
 Starts `reservd serve --in-memory` as a subprocess on an ephemeral loopback port, then, with a
-grpc.aio client, in three phases of N each (N = --count):
+grpc.aio client, in four phases of N each (N = --count):
 
 1. SKUs: N SetStock calls, each creating a SKU (and its adjustment id's idempotency record);
-2. finished ids: N Reserve + Release pairs of one line each (what idempotency keeps);
-3. live reservations: N Reserve calls of one line each, TTL 1 h (held).
+2. first Reserve of a SKU: N Reserve + Release pairs, one on each SKU of phase 1: the SKU's
+   velocity state on the channel (reservd.velocity) plus a finished id;
+3. finished ids: N Reserve + Release pairs of one line each on SKUs reserved before (what
+   idempotency keeps);
+4. live reservations: N Reserve calls of one line each, TTL 1 h (held).
 
 After each phase it reads the daemon's RSS (/proc/PID/status VmRSS) and prints the delta per
 item, in bytes. Ids and SKUs look like real ones (``order-l-00012345``, ``sku-00012345``).
@@ -122,6 +125,14 @@ async def measure(port: int, pid: int, count: int, concurrency: int) -> dict:
         figures["bytes_per_sku"] = (after - before) / count
         before = after
         sku_count = WARMUP + count
+        # The first Reserve of a SKU on a channel also makes its velocity state (reservd.velocity,
+        # per (sku, channel) pair): measured apart, so the next phase counts finished ids only.
+        await run_all(
+            (reserve_release("s", i, sku_count) for i in range(WARMUP, sku_count)), concurrency
+        )
+        after = rss_bytes(pid)
+        figures["bytes_per_first_reserve_of_sku"] = (after - before) / count
+        before = after
         await run_all((reserve_release("f", i, sku_count) for i in range(count)), concurrency)
         after = rss_bytes(pid)
         figures["bytes_per_finished_id"] = (after - before) / count
@@ -153,8 +164,8 @@ def main() -> None:
         return
     print(f"N = {args.count} per phase, {figures['seconds']} s, final RSS "
           f"{figures['rss_bytes'] / 2**20:.0f} MiB")
-    for name in ("sku", "finished_id", "live_reservation"):
-        print(f"  {name:>18}: {figures['bytes_per_' + name]:7.0f} B")
+    for name in ("sku", "first_reserve_of_sku", "finished_id", "live_reservation"):
+        print(f"  {name:>20}: {figures['bytes_per_' + name]:7.0f} B")
 
 
 if __name__ == "__main__":
