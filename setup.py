@@ -1,4 +1,5 @@
-"""Build reservd: generate the gRPC stubs from proto/ and compile the Cython counter table in ext/.
+"""Build reservd: generate the gRPC stubs from proto/ and compile the Cython counter table and
+finished-record table in ext/.
 
 RESERVD_DEBUG=1 compiles the table with its debug invariant checks (see ext/reservd/_ctable.pyx).
 """
@@ -50,23 +51,24 @@ def extensions():
     from Cython.Build import cythonize
 
     debug = os.environ.get("RESERVD_DEBUG") == "1"
-    ext = Extension(
-        "reservd._ctable",
-        ["ext/reservd/_ctable.pyx"],
-        define_macros=[("RESERVD_DEBUG", "1")] if debug else [],
-        extra_compile_args=["-O2"],
-        # Without a C compiler the install still works on the pure-Python table (reservd._pytable).
-        optional=True,
-    )
-    # Every channel's ats for one SKU in one call (reservd.channelpolicy.ats_values's twin).
-    ats = Extension(
-        "reservd._atsvalues",
-        ["ext/reservd/_atsvalues.pyx"],
-        extra_compile_args=["-O2"],
-        optional=True,
-    )
+    # Without a C compiler the install still works on the pure-Python twins (reservd._pytable,
+    # reservd._pyfinished, reservd.channelpolicy.ats_values).
+    exts = [
+        Extension(
+            f"reservd.{name}",
+            [f"ext/reservd/{name}.pyx"],
+            # blake2b.h: the ids' hash (reservd._cfinished), inlined where a Reserve probes.
+            depends=["ext/reservd/blake2b.h"],
+            include_dirs=["ext/reservd"],
+            define_macros=[("RESERVD_DEBUG", "1")] if debug else [],
+            extra_compile_args=["-O2"],
+            optional=True,
+        )
+        # _atsvalues: every channel's ats for one SKU in one call (channelpolicy.ats_values's twin).
+        for name in ("_ctable", "_cfinished", "_atsvalues")
+    ]
     return cythonize(
-        [ext, ats],
+        exts,
         include_path=["ext"],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
     )

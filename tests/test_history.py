@@ -183,16 +183,16 @@ class LyingTable:
     def __len__(self) -> int:  # dunders bypass __getattr__
         return len(self._table)
 
-    def reserve(self, skus, quantities, allow_partial, seq):
+    def reserve(self, skus, quantities, allow_partial, seq, *finished_probe):
         status, handles, granted, available = self._table.reserve(
-            skus, quantities, allow_partial, seq
+            skus, quantities, allow_partial, seq, *finished_probe
         )
         if status == RESERVE_INSUFFICIENT and self._oversell and tuple(quantities) == (1,):
             self._refusals += 1
             if self._refusals == 3:
                 self.lies += 1
                 self._table.adjust_on_hand(handles[0], 1, seq)
-                return self._table.reserve(skus, quantities, allow_partial, seq)
+                return self._table.reserve(skus, quantities, allow_partial, seq, *finished_probe)
         if status == 0 and not self._oversell:
             self._grants += 1
             if self._grants % 7 == 0:

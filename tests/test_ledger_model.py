@@ -8,7 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from reservd import _pytable
+from reservd import _pytable, finished_rows
 from reservd.clock import ManualClock
 from reservd.config import Config, Limits
 from reservd.ledger import Code, Ledger, Rejection, State
@@ -280,7 +280,7 @@ def _machine(table_class):
             assert self.ledger.held == held
             assert self.ledger.deadline_entries <= 2 * held + 64
             for rid, r in self.model.reservations.items():
-                assert self.ledger.reservations[rid].state is r["state"], rid
+                assert self.ledger.get(rid).state is r["state"], rid
 
         def teardown(self):
             replica = Ledger(
@@ -293,6 +293,7 @@ def _machine(table_class):
                 rid: r._replace(handles=replica.reservations[rid].handles)
                 for rid, r in self.ledger.reservations.items()
             }
+            assert _kept(replica) == _kept(self.ledger)
             assert replica.live == self.ledger.live
             # A snapshot of it restores the same state too.
             seq, encode = self.ledger.snapshot_state()
@@ -302,9 +303,17 @@ def _machine(table_class):
             restored.restore(encode())
             assert restored.seq == seq
             assert sorted(restored.table.items()) == sorted(self.ledger.table.items())
+            assert _kept(restored) == _kept(self.ledger)
             assert restored.live == self.ledger.live
 
     return LedgerMachine
+
+
+def _kept(ledger: Ledger) -> list[tuple]:
+    """The finished records of a ledger, oldest first, with SKU names (handles differ)."""
+    return list(finished_rows.snapshot_rows(
+        ledger.finished.raw(), ledger.table.sku, ledger.reservations.origin_of
+    ))
 
 
 def _tables():
@@ -356,7 +365,7 @@ def test_fulfil_after_a_recount_below_committed_succeeds_and_replays():
     assert [seq for seq, _, _ in log.records] == [1, 2, 3, 4, 5]
     replica = _replica(log)
     assert replica.seq == 5 and sorted(replica.table.items()) == sorted(ledger.table.items())
-    assert replica.reservations["rd"].state is State.FULFILLED
+    assert replica.get("rd").state is State.FULFILLED
 
 
 def test_a_refused_apply_logs_nothing():
@@ -412,8 +421,8 @@ def test_a_replayed_reserve_answers_what_the_reservation_is_now(end):
         if end == "fulfil":
             ledger.fulfil("r")
     retry = ledger.reserve("r", ("a", "b"), (2, 3), "web", 60, False)
-    assert retry.replayed and retry.seq == ledger.reservations["r"].seq
-    assert retry.state is ledger.reservations["r"].state
+    assert retry.replayed and retry.seq == ledger.get("r").seq
+    assert retry.state is ledger.get("r").state
     if end in ("release", "expire"):
         assert not retry.granted and retry.quantities == (0, 0)
         assert retry.state is (State.RELEASED if end == "release" else State.EXPIRED)
@@ -552,7 +561,13 @@ def test_a_format_2_snapshot_still_restores():
     assert ledger.seq == 7 and (ledger.live, ledger.held, ledger.retained) == (2, 1, 2)
     assert ledger.reservations["paid"].committed == (3,)
     assert ledger.reservations["paid"].request == (("a", "b"), (3, 1), "", 60, True)
-    assert ledger.adjustments["count-a"].outcome.on_hand == 10
+    assert ledger.adjustment("count-a")[0].on_hand == 10
+    gone = ledger.get("gone")
+    assert (gone.state, gone.skus, gone.quantities, gone.finished_at_ms) == (
+        State.RELEASED, ("a",), (1,), 1_000
+    )
+    assert ledger.reserve("gone", ("a",), (1,), "", 60, False).replayed
+    assert ledger.reserve("gone", ("a",), (2,), "", 60, False).code is Code.ALREADY_EXISTS
     seq, encode = ledger.snapshot_state()
     encoded = encode()
     assert encoded.startswith(state_codec.MAGIC)
@@ -562,7 +577,7 @@ def test_a_format_2_snapshot_still_restores():
         rid: r._replace(handles=again.reservations[rid].handles)
         for rid, r in ledger.reservations.items()
     }
-    assert dict(again.adjustments.items()) == dict(ledger.adjustments.items())
+    assert _kept(again) == _kept(ledger) and len(_kept(again)) == 2
 
 
 def test_a_damaged_or_newer_snapshot_is_refused_with_a_clear_error():
@@ -613,7 +628,7 @@ def test_a_snapshot_of_many_chunks_restores_the_same_state():
     for reservation_id, reservation in ledger.reservations.items():
         again = restored.reservations[reservation_id]
         assert again._replace(handles=reservation.handles) == reservation
-    assert restored.adjustments == ledger.adjustments
+    assert _kept(restored) == _kept(ledger)
     assert (restored.retained, restored.retained_adjustments, restored.held) == (
         ledger.retained, ledger.retained_adjustments, ledger.held
     )

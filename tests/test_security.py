@@ -457,7 +457,7 @@ async def test_a_reservation_belongs_to_its_identity_across_a_restart(tmp_path, 
     # Snapshots keep the owner too.
     restored = Daemon(test_config())
     restored.ledger.restore(payload)
-    assert restored.ledger.reservations["mine"].owner == "shop"
+    assert restored.ledger.get("mine").owner == "shop"
 
 
 def test_records_without_an_identity_decode_as_before():

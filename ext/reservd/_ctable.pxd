@@ -2,7 +2,7 @@
 # change entries, and the Table class's typed fields and C methods. _ctable.pyx implements them.
 
 cimport cython
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 
 cdef struct row_t:
@@ -22,6 +22,17 @@ cdef struct shard_t:
     row_t* rows           # malloc'd; capacity rows, the first count in use; index = slot
     Py_ssize_t count
     Py_ssize_t capacity
+    # sku -> slot: open addressing with linear probing (no deletion: rows are never removed).
+    # An entry is (upper 32 bits of the sku's str hash) << 32 | (slot + 1); 0 is empty. NULL
+    # until the shard's first SKU; kept at most 3/4 full.
+    uint64_t* index
+    uint64_t index_mask
+    # The shard's SKUs, UTF-8, each after its u32 byte length (a str per SKU would cost ~64
+    # bytes more); name_at[slot] is the offset of the slot's (capacity entries, like rows).
+    char* names
+    uint64_t names_used
+    uint64_t names_capacity
+    uint32_t* name_at
 
 
 cdef struct entry_t:
@@ -41,8 +52,6 @@ cdef class Table:
         int _shard_bits
         int64_t _shard_mask
         shard_t* _shard       # shards entries, calloc'd
-        list _index           # per shard: dict sku -> slot
-        list _names           # per shard: list slot -> sku
         Py_ssize_t _count
 
         entry_t* _ring        # ring capacity entries; position p lives at p & _ring_mask
@@ -56,6 +65,7 @@ cdef class Table:
     cdef row_t* _row(self, int64_t handle) noexcept
     cdef str _sku_of(self, int64_t handle)
     cdef int _grow(self, shard_t* shard) except -1
+    cdef int _index_slot(self, Py_ssize_t s, uint64_t hash_value, Py_ssize_t slot) except -1
     cdef int64_t _begin(self, object seq) except? -1
     cdef void _append(self, int64_t seq, int64_t handle, const row_t* row) noexcept
     cdef int _check_row(self, int64_t handle) except -1

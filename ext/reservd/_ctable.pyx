@@ -5,10 +5,13 @@ reservd/_pytable.py is the pure-Python twin: it must keep the same behaviour and
 (tests/test_table.py runs both side by side against a reference model).
 
 Layout. A SKU lives in shard ``hash(sku) & (shards - 1)``, at a slot of that shard: the shard's
-dict maps sku -> slot, its list maps slot -> sku, and its C array of row_t holds the counters.
+C index maps sku -> slot (open addressing on the str hash; a Python dict would cost a slot and
+an int object per SKU, ~80 bytes), its name arena holds each SKU as UTF-8 (a str is made when
+one is asked for: ~16 bytes kept instead of a ~64-byte str), and its C array of row_t holds the
+counters.
 A handle is ``slot << shard_bits | shard`` and stays valid for the table's life (rows are never
-removed). The shard is chosen with Python's str hash because a str caches it, so the dict lookup
-that follows hashes nothing again; the hash is salted per process, so handles and the order of
+removed). The shard is chosen with Python's str hash because a str caches it, so the index
+lookup that follows hashes nothing again; the hash is salted per process, so handles and the order of
 items() are deterministic within one process only, which is all handles promise.
 
 Bulk mutations (reserve, release, commit, uncommit, fulfil) run in three phases:
@@ -24,8 +27,9 @@ Bulk mutations (reserve, release, commit, uncommit, fulfil) run in three phases:
 
 Check and apply run with no Python code in between, so no caller can see a partial application.
 
-Errors: a bad handle is IndexError; a non-int (a float included) is TypeError; an int outside
-int64 OverflowError; sequences of different lengths ValueError. Amounts a correct ledger never
+Errors: a bad handle is IndexError; a non-int (a float included) is TypeError; a SKU with no
+UTF-8 form (a lone surrogate; validation refuses them first) UnicodeEncodeError on ensure; an
+int outside int64 OverflowError; sequences of different lengths ValueError. Amounts a correct ledger never
 passes (negative, a reserve quantity below 1, committed above held, a mutation that would take a
 counter below zero, a seq older than the newest change) are bugs and raise AssertionError, naming
 the SKU and its counters where there is one, with nothing applied. These checks are always on:
@@ -36,12 +40,17 @@ after every mutation.
 cimport cython
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport PyObject, Py_INCREF
-from cpython.dict cimport PyDict_GetItemWithError
-from cpython.list cimport PyList_GET_ITEM
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.sequence cimport PySequence_Fast, PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
-from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t
+from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
+from libc.string cimport memcmp, memcpy
+
+from reservd._cfinished cimport FinishedTable
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
 
 cdef extern from *:
     """
@@ -57,12 +66,14 @@ cdef extern from *:
 RESERVE_OK = 0
 RESERVE_INSUFFICIENT = 1
 RESERVE_UNKNOWN_SKU = 2
+RESERVE_FINISHED = 3
 
 SHARDS_MAX = 1 << 16
 RING_CAPACITY_MAX = 1 << 24  # entries of 40 bytes: at most 640 MiB
 
 cdef enum:
     _ROWS_INITIAL = 16  # rows of a shard's first array
+    _INDEX_INITIAL = 16  # entries of a shard's first index
 
 cdef enum:
     # _bulk operations
@@ -127,13 +138,12 @@ cdef int _debug_check(Table table) except -1:
     cdef const row_t* row
     cdef int64_t position
     for s in range(table.shards):
-        assert len(table._index[s]) == table._shard[s].count == len(table._names[s]), s
         assert table._shard[s].count <= table._shard[s].capacity, s
         total += table._shard[s].count
         for slot in range(table._shard[s].count):
             row = &table._shard[s].rows[slot]
-            assert _row_ok(row) and row.pending == 0, (table._names[s][slot], row[0])
-            assert table._index[s][table._names[s][slot]] == slot, (s, slot)
+            assert _row_ok(row) and row.pending == 0, (table.sku(slot << table._shard_bits | s), row[0])
+            assert table.lookup(table.sku(slot << table._shard_bits | s)) == slot << table._shard_bits | s, (s, slot)
     assert total == table._count, (total, table._count)
     position = max(0, table._head - table._ring_capacity)
     while position + 1 < table._head:
@@ -167,8 +177,6 @@ cdef class Table:
         while (1 << self._shard_bits) < shard_count:
             self._shard_bits += 1
         self._shard_mask = shard_count - 1
-        self._index = [{} for _ in range(shard_count)]
-        self._names = [[] for _ in range(shard_count)]
         self._count = 0
         self._ring_capacity = capacity
         self._ring_mask = capacity - 1
@@ -188,6 +196,9 @@ cdef class Table:
         if self._shard != NULL:
             for s in range(self.shards):
                 free(self._shard[s].rows)
+                free(self._shard[s].index)
+                free(self._shard[s].names)
+                free(self._shard[s].name_at)
             free(self._shard)
         free(self._ring)
 
@@ -200,15 +211,64 @@ cdef class Table:
     cdef int64_t _find(self, object sku) except -2:
         """The handle of ``sku``, or -1 if unknown."""
         cdef Py_ssize_t shard
-        cdef PyObject* slot
+        cdef uint64_t hash_value, entry, i, tag
+        cdef const shard_t* sh
+        cdef const char* utf8 = NULL
+        cdef const char* name
+        cdef Py_ssize_t utf8_bytes = 0
+        cdef uint32_t name_bytes
         # Exactly str: its hash and equality are C code, so resolving runs no Python code.
         if type(sku) is not str:
             raise TypeError(f"sku must be a str, not {type(sku).__name__}")
-        shard = hash(sku) & self._shard_mask
-        slot = PyDict_GetItemWithError(<object>PyList_GET_ITEM(self._index, shard), sku)
-        if slot == NULL:
+        hash_value = <uint64_t>hash(sku)
+        shard = hash_value & self._shard_mask
+        sh = &self._shard[shard]
+        if sh.index == NULL:
             return -1
-        return (<int64_t><object>slot) << self._shard_bits | shard
+        tag = hash_value >> 32
+        i = (hash_value >> self._shard_bits) & sh.index_mask
+        while True:
+            entry = sh.index[i]
+            if entry == 0:
+                return -1
+            if entry >> 32 == tag:
+                if utf8 == NULL:
+                    # No copy for an ASCII str (its data is its UTF-8).
+                    utf8 = PyUnicode_AsUTF8AndSize(sku, &utf8_bytes)
+                name = sh.names + sh.name_at[(entry & 0xFFFFFFFF) - 1]
+                memcpy(&name_bytes, name, 4)
+                if name_bytes == utf8_bytes and memcmp(name + 4, utf8, name_bytes) == 0:
+                    return (<int64_t>((entry & 0xFFFFFFFF) - 1)) << self._shard_bits | shard
+            i = (i + 1) & sh.index_mask
+
+    cdef int _index_slot(self, Py_ssize_t s, uint64_t hash_value, Py_ssize_t slot) except -1:
+        """Enter ``slot`` (whose sku hashes to ``hash_value``) in shard ``s``'s index, growing it
+        (doubling, rehashing every name) beyond 3/4 full."""
+        cdef shard_t* shard = &self._shard[s]
+        cdef uint64_t capacity = shard.index_mask + 1 if shard.index != NULL else 0
+        cdef uint64_t* index
+        cdef uint64_t i
+        cdef Py_ssize_t other
+        if slot >= 0xFFFFFFFF:
+            raise OverflowError("a shard holds at most 2^32 - 2 SKUs")
+        if (<uint64_t>slot + 1) * 4 > capacity * 3:
+            capacity = capacity * 2 if capacity else _INDEX_INITIAL
+            index = <uint64_t*>calloc(capacity, sizeof(uint64_t))
+            if index == NULL:
+                raise MemoryError()
+            free(shard.index)
+            shard.index = index
+            shard.index_mask = capacity - 1
+            for other in range(slot):
+                self._index_slot(
+                    s, <uint64_t>hash(self._sku_of((<int64_t>other) << self._shard_bits | s)),
+                    other,
+                )
+        i = (hash_value >> self._shard_bits) & shard.index_mask
+        while shard.index[i]:
+            i = (i + 1) & shard.index_mask
+        shard.index[i] = (hash_value >> 32) << 32 | <uint64_t>(slot + 1)
+        return 0
 
     cdef int64_t _handle(self, object handle) except -1:
         """``handle`` checked against the table (IndexError if it names no row)."""
@@ -228,15 +288,24 @@ cdef class Table:
         return &self._shard[handle & self._shard_mask].rows[handle >> self._shard_bits]
 
     cdef str _sku_of(self, int64_t handle):
-        return self._names[handle & self._shard_mask][handle >> self._shard_bits]
+        cdef const shard_t* shard = &self._shard[handle & self._shard_mask]
+        cdef const char* name = shard.names + shard.name_at[handle >> self._shard_bits]
+        cdef uint32_t name_bytes
+        memcpy(&name_bytes, name, 4)
+        return PyUnicode_DecodeUTF8(name + 4, name_bytes, NULL)
 
     cdef int _grow(self, shard_t* shard) except -1:
         # Geometric growth keeps ensure() amortised O(1).
         cdef Py_ssize_t capacity = shard.capacity * 2 if shard.capacity else _ROWS_INITIAL
         cdef row_t* rows = <row_t*>realloc(shard.rows, capacity * sizeof(row_t))
+        cdef uint32_t* name_at
         if rows == NULL:
             raise MemoryError()
         shard.rows = rows
+        name_at = <uint32_t*>realloc(shard.name_at, capacity * sizeof(uint32_t))
+        if name_at == NULL:
+            raise MemoryError()
+        shard.name_at = name_at
         shard.capacity = capacity
         return 0
 
@@ -383,16 +452,39 @@ cdef class Table:
         cdef Py_ssize_t s
         cdef shard_t* shard
         cdef row_t* row
+        cdef uint64_t hash_value, capacity
+        cdef const char* utf8
+        cdef Py_ssize_t utf8_bytes
+        cdef uint32_t name_bytes
+        cdef char* names
         if handle >= 0:
             return handle
-        s = hash(sku) & self._shard_mask
+        utf8 = PyUnicode_AsUTF8AndSize(sku, &utf8_bytes)
+        hash_value = <uint64_t>hash(sku)
+        s = hash_value & self._shard_mask
         shard = &self._shard[s]
         if shard.count == shard.capacity:
             self._grow(shard)
+        if shard.names_used + 4 + utf8_bytes > shard.names_capacity:
+            capacity = shard.names_capacity * 2 if shard.names_capacity else 256
+            while capacity < shard.names_used + 4 + utf8_bytes:
+                capacity *= 2
+            if capacity > 0xFFFFFFFF:
+                raise OverflowError("a shard holds at most 4 GiB of SKU names")
+            names = <char*>realloc(shard.names, capacity)
+            if names == NULL:
+                raise MemoryError()
+            shard.names = names
+            shard.names_capacity = capacity
+        # Stored before it is indexed: growing the index reads every name, this one excepted.
+        shard.name_at[shard.count] = <uint32_t>shard.names_used
+        name_bytes = <uint32_t>utf8_bytes
+        memcpy(shard.names + shard.names_used, &name_bytes, 4)
+        memcpy(shard.names + shard.names_used + 4, utf8, utf8_bytes)
+        self._index_slot(s, hash_value, shard.count)
+        shard.names_used += 4 + utf8_bytes
         row = &shard.rows[shard.count]
         row.on_hand = row.reserved = row.committed = row.unsellable = row.pending = 0
-        self._names[s].append(sku)
-        self._index[s][sku] = shard.count
         handle = (<int64_t>shard.count) << self._shard_bits | s
         shard.count += 1
         self._count += 1
@@ -439,13 +531,19 @@ cdef class Table:
             # count and rows are re-read each step: a row added meanwhile may move the array.
             while slot < self._shard[s].count:
                 row = &self._shard[s].rows[slot]
-                yield (self._names[s][slot], row.on_hand, row.reserved, row.committed)
+                yield (self._sku_of((<int64_t>slot) << self._shard_bits | s), row.on_hand,
+                       row.reserved, row.committed)
                 slot += 1
 
     # -- mutations ----------------------------------------------------------------------------
 
-    def reserve(self, skus, quantities, allow_partial, seq):
+    def reserve(self, skus, quantities, allow_partial, seq, finished=None, reservation_id=None):
         """Reserve ``quantities[i]`` (>= 1 item) of ``skus[i]``, atomically, as mutation ``seq``.
+
+        With ``finished`` (the ledger's finished-record table, reservd.finished) and
+        ``reservation_id`` (str), the id is first looked up there, hashed and probed within this
+        same call: if a record is kept, (RESERVE_FINISHED, the record, None, None) and nothing
+        is applied.
 
         At least one line (ValueError otherwise); skus and quantities of the same length.
 
@@ -462,7 +560,16 @@ cdef class Table:
         line; it may be negative after a recount shortfall. A SKU repeated within one call is
         checked against what its earlier lines took. One change entry per line granted > 0.
         """
-        cdef int64_t seq_value = self._begin(seq)
+        cdef object kept
+        cdef int64_t seq_value
+        if finished is not None:
+            if type(finished) is FinishedTable:
+                kept = (<FinishedTable>finished)._record_of(reservation_id, False)
+            else:
+                kept = finished.reservation(reservation_id)
+            if kept is not None:
+                return (RESERVE_FINISHED, kept, None, None)
+        seq_value = self._begin(seq)
         cdef bint partial = allow_partial
         cdef object sku_lines = _lines(skus, "skus")
         cdef object quantity_lines = _lines(quantities, "quantities")

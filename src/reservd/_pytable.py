@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 RESERVE_OK = 0
 RESERVE_INSUFFICIENT = 1
 RESERVE_UNKNOWN_SKU = 2
+RESERVE_FINISHED = 3
 
 SHARDS_MAX = 1 << 16
 RING_CAPACITY_MAX = 1 << 24
@@ -197,6 +198,7 @@ class Table:
         handle = self._find(sku)
         if handle >= 0:
             return handle
+        sku.encode()  # the C table keeps names as UTF-8: a lone surrogate is UnicodeEncodeError
         shard = hash(sku) & self._shard_mask
         slot = len(self._rows[shard])
         self._rows[shard].append([0, 0, 0])
@@ -231,9 +233,14 @@ class Table:
     # -- mutations ----------------------------------------------------------------------------
 
     def reserve(
-        self, skus: Sequence[str], quantities: Sequence[int], allow_partial: bool, seq: int
-    ) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        self, skus: Sequence[str], quantities: Sequence[int], allow_partial: bool, seq: int,
+        finished=None, reservation_id: str | None = None,
+    ) -> tuple:
         """See Table.reserve in ext/reservd/_ctable.pyx."""
+        if finished is not None:
+            kept = finished.reservation(reservation_id)
+            if kept is not None:
+                return (RESERVE_FINISHED, kept, None, None)
         seq = self._begin(seq)
         partial = bool(allow_partial)
         skus = _lines(skus, "skus")

@@ -209,7 +209,7 @@ class BatchService:
         except Invalid as error:
             return _error(result, _INVALID, str(error))
         ledger = self.ledger
-        reservation = ledger.reservations.get(reservation_id)
+        reservation = ledger.get(reservation_id)
         if reservation is not None:
             denial = auth.denied(reservation.owner, reservation_id, kind)
             if denial is not None:

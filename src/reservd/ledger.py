@@ -17,7 +17,7 @@ import logging
 from typing import NamedTuple, Protocol, Sequence
 
 from reservd import (
-    alerts, incoming, planning, planning_records, records, state_codec, stockstates,
+    alerts, finished, finished_rows, incoming, planning, planning_records, records, state_codec, stockstates,
 )
 from reservd.alertrules import SNAPSHOT_KINDS as _RULE_KINDS, AlertRules
 from reservd.channels import Channels
@@ -27,10 +27,11 @@ from reservd.ledger_channels import ChannelCommands, unwrap, wrap
 from reservd.ledger_planning import PlanningCommands
 from reservd.ledger_rules import ENCODERS as _RULE_ENCODERS, RULE_KINDS as _RULE_RECORDS, RuleCommands
 from reservd.records import RecordType
-from reservd.store import (
-    Adjustment, AdjustmentStore, Fifo, Reservation, ReservationStore, State, StockOutcome,
+from reservd.finished import FinishedAdjustment, FinishedReservation
+from reservd.store import Reservation, ReservationStore, State, StockOutcome
+from reservd.table import (
+    RESERVE_FINISHED, RESERVE_INSUFFICIENT, RESERVE_UNKNOWN_SKU, CounterTable,
 )
-from reservd.table import RESERVE_INSUFFICIENT, RESERVE_UNKNOWN_SKU, CounterTable
 
 log = logging.getLogger("reservd.ledger")
 
@@ -120,9 +121,12 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
         self.clock = clock
         self.config = config
         self.seq = log_.last_seq
-        # Mappings of compact records, decoded on access (reservd.store).
+        # Live (held or committed) reservations: compact records, decoded on access
+        # (reservd.store).
         self.reservations = ReservationStore(table)
-        self.adjustments = AdjustmentStore(table)
+        # Idempotency records of finished reservations and of adjustments, oldest first, by a
+        # hash of their id (reservd.finished). Forgotten only once retention_seconds old.
+        self.finished = finished.Table()
         self.states = stockstates.StockStates(table, config.returns_max, config.write_offs_max)
         self.incoming = incoming.Incoming(table, config.purchase_orders_max, config.receipts_max)
         self.planning = planning.Planning(config)
@@ -133,10 +137,6 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
         # are at most 2 * held + _DEADLINES_SLACK entries (O(1) amortised: dropping costs what
         # making the stale entries cost).
         self._deadlines = Deadlines()
-        # Idempotency records of finished reservations and of adjustments, oldest first.
-        # Forgotten only once retention_seconds old.
-        self._finished = Fifo()
-        self._adjusted = Fifo()
         self.channels = Channels(table, config.channels_max, config.buckets_per_sku_max)
         self._init_rules(config)
         # Alerts raised inside applies (reservd.alerts), and the ledger's own alert rules.
@@ -166,30 +166,34 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
         existing = self.reservations.get(reservation_id)
         if existing is not None:
             if existing.request != request:
-                return Rejection(
-                    Code.ALREADY_EXISTS,
-                    f"reservation {reservation_id!r} exists with a different payload",
-                )
+                return _exists(reservation_id)
             if existing.state is State.HELD and existing.expires_at_ms <= self.clock.now_ms():
                 # Due but not yet swept: the honest answer is that it expired.
                 refused = self._unwritable()
                 if refused is not None:
                     return refused
                 self._expire(existing, self.clock.now_ms())
-                existing = self.reservations[reservation_id]
-            return self._replayed_reserve(existing)
+                existing = self.get(reservation_id)
+            return self._replayed_reserve(existing, skus, quantities)
         refused = self._unwritable() or self._retention_full()
-        if refused is not None:
-            return refused
-        if self.live >= self.config.reservations_max:
-            return Rejection(
+        if refused is None and self.live >= self.config.reservations_max:
+            refused = Rejection(
                 Code.RESOURCE_EXHAUSTED,
                 f"{self.live} live reservations: reservations_max reached",
             )
+        if refused is not None:
+            # A retry of a finished reservation is answered even so (it changes nothing).
+            record = self.finished.reservation(reservation_id)
+            if record is None:
+                return refused
+            return self._replayed_finished(reservation_id, record, request)
         seq = self.seq + 1
+        # The finished records are probed within the table's call (reservd._ctable).
         status, handles, granted, available = self._reserve_in_table(
-            skus, quantities, channel, allow_partial, seq
+            skus, quantities, channel, allow_partial, seq, reservation_id
         )
+        if status == RESERVE_FINISHED:
+            return self._replayed_finished(reservation_id, handles, request)
         if status == RESERVE_UNKNOWN_SKU:
             line = handles.index(-1)
             return Rejection(
@@ -283,7 +287,7 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
     def release(self, reservation_id: str) -> ReservationOutcome | Rejection:
         """Cancel a held or committed reservation; its units return to available. Idempotent:
         releasing a released or expired reservation answers its state."""
-        current = self.reservations.get(reservation_id)
+        current = self.get(reservation_id)
         if current is None:
             return Rejection(Code.NOT_FOUND, f"reservation {reservation_id!r} is unknown")
         if current.state in (State.RELEASED, State.EXPIRED):
@@ -337,8 +341,54 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
         return current.expires_at_ms
 
     def get(self, reservation_id: str) -> Reservation | None:
-        """The reservation as it stands (a view decoded from its compact record), or None."""
-        return self.reservations.get(reservation_id)
+        """The reservation as it stands (a view decoded from its compact record), live or
+        finished and still retained, or None."""
+        live = self.reservations.get(reservation_id)
+        if live is not None:
+            return live
+        record = self.finished.reservation(reservation_id)
+        if record is None:
+            return None
+        return self._finished_view(reservation_id, finished.unpack(record)[1])
+
+    def _replayed_finished(
+        self, reservation_id: str, record: bytes, request: tuple
+    ) -> ReserveOutcome | Rejection:
+        """A Reserve of an id whose finished ``record`` is kept: its replay, or ALREADY_EXISTS
+        for another payload."""
+        kept = finished.unpack(record)[1]
+        if kept.digest != finished.reserve_digest(request):
+            return _exists(reservation_id)
+        return self._replayed_reserve(
+            self._finished_view(reservation_id, kept), request[0], request[1]
+        )
+
+    def _finished_view(self, reservation_id: str, kept: FinishedReservation) -> Reservation:
+        """A finished record as a Reservation: the lines it held or committed (request None)."""
+        held = [line for line in kept.lines if line[1]]
+        sku_of = self.table.sku
+        channel, owner = self.reservations.origin_of(kept.origin)
+        return Reservation(
+            reservation_id, channel, None, tuple(sku_of(line[0]) for line in held),
+            tuple(line[0] for line in held), tuple(line[1] for line in held),
+            tuple(line[2] for line in held) if kept.committed else None, State(kept.state),
+            kept.expires_at_ms, kept.seq, kept.finished_at_ms, owner,
+        )
+
+    def adjustment(self, adjustment_id: str) -> tuple[StockOutcome, int] | None:
+        """The outcome of a retained adjustment and its finished_at_ms, or None."""
+        record = self.finished.adjustment(adjustment_id)
+        if record is None:
+            return None
+        kept = finished.unpack(record)[1]
+        return self._adjustment_outcome(kept, False), kept.finished_at_ms
+
+    def _adjustment_outcome(self, kept: FinishedAdjustment, replayed: bool) -> StockOutcome:
+        return StockOutcome(
+            self.table.sku(kept.handle), kept.on_hand, kept.reserved, kept.committed,
+            kept.previous_on_hand, max(0, kept.reserved + kept.committed - kept.on_hand),
+            kept.seq, replayed,
+        )
 
     def next_deadline_ms(self) -> int | None:
         """The earliest deadline of a held reservation (unix ms), or None."""
@@ -395,14 +445,15 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
         expected_on_hand: int | None, reason: str, actor: str = "",
     ) -> StockOutcome | Rejection:
         request = (kind, sku, value, expected_on_hand)
-        previous = self.adjustments.get(adjustment_id)
-        if previous is not None:
-            if previous.request != request:
+        record = self.finished.adjustment(adjustment_id)
+        if record is not None:
+            _, kept = finished.unpack(record)
+            if kept.digest != finished.adjustment_digest(request):
                 return Rejection(
                     Code.ALREADY_EXISTS,
                     f"adjustment {adjustment_id!r} exists with a different payload",
                 )
-            return previous.outcome._replace(replayed=True)
+            return self._adjustment_outcome(kept, True)
         refused = self._retention_full()
         if refused is not None:
             return refused
@@ -554,9 +605,8 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
         seq = self.seq
         stock = list(self.table.items())
         reservations = self.reservations.raw()
-        adjustments = self.adjustments.raw()
+        kept = self.finished.raw()
         decode_reservation = self.reservations.decode
-        decode_adjustment = self.adjustments.decode
         states, returns, write_offs = self.states.snapshot_rows()
         orders, receipts = self.incoming.snapshot_rows()
         demand, replenishment, counts = self.planning.snapshot_rows()
@@ -574,14 +624,6 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
                     int(r.state), r.expires_at_ms, r.seq, r.finished_at_ms,
                 )
 
-        def adjustment_rows():
-            for adjustment_id, data in adjustments:
-                a = decode_adjustment(data)
-                yield (
-                    adjustment_id, int(a.request[0]), a.request[1:], tuple(a.outcome),
-                    a.finished_at_ms,
-                )
-
         channel_rows = {
             **self.channels.snapshot_rows(), **self.alerts.snapshot_rows(),
             **self.alert_rules.snapshot_rows(),
@@ -591,9 +633,11 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
         def encode() -> bytes:
             return wrap(
                 state_codec.encode(
-                    seq, stock, reservation_rows(), adjustment_rows(), states, returns,
-                    write_offs, orders, receipts, owners, demand, replenishment, counts,
-                    rule_sections,
+                    seq, stock, reservation_rows(), (), states, returns, write_offs, orders,
+                    receipts, owners, demand, replenishment, counts, rule_sections,
+                    finished_rows.snapshot_rows(
+                        kept, self.table.sku, self.reservations.origin_of
+                    ),
                 ),
                 channel_rows,
             )
@@ -614,6 +658,10 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
                 self.channels.restore_rows(kind, rows)
         seq, rows = state_codec.decode(payload)
         lookup = self.table.lookup
+        origin = self.reservations.origin
+        # Finished reservations (with their owners) and adjustments of formats 2-6.
+        legacy_finished: dict[str, list] = {}
+        legacy_adjustments: list[tuple] = []
         now_ms = self.clock.now_ms()
         for kind, row in rows:
             if kind == state_codec.STOCK:
@@ -634,9 +682,14 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
                 self.planning.restore_settings(row)
             elif kind == state_codec.COUNT:
                 self.planning.restore_count(row)
+            elif kind == state_codec.FINISHED:
+                self.finished.add(finished_rows.record(row, lookup, origin))
             elif kind == state_codec.RESERVATION:
                 (reservation_id, channel, request, skus, quantities, committed, state_value,
                  expires_at_ms, reservation_seq, finished_at_ms) = row
+                if finished_rows.is_finished(state_value):
+                    legacy_finished[reservation_id] = [row, ""]
+                    continue
                 state = State(state_value)
                 self.reservations[reservation_id] = Reservation(
                     reservation_id, channel, request, skus, tuple(lookup(sku) for sku in skus),
@@ -646,26 +699,23 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
                 if state is State.HELD:
                     self._deadlines.push(expires_at_ms, reservation_id)
                     self.held += 1
-                if state in (State.HELD, State.COMMITTED):
-                    self.live += 1
-                else:
-                    self._finished.append(finished_at_ms, reservation_id)
+                self.live += 1
             elif kind >= state_codec.FIRST_RULES_SECTION:
                 self._restore_rule_row(kind, row)
             elif kind == state_codec.OWNER:
                 reservation_id, owner = row
-                self.reservations[reservation_id] = self.reservations[reservation_id]._replace(
-                    owner=owner
-                )
+                if reservation_id in legacy_finished:
+                    legacy_finished[reservation_id][1] = owner
+                else:
+                    self.reservations[reservation_id] = self.reservations[
+                        reservation_id
+                    ]._replace(owner=owner)
             else:
-                adjustment_id, record_type, request_tail, outcome, finished_at_ms = row
-                self.adjustments[adjustment_id] = Adjustment(
-                    (RecordType(record_type), *request_tail), StockOutcome(*outcome),
-                    finished_at_ms,
-                )
-                self._adjusted.append(finished_at_ms, adjustment_id)
-        self._finished.sort()
-        self._adjusted.sort()
+                legacy_adjustments.append(row)
+        for packed in finished_rows.from_legacy(
+            legacy_finished.values(), legacy_adjustments, lookup, origin
+        ):
+            self.finished.add(packed)
         self.alert_rules.restart_ring()
         self.states.restored()
         self.incoming.restored()
@@ -756,22 +806,21 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
     @property
     def retained(self) -> int:
         """Idempotency records kept: finished reservations plus adjustments."""
-        return len(self._finished) + len(self._adjusted)
+        return len(self.finished)
 
     @property
     def retained_adjustments(self) -> int:
-        return len(self._adjusted)
+        return self.finished.adjustments
 
     def retained_oldest_seconds(self) -> float:
         """Age of the oldest idempotency record kept (0 when none), in seconds."""
-        oldest = [at_ms for at_ms in (self._finished.oldest_ms(), self._adjusted.oldest_ms())
-                  if at_ms is not None]
-        if not oldest:
+        oldest = self.finished.oldest_ms()
+        if oldest is None:
             return 0.0
-        return max(0, self.clock.now_ms() - min(oldest)) / 1000
+        return max(0, self.clock.now_ms() - oldest) / 1000
 
     def _find(self, reservation_id: str, action: str) -> Reservation | Rejection:
-        current = self.reservations.get(reservation_id)
+        current = self.get(reservation_id)
         if current is None:
             return Rejection(Code.NOT_FOUND, f"reservation {reservation_id!r} is unknown")
         if current.state is State.HELD and current.expires_at_ms <= self.clock.now_ms():
@@ -780,7 +829,7 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
             if refused is not None:
                 return refused
             self._expire(current, self.clock.now_ms())
-            return self._finished_rejection(self.reservations[reservation_id], action)
+            return self._finished_rejection(self.get(reservation_id), action)
         return current
 
     def _finished_rejection(self, current: Reservation, action: str) -> Rejection:
@@ -799,11 +848,13 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
         _, seq = self._execute(RecordType.EXPIRE, records.Finish(now_ms, current.reservation_id))
         return seq
 
-    def _replayed_reserve(self, existing: Reservation) -> ReserveOutcome:
-        """The original outcome of a Reserve retried with the same payload, as it stands now: a
-        held, committed or fulfilled reservation is still granted; a released or expired one is
-        not (granted False, quantities 0), so a retry never mistakes a lost hold for a live one."""
-        skus, requested = existing.request[0], existing.request[1]
+    def _replayed_reserve(
+        self, existing: Reservation, skus: tuple[str, ...], requested: tuple[int, ...]
+    ) -> ReserveOutcome:
+        """The original outcome of a Reserve retried with the same payload (``skus``,
+        ``requested``), as it stands now: a held, committed or fulfilled reservation is still
+        granted; a released or expired one is not (granted False, quantities 0), so a retry
+        never mistakes a lost hold for a live one."""
         if existing.state in (State.RELEASED, State.EXPIRED):
             return ReserveOutcome(
                 False, skus, requested, (0,) * len(skus), self._available(skus), 0,
@@ -898,9 +949,19 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
         return self._finish(current, State.EXPIRED, command.at_ms, seq)
 
     def _finish(self, current: Reservation, state: State, at_ms: int, seq: int) -> Reservation:
-        updated = current._replace(state=state, seq=seq, finished_at_ms=at_ms)
-        self.reservations[current.reservation_id] = updated
-        self._finished.append(at_ms, current.reservation_id)
+        """The reservation leaves the live store for a finished record (reservd.finished)."""
+        reservation_id = current.reservation_id
+        self.finished.add(finished.pack_reservation(
+            finished.reservation_key(reservation_id),
+            FinishedReservation(
+                finished.reserve_digest(current.request), seq, at_ms, int(state),
+                self.reservations.origin(current.channel, current.owner),
+                current.expires_at_ms, current.committed is not None,
+                self.reservations.request_lines(reservation_id),
+            ),
+        ))
+        del self.reservations[reservation_id]
+        updated = current._replace(state=state, seq=seq, finished_at_ms=at_ms, request=None)
         self.live -= 1
         assert self.live >= 0
         if current.state is State.HELD:
@@ -923,35 +984,32 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
             assert handle >= 0, f"adjust of unknown sku {command.sku!r}"
             previous = self.table.adjust_on_hand(handle, command.value, seq) - command.value
         on_hand, reserved, committed = self.table.counters(handle)
+        kept = FinishedAdjustment(
+            finished.adjustment_digest(
+                (kind, command.sku, command.value, command.expected_on_hand)
+            ),
+            seq, command.at_ms, int(kind), handle, on_hand, reserved, committed, previous,
+        )
+        self.finished.add(
+            finished.pack_adjustment(finished.adjustment_key(command.adjustment_id), kept)
+        )
         self.stock_dirty.add(command.sku)
-        outcome = StockOutcome(
+        self.alert_rules.stock_changed(command.sku, on_hand, reserved, committed, command.at_ms)
+        return StockOutcome(
             command.sku, on_hand, reserved, committed, previous,
             max(0, reserved + committed - on_hand), seq, False,
         )
-        self.adjustments[command.adjustment_id] = Adjustment(
-            (kind, command.sku, command.value, command.expected_on_hand), outcome, command.at_ms
-        )
-        self._adjusted.append(command.at_ms, command.adjustment_id)
-        self.alert_rules.stock_changed(command.sku, on_hand, reserved, committed, command.at_ms)
-        return outcome
 
     def _prune(self, now_ms: int) -> None:
         """Forget idempotency records older than retention_seconds (and only those: the window
         is the promise; retained_max refuses new work instead of cutting it)."""
         horizon_ms = now_ms - self.config.retention_seconds * 1000
-        finished = self._finished
-        while len(finished) and finished.oldest_ms() <= horizon_ms:
-            at_ms, key = finished.popleft()
-            entry = self.reservations.get(key)
-            if entry is not None and entry.finished_at_ms == at_ms and entry.state in (
-                State.RELEASED, State.EXPIRED, State.FULFILLED
-            ):
-                del self.reservations[key]
-        adjusted = self._adjusted
-        while len(adjusted) and adjusted.oldest_ms() <= horizon_ms:
-            at_ms, key = adjusted.popleft()
-            entry = self.adjustments.get(key)
-            if entry is not None and entry.finished_at_ms == at_ms:
-                del self.adjustments[key]
+        self.finished.forget(horizon_ms)
         self.states.prune(horizon_ms)
         self.incoming.prune(horizon_ms)
+
+
+def _exists(reservation_id: str) -> Rejection:
+    return Rejection(
+        Code.ALREADY_EXISTS, f"reservation {reservation_id!r} exists with a different payload"
+    )

@@ -17,7 +17,9 @@ from typing import NamedTuple
 from reservd import records
 from reservd.channelpolicy import Enforcement, Policy, policy_row
 from reservd.records import RecordType
-from reservd.table import RESERVE_INSUFFICIENT, RESERVE_OK, RESERVE_UNKNOWN_SKU
+from reservd.table import (
+    RESERVE_FINISHED, RESERVE_INSUFFICIENT, RESERVE_OK, RESERVE_UNKNOWN_SKU,
+)
 
 _MAGIC = b"RSVDCH1\n"
 _LENGTH = struct.Struct("<Q")
@@ -66,12 +68,21 @@ class ChannelCommands:
 
     def _reserve_in_table(
         self, skus: tuple[str, ...], quantities: tuple[int, ...], channel: str,
-        allow_partial: bool, seq: int,
+        allow_partial: bool, seq: int, reservation_id: str,
     ):
         """The table's reserve within what the channel may draw (its buckets, a strict
-        channel's ats), in the same synchronous step. Same answer shape as table.reserve."""
+        channel's ats), in the same synchronous step, unless ``reservation_id`` has a finished
+        record (RESERVE_FINISHED). Same answer shape as table.reserve."""
         table = self.table
-        limits = self.channels.limits(skus, channel) if self.channels.active else None
+        if not self.channels.active:
+            # The common case: one call hashes the id, probes the finished records and reserves.
+            return table.reserve(
+                skus, quantities, allow_partial, seq, self.finished, reservation_id
+            )
+        kept = self.finished.reservation(reservation_id)
+        if kept is not None:
+            return RESERVE_FINISHED, kept, None, None
+        limits = self.channels.limits(skus, channel)
         if limits is None:
             return table.reserve(skus, quantities, allow_partial, seq)
         asked = tuple(

@@ -169,7 +169,7 @@ class ReservationsService(AtsRpcs, AlertRpcs, pb_grpc.ReservationsServicer):
 
     async def _owned(self, reservation_id: str, verb: str, context) -> None:
         """PERMISSION_DENIED unless the caller made the reservation (or is an admin)."""
-        reservation = self.ledger.reservations.get(reservation_id)
+        reservation = self.ledger.get(reservation_id)
         if reservation is not None:
             denial = auth.denied(reservation.owner, reservation_id, verb)
             if denial is not None:
@@ -217,7 +217,7 @@ class ReservationsService(AtsRpcs, AlertRpcs, pb_grpc.ReservationsServicer):
         except Invalid as error:
             await invalid(context, error)
         await self._owned(reservation_id, "read", context)
-        reservation = self.ledger.reservations.get(reservation_id)
+        reservation = self.ledger.get(reservation_id)
         if reservation is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"reservation {reservation_id!r} is unknown"

@@ -7,15 +7,21 @@ versions (strings are a u16 byte length and UTF-8, as in reservd.records)::
     then sections until the end: kind u8 | rows u32 | rows
 
     stock (1):        sku | on_hand i64 | reserved i64 | committed i64
-    reservation (2):  reservation_id | channel | state u8 | allow_partial u8 | ttl_seconds i32 |
+    reservation (2):  (live ones, held or committed; formats 3 to 6 also finished ones)
+                      reservation_id | channel | state u8 | allow_partial u8 | ttl_seconds i32 |
                       expires_at_ms i64 | seq i64 | finished_at_ms i64 | committed_present u8 |
                       lines u16, then per request line: sku | requested i64 | granted i64 |
                       committed i64
     owner (9):        reservation_id | owner (only reservations made by an identity; the
                       rows follow the reservations they name; older snapshots have none)
-    adjustment (3):   adjustment_id | kind u8 | sku | value i64 | expected_present u8 |
-                      expected i64 | on_hand i64 | reserved i64 | committed i64 |
-                      previous_on_hand i64 | seq i64 | finished_at_ms i64
+    finished (17):    idempotency records, oldest first (reservd.finished: the key and digest
+                      are hashes of the id and of the request):
+                      kind u8 | key 16 bytes | digest u64 | seq i64 | finished_at_ms i64, then
+                      kind 1, a finished reservation: state u8 | committed_present u8 |
+                      expires_at_ms i64 | channel | owner | lines u16, per request line:
+                      sku | granted i64 | committed i64;
+                      kind 2, an adjustment: record_type u8 | sku | on_hand i64 | reserved i64 |
+                      committed i64 | previous_on_hand i64
     states (4):       sku | quarantine i64 | damaged i64 | quality_control i64
     return (5):       return_id | sku | units i64 | reservation_id | at_ms i64 | inspected u8 |
                       sellable_units i64 | damaged_units i64 | quarantine i64 | damaged i64 |
@@ -39,7 +45,15 @@ Format 5 added the retention times (the fields marked format 5) and sections 10-
 retention window from the restore) and format 3 (without sections 4-8) are still read.
 
 Format 6 added sections 13-16 (reservd.rules_records: velocity buckets, rule policies, rules in
-force, promotions); formats 3 to 5 are still read.
+force, promotions).
+
+Format 7 keeps finished reservations and adjustments as FINISHED rows (section 17, by key,
+without their ids). Formats 3 to 6 are still read: their finished reservations were RESERVATION
+rows and their adjustments ADJUSTMENT rows (3):
+
+    adjustment (3):   adjustment_id | kind u8 | sku | value i64 | expected_present u8 |
+                      expected i64 | on_hand i64 | reserved i64 | committed i64 |
+                      previous_on_hand i64 | seq i64 | finished_at_ms i64
 
 Format 2 (pickled chunks of builtin types, written before format 3) is still read, so a data
 directory written by an older reservd recovers; it is never written.
@@ -56,8 +70,8 @@ from typing import Iterable, Iterator
 from reservd import rules_records
 from reservd.records import Reader, put_str
 
-FORMAT = 6
-_FORMATS_READ = (3, 4, 5, 6)
+FORMAT = 7
+_FORMATS_READ = (3, 4, 5, 6, 7)
 MAGIC = b"RSVDSTAT"
 _HEAD = struct.Struct("<8sIq")
 _SECTION = struct.Struct("<BI")
@@ -74,6 +88,12 @@ _RETURN = struct.Struct("<qBqqqqqq")
 _WRITE_OFF = struct.Struct("<qqq")
 _ORDER = struct.Struct("<qqq")
 _RECEIPT = struct.Struct("<qq")
+_FINISHED_HEAD = struct.Struct("<B16sQqq")
+_FINISHED_RESERVATION = struct.Struct("<BBq")
+_FINISHED_LINES = struct.Struct("<H")
+_FINISHED_LINE = struct.Struct("<qq")
+_FINISHED_ADJUSTMENT_KIND = struct.Struct("<B")
+_FINISHED_ADJUSTMENT = struct.Struct("<qqqq")
 _TIME = struct.Struct("<q")
 _DEMAND_HEAD = struct.Struct("<qH")
 _DEMAND_DAY = struct.Struct("<Bq")
@@ -96,6 +116,7 @@ DEMAND = 10
 REPLENISHMENT = 11
 COUNT = 12
 FIRST_RULES_SECTION = rules_records.VELOCITY
+FINISHED = 17
 
 
 def encode(
@@ -113,8 +134,9 @@ def encode(
     replenishment: Iterable[tuple] = (),
     counts: Iterable[tuple] = (),
     extra: Iterable[tuple[int, Iterable[tuple]]] = (),
+    finished: Iterable[tuple] = (),
 ) -> bytes:
-    """The state after ``seq`` as format-6 bytes; rows as :func:`decode` yields them.
+    """The state after ``seq`` as format-7 bytes; rows as :func:`decode` yields them.
     ``owners`` is read after ``reservations`` has been consumed; ``extra`` is (kind, rows) of
     reservd.rules_records' sections."""
     out = bytearray(_HEAD.pack(MAGIC, FORMAT, seq))
@@ -122,6 +144,7 @@ def encode(
     _sections(out, RESERVATION, reservations, _put_reservation)
     _sections(out, OWNER, owners, _put_owner)
     _sections(out, ADJUSTMENT, adjustments, _put_adjustment)
+    _sections(out, FINISHED, finished, _put_finished)
     _sections(out, STATES, states, _put_states)
     _sections(out, RETURN, returns, _put_return)
     _sections(out, WRITE_OFF, write_offs, _put_write_off)
@@ -152,6 +175,10 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
     - WRITE_OFF: (change_id, sku, units, state, at_ms, seq)
     - ORDER: (po_id, sku, units, eta_ms, received, closed_at_ms or None)
     - RECEIPT: (receipt_id, po_id, units, seq, at_ms or None)
+    - FINISHED: (1, key, digest, seq, finished_at_ms, state, committed_present, expires_at_ms,
+      channel, owner, ((sku, granted, committed), ...) per request line) or
+      (2, key, digest, seq, finished_at_ms, record_type, sku, on_hand, reserved, committed,
+      previous_on_hand)
 
     - DEMAND: (sku, newest_day, [(day, units), ...])
     - REPLENISHMENT: (sku, lead_time_days, lead_time_sigma_days, service_level, abc_class,
@@ -190,7 +217,7 @@ def _rows(payload: bytes, version: int) -> Iterator[tuple[int, tuple]]:
         STOCK: _read_stock, RESERVATION: _read_reservation, OWNER: _read_owner,
         ADJUSTMENT: _read_adjustment,
         STATES: _read_states, RETURN: _read_return, WRITE_OFF: _read_write_off,
-        ORDER: _read_order, RECEIPT: _read_receipt,
+        ORDER: _read_order, RECEIPT: _read_receipt, FINISHED: _read_finished,
         DEMAND: _read_demand, REPLENISHMENT: _read_replenishment, COUNT: _read_count,
         **{kind: read for kind, (_, read) in rules_records.SECTIONS.items()},
     }
@@ -310,6 +337,41 @@ def _read_adjustment(reader: Reader) -> tuple:
         adjustment_id, kind, (sku, value, expected if expected_present else None), outcome,
         finished_at_ms,
     )
+
+
+def _put_finished(parts: list, row: tuple) -> None:
+    kind, key, digest, seq, finished_at_ms, *rest = row
+    parts.append(_FINISHED_HEAD.pack(kind, key, digest, seq, finished_at_ms))
+    if kind == 1:
+        state, committed_present, expires_at_ms, channel, owner, lines = rest
+        parts.append(_FINISHED_RESERVATION.pack(state, committed_present, expires_at_ms))
+        put_str(parts, channel)
+        put_str(parts, owner)
+        parts.append(_FINISHED_LINES.pack(len(lines)))
+        for sku, granted, committed in lines:
+            put_str(parts, sku)
+            parts.append(_FINISHED_LINE.pack(granted, committed))
+    else:
+        record_type, sku, on_hand, reserved, committed, previous_on_hand = rest
+        parts.append(_FINISHED_ADJUSTMENT_KIND.pack(record_type))
+        put_str(parts, sku)
+        parts.append(_FINISHED_ADJUSTMENT.pack(on_hand, reserved, committed, previous_on_hand))
+
+
+def _read_finished(reader: Reader) -> tuple:
+    head = reader.unpack(_FINISHED_HEAD)
+    if head[0] == 1:
+        state, committed_present, expires_at_ms = reader.unpack(_FINISHED_RESERVATION)
+        channel = reader.text()
+        owner = reader.text()
+        (count,) = reader.unpack(_FINISHED_LINES)
+        lines = tuple((reader.text(), *reader.unpack(_FINISHED_LINE)) for _ in range(count))
+        return (*head, state, bool(committed_present), expires_at_ms, channel, owner, lines)
+    if head[0] != 2:
+        raise ValueError(f"unknown finished record kind {head[0]} at {reader.offset}")
+    (record_type,) = reader.unpack(_FINISHED_ADJUSTMENT_KIND)
+    sku = reader.text()
+    return (*head, record_type, sku, *reader.unpack(_FINISHED_ADJUSTMENT))
 
 
 def _put_states(parts: list, row: tuple) -> None:

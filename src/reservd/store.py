@@ -1,9 +1,11 @@
-"""Compact in-memory storage of reservations and stock adjustments: one ``bytes`` record each.
+"""Compact in-memory storage of live (held or committed) reservations: one ``bytes`` record each.
 
-A reservation or adjustment kept as a NamedTuple of tuples of Python ints and strs costs close to
-a kilobyte; as one packed record under its id it costs the record, the id and a dict slot. The
-stores are mappings whose values are decoded on access (:class:`Reservation`,
-:class:`Adjustment`), so the ledger reads and writes whole values and never sees the layout.
+A reservation kept as a NamedTuple of tuples of Python ints and strs costs close to a kilobyte;
+as one packed record under its id it costs the record, the id and a dict slot. The store is a
+mapping whose values are decoded on access (:class:`Reservation`), so the ledger reads and
+writes whole values and never sees the layout. Finished reservations and stock adjustments are
+kept smaller still, without their ids (reservd.finished). :class:`Fifo` is the retention queue
+of the other id-keyed records (reservd.stockstates, reservd.incoming).
 
 SKUs are kept as counter-table handles (the table keeps each SKU's name once) and the (channel,
 owner) pair as an index into an interned list, so no record holds a str of its own. Records are immutable bytes: a
@@ -15,9 +17,7 @@ Layouts (little-endian):
 - reservation: state u8 | flags u8 (1: allow_partial, 2: committed) | lines u16 |
   (channel, owner) u32 |
   ttl_seconds i32 | expires_at_ms i64 | seq i64 | finished_at_ms i64, then per request line:
-  handle i64 | requested i64 | granted i64 | committed i64;
-- adjustment: kind u8 | has_expected u8 | handle i64 | value i64 | expected i64 | on_hand i64 |
-  reserved i64 | committed i64 | previous_on_hand i64 | seq i64 | finished_at_ms i64.
+  handle i64 | requested i64 | granted i64 | committed i64.
 """
 from __future__ import annotations
 
@@ -27,11 +27,8 @@ from array import array
 from collections.abc import Iterator, MutableMapping
 from typing import NamedTuple
 
-from reservd.records import RecordType
-
 _RESERVATION = struct.Struct("<BBHIiqqq")
 _LINE = struct.Struct("<qqqq")
-_ADJUSTMENT = struct.Struct("<BBqqqqqqqqq")
 _ALLOW_PARTIAL = 1
 _COMMITTED = 2
 
@@ -54,7 +51,9 @@ class Reservation(NamedTuple):
 
     reservation_id: str
     channel: str
-    request: tuple  # (skus, requested, channel, ttl_seconds, allow_partial): the idempotency key
+    # (skus, requested, channel, ttl_seconds, allow_partial): the idempotency key. None once
+    # finished: a finished reservation keeps only its digest (reservd.finished).
+    request: tuple | None
     skus: tuple[str, ...]  # lines that hold units (granted > 0)
     handles: tuple[int, ...]
     quantities: tuple[int, ...]  # units held or, once committed, units granted
@@ -62,7 +61,7 @@ class Reservation(NamedTuple):
     state: State
     expires_at_ms: int
     seq: int  # sequence of the latest mutation of this reservation
-    finished_at_ms: int
+    finished_at_ms: int  # unix ms; 0 while live
     owner: str = ""  # the identity that made it ("" with authorization off)
 
 
@@ -75,12 +74,6 @@ class StockOutcome(NamedTuple):
     shortfall: int
     seq: int
     replayed: bool
-
-
-class Adjustment(NamedTuple):
-    request: tuple  # (kind, sku, value, expected_on_hand): the idempotency key
-    outcome: StockOutcome
-    finished_at_ms: int
 
 
 class ReservationStore(MutableMapping):
@@ -115,12 +108,8 @@ class ReservationStore(MutableMapping):
         return default if data is None else self.decode(reservation_id, data)
 
     def __setitem__(self, reservation_id: str, reservation: Reservation) -> None:
-        data = self._encode(reservation)
-        if reservation.state not in (State.HELD, State.COMMITTED):
-            # Re-key with this very str object: the retention queue holds the same one, so a
-            # finished id costs one str, not two.
-            self._records.pop(reservation_id, None)
-        self._records[reservation_id] = data
+        assert reservation.state in (State.HELD, State.COMMITTED), reservation
+        self._records[reservation_id] = self._encode(reservation)
 
     def __delitem__(self, reservation_id: str) -> None:
         del self._records[reservation_id]
@@ -128,6 +117,22 @@ class ReservationStore(MutableMapping):
     def raw(self) -> list[tuple[str, bytes]]:
         """A consistent copy of the records (cheap); decode each with :meth:`decode`."""
         return list(self._records.items())
+
+    def request_lines(self, reservation_id: str) -> tuple[tuple[int, int, int], ...]:
+        """(handle, granted, committed) per request line, in request order."""
+        data = self._records[reservation_id]
+        return tuple(
+            (handle, given, moved)
+            for handle, _, given, moved in _LINE.iter_unpack(memoryview(data)[_RESERVATION.size:])
+        )
+
+    def origin_of(self, index: int) -> tuple[str, str]:
+        """The (channel, owner) pair interned as ``index`` (finished records keep the index)."""
+        return self._origins[index]
+
+    def origin(self, channel: str, owner: str) -> int:
+        """The index of the (channel, owner) pair, interning it."""
+        return self._origin(channel, owner)
 
     def _origin(self, channel: str, owner: str) -> int:
         origin = (channel, owner)
@@ -203,60 +208,6 @@ class ReservationStore(MutableMapping):
         )
         self._cached = (data, view)
         return view
-
-
-class AdjustmentStore(MutableMapping):
-    """adjustment_id -> :class:`Adjustment`, stored as one bytes record each."""
-
-    def __init__(self, table) -> None:
-        self._table = table
-        self._records: dict[str, bytes] = {}
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._records)
-
-    def __contains__(self, adjustment_id: object) -> bool:
-        return adjustment_id in self._records
-
-    def __getitem__(self, adjustment_id: str) -> Adjustment:
-        return self.decode(self._records[adjustment_id])
-
-    def get(self, adjustment_id: str, default=None):
-        data = self._records.get(adjustment_id)
-        return default if data is None else self.decode(data)
-
-    def __setitem__(self, adjustment_id: str, adjustment: Adjustment) -> None:
-        kind, sku, value, expected = adjustment.request
-        outcome = adjustment.outcome
-        handle = self._table.lookup(sku)
-        assert handle >= 0 and outcome.sku == sku, (adjustment_id, adjustment)
-        self._records[adjustment_id] = _ADJUSTMENT.pack(
-            kind, expected is not None, handle, value, expected or 0, outcome.on_hand,
-            outcome.reserved, outcome.committed, outcome.previous_on_hand, outcome.seq,
-            adjustment.finished_at_ms,
-        )
-
-    def __delitem__(self, adjustment_id: str) -> None:
-        del self._records[adjustment_id]
-
-    def raw(self) -> list[tuple[str, bytes]]:
-        return list(self._records.items())
-
-    def decode(self, data: bytes) -> Adjustment:
-        (kind, has_expected, handle, value, expected, on_hand, reserved, committed, previous,
-         seq, finished_at_ms) = _ADJUSTMENT.unpack(data)
-        sku = self._table.sku(handle)
-        outcome = StockOutcome(
-            sku, on_hand, reserved, committed, previous,
-            max(0, reserved + committed - on_hand), seq, False,
-        )
-        return Adjustment(
-            (RecordType(kind), sku, value, expected if has_expected else None), outcome,
-            finished_at_ms,
-        )
 
 
 class Fifo:

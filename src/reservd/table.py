@@ -13,6 +13,7 @@ from typing import Iterator, Protocol, Sequence
 RESERVE_OK = 0
 RESERVE_INSUFFICIENT = 1
 RESERVE_UNKNOWN_SKU = 2
+RESERVE_FINISHED = 3  # the id's finished record is kept (returned instead of handles)
 
 Counters = tuple[int, int, int]  # (on_hand, reserved, committed)
 # (sequence, sku, on_hand, reserved, committed, unsellable)
@@ -42,8 +43,9 @@ class CounterTable(Protocol):
     def counters(self, handle: int) -> Counters: ...
     def stock(self, skus: Sequence[str]) -> list[Counters | None]: ...
     def reserve(
-        self, skus: Sequence[str], quantities: Sequence[int], allow_partial: bool, seq: int
-    ) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]: ...
+        self, skus: Sequence[str], quantities: Sequence[int], allow_partial: bool, seq: int,
+        finished=None, reservation_id: str | None = None,
+    ) -> tuple: ...
     def release(self, handles: Sequence[int], quantities: Sequence[int], seq: int) -> None: ...
     def commit(
         self, handles: Sequence[int], held: Sequence[int], committed: Sequence[int], seq: int
