@@ -41,6 +41,12 @@ retention window from the restore) and format 3 (without sections 4-8) are still
 Format 6 added sections 13-16 (reservd.rules_records: velocity buckets, rule policies, rules in
 force, promotions); formats 3 to 5 are still read.
 
+Format 7 (stock2 branch; the format and section numbers are renumbered at merge if taken) added
+section 18, the ``safety_stock`` state, after the STOCK rows; the states section keeps its
+shape. Formats 3 to 6 are still read (no units in safety_stock).
+
+    safety stock (18): sku | safety_stock i64
+
 Format 2 (pickled chunks of builtin types, written before format 3) is still read, so a data
 directory written by an older reservd recovers; it is never written.
 
@@ -56,8 +62,8 @@ from typing import Iterable, Iterator
 from reservd import rules_records
 from reservd.records import Reader, put_str
 
-FORMAT = 6
-_FORMATS_READ = (3, 4, 5, 6)
+FORMAT = 7
+_FORMATS_READ = (3, 4, 5, 6, 7)
 MAGIC = b"RSVDSTAT"
 _HEAD = struct.Struct("<8sIq")
 _SECTION = struct.Struct("<BI")
@@ -81,6 +87,7 @@ _SETTINGS = struct.Struct("<ddd")
 _U8 = struct.Struct("<B")
 _F64 = struct.Struct("<d")
 _COUNT = struct.Struct("<qqq")
+_SAFETY_STOCK = struct.Struct("<q")
 _SECTION_ROWS_MAX = 4096  # rows per section, so no section header needs a huge count
 
 STOCK = 1
@@ -96,6 +103,7 @@ DEMAND = 10
 REPLENISHMENT = 11
 COUNT = 12
 FIRST_RULES_SECTION = rules_records.VELOCITY
+SAFETY_STOCK = 18  # format 7 (stock2)
 
 
 def encode(
@@ -113,8 +121,9 @@ def encode(
     replenishment: Iterable[tuple] = (),
     counts: Iterable[tuple] = (),
     extra: Iterable[tuple[int, Iterable[tuple]]] = (),
+    safety_stock: Iterable[tuple] = (),
 ) -> bytes:
-    """The state after ``seq`` as format-6 bytes; rows as :func:`decode` yields them.
+    """The state after ``seq`` as format-7 bytes; rows as :func:`decode` yields them.
     ``owners`` is read after ``reservations`` has been consumed; ``extra`` is (kind, rows) of
     reservd.rules_records' sections."""
     out = bytearray(_HEAD.pack(MAGIC, FORMAT, seq))
@@ -123,6 +132,7 @@ def encode(
     _sections(out, OWNER, owners, _put_owner)
     _sections(out, ADJUSTMENT, adjustments, _put_adjustment)
     _sections(out, STATES, states, _put_states)
+    _sections(out, SAFETY_STOCK, safety_stock, _put_safety_stock)
     _sections(out, RETURN, returns, _put_return)
     _sections(out, WRITE_OFF, write_offs, _put_write_off)
     _sections(out, ORDER, orders, _put_order)
@@ -147,6 +157,7 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
       (sku, on_hand, reserved, committed, previous_on_hand, shortfall, seq, False),
       finished_at_ms)
     - STATES: (sku, quarantine, damaged, quality_control), after the SKU's STOCK row
+    - SAFETY_STOCK: (sku, safety_stock), after the SKU's STOCK row (format 7)
     - RETURN: (return_id, sku, units, reservation_id, at_ms, inspected, sellable_units,
       damaged_units, quarantine, damaged, quality_control, seq, inspected_at_ms or None)
     - WRITE_OFF: (change_id, sku, units, state, at_ms, seq)
@@ -189,7 +200,7 @@ def _rows(payload: bytes, version: int) -> Iterator[tuple[int, tuple]]:
     readers = {
         STOCK: _read_stock, RESERVATION: _read_reservation, OWNER: _read_owner,
         ADJUSTMENT: _read_adjustment,
-        STATES: _read_states, RETURN: _read_return, WRITE_OFF: _read_write_off,
+        STATES: _read_states, SAFETY_STOCK: _read_safety_stock, RETURN: _read_return, WRITE_OFF: _read_write_off,
         ORDER: _read_order, RECEIPT: _read_receipt,
         DEMAND: _read_demand, REPLENISHMENT: _read_replenishment, COUNT: _read_count,
         **{kind: read for kind, (_, read) in rules_records.SECTIONS.items()},
@@ -320,6 +331,16 @@ def _put_states(parts: list, row: tuple) -> None:
 
 def _read_states(reader: Reader) -> tuple:
     return (reader.text(), *reader.unpack(_STATES))
+
+
+def _put_safety_stock(parts: list, row: tuple) -> None:
+    sku, units = row
+    put_str(parts, sku)
+    parts.append(_SAFETY_STOCK.pack(units))
+
+
+def _read_safety_stock(reader: Reader) -> tuple:
+    return (reader.text(), *reader.unpack(_SAFETY_STOCK))
 
 
 def _put_return(parts: list, row: tuple) -> None:
