@@ -46,8 +46,9 @@ class Model:
         self.stock: dict[str, list[int]] = {}  # sku -> [on_hand, reserved, committed]
         self.reservations: dict[str, _Reservation] = {}
         self.adjustments: dict[str, tuple[tuple, tuple]] = {}  # id -> (request, answer)
-        # Stock states (README "Stock states"): sku -> [quarantine, damaged]; returns by id
-        # (sku, units, inspected); write-offs by id; purchase orders by id [sku, units,
+        # Stock states (README "Stock states"): sku -> [quarantine, damaged, quality_control,
+        # safety_stock]; returns by id (sku, units, inspected); write-offs and holds by change
+        # id (sku, units, state); purchase orders by id [sku, units,
         # received]; receipts by id; incoming units per sku.
         self.states: dict[str, list[int]] = {}
         self.returns: dict[str, list] = {}
@@ -59,9 +60,9 @@ class Model:
         self.channels = ChannelModel(self)
 
     def available(self, sku: str) -> int:
-        """on_hand - reserved - committed - units in quarantine or damaged."""
+        """on_hand - reserved - committed - units in any unsellable state."""
         on_hand, reserved, committed = self.stock[sku]
-        return on_hand - reserved - committed - sum(self.states.get(sku, (0, 0)))
+        return on_hand - reserved - committed - sum(self.states.get(sku, (0, 0, 0, 0)))
 
     def _changed(self, seq: int, skus: Iterable[str]) -> None:
         """Remember each SKU's state after ``seq`` (sold-out and admin answers are checked
@@ -203,8 +204,8 @@ class Model:
     # -- stock states, returns and incoming stock (README "Stock states", "Incoming stock") --
 
     def _state_answer(self, sku: str) -> dict:
-        quarantine, damaged = self.states.get(sku, (0, 0))
-        return {"stock": (sku, *self.stock[sku], self.available(sku), quarantine, damaged)}
+        return {"stock": (sku, *self.stock[sku], self.available(sku),
+                          *self.states.get(sku, (0, 0, 0, 0)))}
 
     def apply_receive_return(self, seq, return_id, sku, units):
         if return_id in self.returns:
@@ -212,7 +213,7 @@ class Model:
         if sku not in self.stock:
             return f"return of unknown sku {sku!r}"
         self.stock[sku][0] += units
-        self.states.setdefault(sku, [0, 0])[0] += units
+        self.states.setdefault(sku, [0, 0, 0, 0])[0] += units
         self.returns[return_id] = [sku, units, False]
         self._changed(seq, [sku])
         return self._state_answer(sku)
@@ -234,11 +235,28 @@ class Model:
     def apply_write_off(self, seq, change_id, sku, units, state):
         if change_id in self.write_offs:
             return f"write-off {change_id!r} applied twice"
-        row = self.states.get(sku, [0, 0])
+        row = self.states.get(sku, [0, 0, 0, 0])
         if state != "damaged" or units > row[1] or units > self.stock[sku][0]:
             return f"write-off of {units} {state} units of {sku!r}, which has {row[1]}"
         row[1] -= units
         self.stock[sku][0] -= units
+        self.write_offs[change_id] = (sku, units, state)
+        self._changed(seq, [sku])
+        return self._state_answer(sku)
+
+    def apply_hold(self, seq, change_id, sku, units, state):
+        """README "Stock states": units > 0 from available (the shared bucket: this history
+        has no named buckets) into safety_stock or quality_control, < 0 back."""
+        if change_id in self.write_offs:
+            return f"hold {change_id!r} applied twice"
+        if sku not in self.stock or state not in ("safety_stock", "quality_control"):
+            return f"hold of {sku!r} in {state!r}"
+        row = self.states.setdefault(sku, [0, 0, 0, 0])
+        index = 2 if state == "quality_control" else 3
+        if units > self.available(sku) or -units > row[index]:
+            return f"hold of {units} {state} units of {sku!r}: available {self.available(sku)}, " \
+                   f"held {row[index]}"
+        row[index] += units
         self.write_offs[change_id] = (sku, units, state)
         self._changed(seq, [sku])
         return self._state_answer(sku)

@@ -1,5 +1,5 @@
 """The history checker's part for the stock-state and incoming-stock commands (ReceiveReturn,
-Inspect, WriteOff, ExpectReceipt, Receive): which log record is which call, and what the model
+Inspect, WriteOff, HoldStock, ExpectReceipt, Receive): which log record is which call, and what the model
 (history_model.Model, written from the README) says each answer must be."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ KINDS = {
     "receive_return": (RecordType.RECEIVE_RETURN, "return_id"),
     "inspect": (RecordType.INSPECT, "return_id"),
     "write_off": (RecordType.WRITE_OFF, "change_id"),
+    "hold_stock": (RecordType.HOLD_STOCK, "change_id"),
     "expect_receipt": (RecordType.EXPECT_RECEIPT, "po_id"),
     "receive": (RecordType.RECEIVE, "receipt_id"),
 }
@@ -36,6 +37,8 @@ def apply(model, seq: int, op):
         return model.apply_inspect(seq, r.return_id, r.sellable_units, r.damaged_units)
     if op.kind == "write_off":
         return model.apply_write_off(seq, r.change_id, r.sku, r.units, r.state)
+    if op.kind == "hold_stock":
+        return model.apply_hold(seq, r.change_id, r.sku, r.units, r.state)
     if op.kind == "expect_receipt":
         return model.apply_expect_receipt(seq, r.po_id, r.sku, r.units)
     return model.apply_receive(seq, r.receipt_id, r.po_id, r.units)
@@ -49,7 +52,7 @@ def seen(op) -> dict:
                 "received": response.received, "over_received": response.over_received}
     s = response.stock
     return {"stock": (s.sku, s.on_hand, s.reserved, s.committed, s.available, s.quarantine,
-                      s.damaged)}
+                      s.damaged, s.quality_control, s.safety_stock)}
 
 
 def check_replay(model, op, bad) -> None:
@@ -62,7 +65,7 @@ def check_replay(model, op, bad) -> None:
     elif op.kind == "inspect":
         entry = model.returns.get(r.return_id)
         ok = entry is not None and entry[2]
-    elif op.kind == "write_off":
+    elif op.kind in ("write_off", "hold_stock"):
         ok = model.write_offs.get(r.change_id) == (r.sku, r.units, r.state)
     elif op.kind == "expect_receipt":
         entry = model.orders.get(r.po_id)

@@ -178,6 +178,8 @@ REQUESTS = {
     ("Admin", "ReceiveReturn"): pb.ReceiveReturnRequest(return_id="t", sku="a", units=1),
     ("Admin", "Inspect"): pb.InspectRequest(return_id="t", sellable_units=1),
     ("Admin", "WriteOff"): pb.WriteOffRequest(change_id="w", sku="a", units=1, state="damaged"),
+    ("Admin", "HoldStock"): pb.HoldStockRequest(change_id="h", sku="a", units=1,
+                                                state="safety_stock"),
     ("Admin", "ExpectReceipt"): pb.ExpectReceiptRequest(po_id="p", sku="a", units=1),
     ("Admin", "Receive"): pb.ReceiveRequest(receipt_id="c", po_id="p", units=1),
     ("Admin", "SetRulePolicy"): pb.SetRulePolicyRequest(channel="amazon", change_id="rp"),

@@ -92,7 +92,7 @@ def test_refusals_name_the_field_and_change_nothing(ledger, call, code, field):
     refused = call(ledger)
     assert isinstance(refused, Rejection) and (refused.code, refused.field) == (code, field)
     assert ledger.seq == seq and ledger.table.counters(ledger.table.lookup("A")) == counters
-    assert ledger.states.of("A") == (2, 0, 0)
+    assert ledger.states.of("A") == (2, 0, 0, 0)
 
 
 def _flow(ledger: Ledger) -> None:
@@ -112,7 +112,7 @@ def _state(ledger: Ledger) -> tuple:
 def test_replay_and_snapshot_rebuild_the_same_states(ledger, table_class):
     _flow(ledger)
     expected = _state(ledger)
-    assert expected[:4] == ((9, 6, 0), 3, (2, 1, 0), 0)
+    assert expected[:4] == ((9, 6, 0), 3, (2, 1, 0, 0), 0)
     kinds = [record_type for _, record_type, _ in ledger.log.records]
     assert kinds.count(RecordType.RECEIVE_RETURN) == 2 and RecordType.WRITE_OFF in kinds
     for _, record_type, payload in ledger.log.records:  # every new record round-trips

@@ -1,10 +1,10 @@
-"""`reservd return`, `inspect`, `writeoff`, `expect` and `receive`: the stock-state and
-incoming-stock commands of the CLI (reservd.cli wires them in)."""
+"""`reservd return`, `inspect`, `writeoff`, `hold`, `unhold`, `expect` and `receive`: the
+stock-state and incoming-stock commands of the CLI (reservd.cli wires them in)."""
 from __future__ import annotations
 
 import uuid
 
-COMMANDS = ("return", "inspect", "writeoff", "expect", "receive")
+COMMANDS = ("return", "inspect", "writeoff", "hold", "unhold", "expect", "receive")
 
 
 def add_parsers(client_command) -> None:
@@ -26,6 +26,17 @@ def add_parsers(client_command) -> None:
         "--change-id", default=None,
         help="makes a retry safe: the same id is applied once (default: a random UUID)",
     )
+    for name, text in (("hold", "set units aside from the shared bucket (never available)"),
+                       ("unhold", "return held units to the shared bucket")):
+        sub = client_command(name, text)
+        sub.add_argument("sku", help="the SKU")
+        sub.add_argument("units", type=int, help="units moved")
+        sub.add_argument("--state", default="safety_stock",
+                         help="safety_stock (default) or quality_control")
+        sub.add_argument(
+            "--change-id", default=None,
+            help="makes a retry safe: the same id is applied once (default: a random UUID)",
+        )
     sub = client_command("expect", "a purchase order: units on the way (incoming, not on hand)")
     sub.add_argument("po_id", help="the purchase order's id (a retry reuses it)")
     sub.add_argument("sku", help="the SKU")
@@ -47,6 +58,11 @@ async def run(client, args, emit) -> int:
         ))
     elif args.command == "inspect":
         emit(await client.inspect(args.return_id, args.sellable_units, args.damaged_units))
+    elif args.command in ("hold", "unhold"):
+        units = args.units if args.command == "hold" else -args.units
+        emit(await client.hold_stock(
+            args.sku, args.state, units, change_id=args.change_id or str(uuid.uuid4())
+        ))
     elif args.command == "expect":
         emit(await client.expect_receipt(args.po_id, args.sku, args.units, args.eta_ms))
     elif args.command == "receive":

@@ -277,6 +277,13 @@ class ReservdClient:
         request = pb.WriteOffRequest(change_id=change_id, sku=sku, units=units, state=state)
         return await self._call(self.admin.WriteOff, request)
 
+    async def hold_stock(
+        self, sku: str, state: str, units: int, *, change_id: str
+    ) -> pb.StockStateResponse:
+        """``units`` > 0 into a held ``state`` from the shared bucket, < 0 back."""
+        request = pb.HoldStockRequest(change_id=change_id, sku=sku, state=state, units=units)
+        return await self._call(self.admin.HoldStock, request)
+
     async def expect_receipt(
         self, po_id: str, sku: str, units: int, eta_ms: int
     ) -> pb.IncomingResponse:

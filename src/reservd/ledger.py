@@ -50,12 +50,14 @@ _ENCODERS = {
     RecordType.RECEIVE_RETURN: records.encode_receive_return,
     RecordType.INSPECT: records.encode_inspect,
     RecordType.WRITE_OFF: records.encode_write_off,
+    RecordType.HOLD_STOCK: records.encode_hold_stock,
     RecordType.EXPECT_RECEIPT: records.encode_expect_receipt,
     RecordType.RECEIVE: records.encode_receive,
     RecordType.SET_REPLENISHMENT: planning_records.encode,
     **_RULE_ENCODERS,
 }
-_STATE_KINDS = (RecordType.RECEIVE_RETURN, RecordType.INSPECT, RecordType.WRITE_OFF)
+_STATE_KINDS = (RecordType.RECEIVE_RETURN, RecordType.INSPECT, RecordType.WRITE_OFF,
+                RecordType.HOLD_STOCK)
 _INCOMING_KINDS = (RecordType.EXPECT_RECEIPT, RecordType.RECEIVE)
 
 
@@ -534,6 +536,17 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
             change_id, sku, units, state, self.clock.now_ms()
         ))
 
+    def hold_stock(
+        self, change_id: str, sku: str, state: str, units: int
+    ) -> stockstates.StateOutcome | Rejection:
+        """Set ``units`` of ``sku`` aside in a held ``state`` (safety_stock, quality_control)
+        from the shared bucket (units > 0), or return them to it (units < 0)."""
+        available = self.channels.available(sku)
+        shared = None if available is None else self.channels.shared(sku, available)
+        return self._state_command(RecordType.HOLD_STOCK, self.states.decide_hold(
+            change_id, sku, state, units, shared, self.clock.now_ms()
+        ))
+
     def expect_receipt(
         self, po_id: str, sku: str, units: int, eta_ms: int
     ) -> incoming.IncomingOutcome | Rejection:
@@ -607,7 +620,7 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
         reservations = self.reservations.raw()
         kept = self.finished.raw()
         decode_reservation = self.reservations.decode
-        states, returns, write_offs = self.states.snapshot_rows()
+        states, returns, write_offs, safety_stock = self.states.snapshot_rows()
         orders, receipts = self.incoming.snapshot_rows()
         demand, replenishment, counts = self.planning.snapshot_rows()
 
@@ -638,6 +651,7 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
                     finished_rows.snapshot_rows(
                         kept, self.table.sku, self.reservations.origin_of
                     ),
+                    safety_stock,
                 ),
                 channel_rows,
             )
@@ -672,6 +686,8 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
                 self.states.restore_return(row, now_ms)
             elif kind == state_codec.WRITE_OFF:
                 self.states.restore_write_off(row)
+            elif kind == state_codec.SAFETY_STOCK:
+                self.states.restore_safety_stock(row)
             elif kind == state_codec.ORDER:
                 self.incoming.restore_order(row, now_ms)
             elif kind == state_codec.RECEIPT:

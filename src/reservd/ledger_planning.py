@@ -61,27 +61,31 @@ class PlanningCommands:
 
     def _reorder_alerts(self, changed: dict[str, int]) -> None:
         """After a command: the reorder alert of each SKU whose ``available`` it changed."""
-        plans = self.planning.plans
         for sku, available in changed.items():
-            plan = plans.get(sku)
-            if plan is not None and plan.demand is not None:
+            if self._plans_reorder(sku):
                 self._cross_reorder(sku, available)
+
+    def _plans_reorder(self, sku: str) -> bool:
+        """The SKU has a reorder alert to keep: demand history or a promotion ahead."""
+        plan = self.planning.plans.get(sku)
+        return (plan is not None and plan.demand is not None) or sku in self.promotions.by_sku
 
     def _reorder_alert(self, sku: str) -> None:
         """The reorder alert of ``sku`` after a command that moved its incoming units or its
-        reorder point (no table change to read)."""
-        plan = self.planning.plans.get(sku)
+        reorder point, or a promotion on it (no table change to read)."""
         handle = self.table.lookup(sku)
-        if plan is None or plan.demand is None or handle < 0:
+        if handle < 0 or not (self._plans_reorder(sku) or self.alerts.latched("reorder", sku)):
             return
         stock = (*self.table.counters(handle), self.table.unsellable(handle))
         self._cross_reorder(sku, stockstates.available(*stock))
 
     def _cross_reorder(self, sku: str, available: int) -> None:
         """``reorder``: level 2 once available + incoming is at or below the reorder point
-        (figures: the suggested order), 0 once above it again; once per crossing."""
+        (figures: the suggested order), 3 when a promotion raised the point (urgent), 0 once
+        above it again; once per crossing."""
         level, figures = self.planning.reorder_alert(
-            sku, self.alerts.command_at_ms, available, self.incoming.of(sku))
+            sku, self.alerts.command_at_ms, available, self.incoming.of(sku),
+            self.promotions.lead_time_units)
         if level != self.alerts.latched("reorder", sku):
             self.alerts.cross("reorder", level, sku=sku, figures=figures)
 
@@ -113,7 +117,8 @@ class PlanningCommands:
             if handle < 0:
                 continue
             stock = (*self.table.counters(handle), self.table.unsellable(handle))
-            rows.append(planning.row(sku, now_ms, stock, self.incoming.of(sku)))
+            rows.append(planning.row(sku, now_ms, stock, self.incoming.of(sku),
+                                     self.promotions.lead_time_units))
         return rows
 
     def audit_rows(self, due_only: bool, limit: int) -> list[AuditRow]:

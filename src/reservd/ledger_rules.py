@@ -253,6 +253,8 @@ class RuleCommands:
                 "forecast_units": command.forecast_units,
                 "short_notice": int(command.short_notice),
             })
+            for sku in command.skus:  # the reorder point rises by the promotion's forecast
+                self._reorder_alert(sku)
             return
         assert kind is RecordType.RULE, kind
         decision = Decision(Op(command.op), Rule(command.rule), command.sku, command.channel,
@@ -267,6 +269,10 @@ class RuleCommands:
         self.rules.apply(decision, command.at_ms)
         if command.ref and decision.rule >= Rule.PROMOTION_PRELOAD:
             self.promotions.apply(decision, command.at_ms)
+            # A phase change is a logged time to look again at the promotion's reorder
+            # alerts (how much of it is inside the lead time moves with time).
+            for sku in self.promotions.by_id[command.ref].skus:
+                self._reorder_alert(sku)
         if decision.rule != Rule.PROMOTION_RUNNING:
             book.set_rule_effect(command.sku, command.channel,
                                  self.rules.effect(command.sku, command.channel))

@@ -11,6 +11,15 @@
 - **Counts**: a SetStock on an existing SKU is a recount; the last one per SKU is kept
   (system = on_hand before it, counted = the value set). Ghost stock = (system - counted) /
   system, per SKU and over every SKU's last count.
+- **Promotions** (seed 003's campaign case): a promotion scheduled or running on the SKU
+  (reservd.promotions) adds ``promotion_units`` -- its ``forecast_units`` spread evenly over its
+  duration, for the part of it inside [now, now + lead time) -- to the reorder point (and so
+  to the suggested order): measured D knows nothing of a campaign ahead, and the lead time is
+  the window a reorder protects (a promotion beyond it can still be ordered for later). The
+  safety stock stays the formula's (the forecast is the operator's number, not a measured
+  variance). A reorder with ``promotion_units`` > 0 is *urgent*: the alert is raised at level
+  3, not 2, naming the promotion. Computed at each command's logged time from logged
+  commands only: the same live, in replay and after a snapshot restore.
 - **ABC classes**: configured per SKU, else by units committed over the demand window's whole
   days, among the SKUs that sold in it: the top 20% A, the next 30% B, the rest (and SKUs
   without sales) C (seed 001, with units for revenue). Z 1.65 / 1.28 / 1.04 (95/90/85%);
@@ -25,7 +34,7 @@ from __future__ import annotations
 import datetime
 import math
 import statistics
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 from reservd import replenish, stockstates
 from reservd.config import Config, ConfigError
@@ -34,6 +43,8 @@ from reservd.planning_records import SetReplenishment
 CLASSES = ("A", "B", "C")
 _SEED_Z = {0.95: 1.65, 0.90: 1.28, 0.85: 1.04, 0.99: 2.33}  # seed 001's rounded Z-scores
 _SHARES = (0.2, 0.5)  # cumulative share of SKUs (by units committed) in A, then A + B
+# (sku, now_ms, horizon_ms) -> (units, promotion_id): reservd.promotions.Promotions.lead_time_units
+PromotionUnits = Callable[[str, int, int], tuple[int, str]]
 
 
 def seasonal_indices(text: str) -> tuple[float, ...]:
@@ -89,11 +100,12 @@ class Point(NamedTuple):
     reorder_point: int
     cycle_units: int  # demand of one order cycle (replenish_order_cycle_days)
 
-    def reorder(self, position: int) -> tuple[bool, int]:
-        """(at or below the reorder point with demand, the suggested order) for
-        ``position`` = available + incoming."""
-        if self.demand.mean > 0 and position <= self.reorder_point:
-            return True, max(0, self.reorder_point + self.cycle_units - position)
+    def reorder(self, position: int, promotion_units: int = 0) -> tuple[bool, int]:
+        """(at or below the reorder point plus ``promotion_units``, with demand or a
+        promotion; the suggested order) for ``position`` = available + incoming."""
+        point = self.reorder_point + promotion_units
+        if (self.demand.mean > 0 or promotion_units > 0) and position <= point:
+            return True, max(0, point + self.cycle_units - position)
         return False, 0
 
 
@@ -109,13 +121,16 @@ class Row(NamedTuple):
     z: float
     seasonal_index: float
     safety_stock: int
-    reorder_point: int
+    reorder_point: int  # D * LT + safety stock + promotion_units
     on_hand: int
     available: int
     incoming: int
     days_of_cover: float  # available / daily demand (inf without demand)
     reorder: bool  # available + incoming at or below the reorder point
     suggested_units: int
+    promotion_units: int  # forecast of the promotions within the lead time from now
+    promotion_id: str  # the one contributing most ("" when none)
+    urgent: bool  # reorder with promotion_units > 0 (the alert's level 3)
 
 
 class Planning:
@@ -262,27 +277,35 @@ class Planning:
         return point
 
     def row(self, sku: str, now_ms: int, stock: tuple[int, int, int, int],
-            incoming: int) -> Row:
-        """``stock``: (on_hand, reserved, committed, unsellable)."""
+            incoming: int, promotions: PromotionUnits) -> Row:
+        """``stock``: (on_hand, reserved, committed, unsellable); ``promotions``: see
+        :meth:`reservd.promotions.Promotions.lead_time_units`."""
         p = self._point(sku, now_ms)
+        units, promotion_id = promotions(sku, now_ms, _days_ms(p.lead_time_days))
         available = stockstates.available(*stock)
-        reorder, suggested = p.reorder(available + incoming)
+        reorder, suggested = p.reorder(available + incoming, units)
         return Row(sku, p.demand.mean, p.demand.sigma, p.lead_time_days,
                    p.lead_time_sigma_days, p.abc_class, p.z, p.seasonal_index, p.safety_stock,
-                   p.reorder_point, stock[0], available, incoming,
-                   replenish.days_of_cover(available, p.demand.mean), reorder, suggested)
+                   p.reorder_point + units, stock[0], available, incoming,
+                   replenish.days_of_cover(available, p.demand.mean), reorder, suggested,
+                   units, promotion_id, reorder and units > 0)
 
-    def reorder_alert(self, sku: str, at_ms: int, available: int, incoming: int
-                      ) -> tuple[int, dict[str, int]]:
+    def reorder_alert(self, sku: str, at_ms: int, available: int, incoming: int,
+                      promotions: PromotionUnits) -> tuple[int, dict[str, int | str]]:
         """(level, figures) of the SKU's reorder alert after a command at ``at_ms``: level 2
-        once available + incoming is at or below the reorder point (with demand), else 0."""
+        once available + incoming is at or below the reorder point (with demand), 3 (urgent)
+        when a promotion within the lead time raised that point, else 0."""
         p = self._point(sku, at_ms)
-        reorder, suggested = p.reorder(available + incoming)
-        figures = {"available": available, "incoming": incoming,
-                   "reorder_point": p.reorder_point, "safety_stock": p.safety_stock,
-                   "suggested_units": suggested,
-                   "daily_demand_milliunits": round(p.demand.mean * 1000)}
-        return (2 if reorder else 0), figures
+        units, promotion_id = promotions(sku, at_ms, _days_ms(p.lead_time_days))
+        reorder, suggested = p.reorder(available + incoming, units)
+        figures: dict[str, int | str] = {
+            "available": available, "incoming": incoming,
+            "reorder_point": p.reorder_point + units, "safety_stock": p.safety_stock,
+            "suggested_units": suggested,
+            "daily_demand_milliunits": round(p.demand.mean * 1000)}
+        if units:
+            figures.update(promotion_units=units, promotion_id=promotion_id)
+        return (0 if not reorder else 3 if units else 2), figures
 
     def ghost(self, sku: str) -> float | None:
         """(system - counted) / system of the SKU's last count, or None (never counted, or
@@ -334,6 +357,12 @@ class Planning:
     def restore_count(self, row: tuple) -> None:
         sku, at_ms, system, counted = row
         self._set_count(self.plans.setdefault(sku, Plan()), Count(at_ms, system, counted))
+
+
+def _days_ms(days: float) -> int:
+    """A lead time in days as whole milliseconds (rounded down: never a window longer than
+    the lead time)."""
+    return int(days * replenish.DAY_MS)
 
 
 def _month(now_ms: int) -> int:

@@ -18,6 +18,11 @@ flagged ``short_notice`` (and its preload starts at once when the 24 h have begu
 
 The units sold are counted as Reserves are applied (the record's own time), so replay counts the
 same. The phase changes are RULE commands the ledger logs (reservd.ledger_rules).
+
+Replenishment reads the calendar too (seed 003's campaign case, :meth:`Promotions.lead_time_units`):
+a promotion scheduled or running on a SKU adds its forecast, spread evenly over its duration, for
+the part of it inside the lead time from now, to the reorder point, and marks the reorder alert
+urgent (reservd.planning).
 """
 from __future__ import annotations
 
@@ -175,6 +180,26 @@ class Promotions:
                     out.append(Decision(Op.FIRE, Rule.PROMOTION_OVERRUN, sku, channel, ref,
                                         spike_points_bp(sku, channel), normal_at, figures))
         return out
+
+    def lead_time_units(self, sku: str, now_ms: int, horizon_ms: int) -> tuple[int, str]:
+        """(units, promotion_id): what the promotions scheduled or running on ``sku`` (not yet
+        normalised) are forecast to sell in [now_ms, now_ms + horizon_ms) -- each one's
+        ``forecast_units`` spread evenly over [starts_at_ms, ends_at_ms), times the share of
+        that span inside the window, rounded up to a unit -- and the promotion contributing
+        the most (ties: the smaller id; "" when none). Reads only logged commands' data, so it
+        is the same live, in replay and after a snapshot restore for the same ``now_ms``."""
+        total, top_units, top_id = 0, 0, ""
+        window_end = now_ms + horizon_ms
+        for promotion in self.by_sku.get(sku, ()):
+            duration = promotion.ends_at_ms - promotion.starts_at_ms
+            inside = min(promotion.ends_at_ms, window_end) - max(promotion.starts_at_ms, now_ms)
+            if duration <= 0 or inside <= 0 or promotion.forecast_units <= 0:
+                continue
+            units = -(-promotion.forecast_units * inside // duration)  # ceil, integers only
+            total += units
+            if units > top_units or (units == top_units and promotion.promotion_id < top_id):
+                top_units, top_id = units, promotion.promotion_id
+        return total, top_id
 
     # -- snapshots ----------------------------------------------------------------------------
 

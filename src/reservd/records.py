@@ -43,6 +43,8 @@ class RecordType(enum.IntEnum):
     EXPECT_RECEIPT = 15
     RECEIVE = 16
     SET_REPLENISHMENT = 17  # reservd.planning_records
+    # stock2 branch: HoldStock (safety_stock / quality_control); renumber at merge if taken.
+    HOLD_STOCK = 18
     # Velocity rules and promotions (reservd.rules_records).
     RULE = 20
     RULE_POLICY = 21
@@ -156,6 +158,17 @@ class WriteOff(NamedTuple):
     state: str
 
 
+class HoldStock(NamedTuple):
+    """Units move between the shared bucket and a held state (units > 0: into the state,
+    units < 0: back to shared); on_hand does not move."""
+
+    at_ms: int
+    change_id: str
+    sku: str
+    units: int
+    state: str
+
+
 class ExpectReceipt(NamedTuple):
     """A purchase order: ``units`` of ``sku`` on the way, due at ``eta_ms`` (not on hand)."""
 
@@ -204,6 +217,14 @@ def encode_inspect(command: Inspect) -> bytes:
 
 
 def encode_write_off(command: WriteOff) -> bytes:
+    parts = [_STATE_HEAD.pack(command.at_ms, command.units, 0)]
+    put_str(parts, command.change_id)
+    put_str(parts, command.sku)
+    put_str(parts, command.state)
+    return b"".join(parts)
+
+
+def encode_hold_stock(command: HoldStock) -> bytes:
     parts = [_STATE_HEAD.pack(command.at_ms, command.units, 0)]
     put_str(parts, command.change_id)
     put_str(parts, command.sku)
@@ -400,6 +421,9 @@ def decode(record_type: int, payload: bytes):
         elif kind is RecordType.WRITE_OFF:
             at_ms, units, _ = reader.unpack(_STATE_HEAD)
             command = WriteOff(at_ms, reader.text(), reader.text(), units, reader.text())
+        elif kind is RecordType.HOLD_STOCK:
+            at_ms, units, _ = reader.unpack(_STATE_HEAD)
+            command = HoldStock(at_ms, reader.text(), reader.text(), units, reader.text())
         elif kind is RecordType.EXPECT_RECEIPT:
             at_ms, units, eta_ms = reader.unpack(_STATE_HEAD)
             command = ExpectReceipt(at_ms, reader.text(), reader.text(), units, eta_ms)

@@ -55,6 +55,11 @@ rows and their adjustments ADJUSTMENT rows (3):
                       expected i64 | on_hand i64 | reserved i64 | committed i64 |
                       previous_on_hand i64 | seq i64 | finished_at_ms i64
 
+Format 8 added section 18, the ``safety_stock`` state; the states section keeps its shape.
+Formats 3 to 7 are still read (no units in safety_stock).
+
+    safety stock (18): sku | safety_stock i64
+
 Format 2 (pickled chunks of builtin types, written before format 3) is still read, so a data
 directory written by an older reservd recovers; it is never written.
 
@@ -70,8 +75,8 @@ from typing import Iterable, Iterator
 from reservd import rules_records
 from reservd.records import Reader, put_str
 
-FORMAT = 7
-_FORMATS_READ = (3, 4, 5, 6, 7)
+FORMAT = 8
+_FORMATS_READ = (3, 4, 5, 6, 7, 8)
 MAGIC = b"RSVDSTAT"
 _HEAD = struct.Struct("<8sIq")
 _SECTION = struct.Struct("<BI")
@@ -101,6 +106,7 @@ _SETTINGS = struct.Struct("<ddd")
 _U8 = struct.Struct("<B")
 _F64 = struct.Struct("<d")
 _COUNT = struct.Struct("<qqq")
+_SAFETY_STOCK = struct.Struct("<q")
 _SECTION_ROWS_MAX = 4096  # rows per section, so no section header needs a huge count
 
 STOCK = 1
@@ -117,6 +123,7 @@ REPLENISHMENT = 11
 COUNT = 12
 FIRST_RULES_SECTION = rules_records.VELOCITY
 FINISHED = 17
+SAFETY_STOCK = 18
 
 
 def encode(
@@ -135,8 +142,9 @@ def encode(
     counts: Iterable[tuple] = (),
     extra: Iterable[tuple[int, Iterable[tuple]]] = (),
     finished: Iterable[tuple] = (),
+    safety_stock: Iterable[tuple] = (),
 ) -> bytes:
-    """The state after ``seq`` as format-7 bytes; rows as :func:`decode` yields them.
+    """The state after ``seq`` as format-8 bytes; rows as :func:`decode` yields them.
     ``owners`` is read after ``reservations`` has been consumed; ``extra`` is (kind, rows) of
     reservd.rules_records' sections."""
     out = bytearray(_HEAD.pack(MAGIC, FORMAT, seq))
@@ -146,6 +154,7 @@ def encode(
     _sections(out, ADJUSTMENT, adjustments, _put_adjustment)
     _sections(out, FINISHED, finished, _put_finished)
     _sections(out, STATES, states, _put_states)
+    _sections(out, SAFETY_STOCK, safety_stock, _put_safety_stock)
     _sections(out, RETURN, returns, _put_return)
     _sections(out, WRITE_OFF, write_offs, _put_write_off)
     _sections(out, ORDER, orders, _put_order)
@@ -170,6 +179,7 @@ def decode(payload: bytes) -> tuple[int, Iterator[tuple[int, tuple]]]:
       (sku, on_hand, reserved, committed, previous_on_hand, shortfall, seq, False),
       finished_at_ms)
     - STATES: (sku, quarantine, damaged, quality_control), after the SKU's STOCK row
+    - SAFETY_STOCK: (sku, safety_stock), after the SKU's STOCK row (format 8)
     - RETURN: (return_id, sku, units, reservation_id, at_ms, inspected, sellable_units,
       damaged_units, quarantine, damaged, quality_control, seq, inspected_at_ms or None)
     - WRITE_OFF: (change_id, sku, units, state, at_ms, seq)
@@ -216,8 +226,9 @@ def _rows(payload: bytes, version: int) -> Iterator[tuple[int, tuple]]:
     readers = {
         STOCK: _read_stock, RESERVATION: _read_reservation, OWNER: _read_owner,
         ADJUSTMENT: _read_adjustment,
-        STATES: _read_states, RETURN: _read_return, WRITE_OFF: _read_write_off,
-        ORDER: _read_order, RECEIPT: _read_receipt, FINISHED: _read_finished,
+        STATES: _read_states, SAFETY_STOCK: _read_safety_stock, RETURN: _read_return,
+        WRITE_OFF: _read_write_off, ORDER: _read_order, RECEIPT: _read_receipt,
+        FINISHED: _read_finished,
         DEMAND: _read_demand, REPLENISHMENT: _read_replenishment, COUNT: _read_count,
         **{kind: read for kind, (_, read) in rules_records.SECTIONS.items()},
     }
@@ -382,6 +393,16 @@ def _put_states(parts: list, row: tuple) -> None:
 
 def _read_states(reader: Reader) -> tuple:
     return (reader.text(), *reader.unpack(_STATES))
+
+
+def _put_safety_stock(parts: list, row: tuple) -> None:
+    sku, units = row
+    put_str(parts, sku)
+    parts.append(_SAFETY_STOCK.pack(units))
+
+
+def _read_safety_stock(reader: Reader) -> tuple:
+    return (reader.text(), *reader.unpack(_SAFETY_STOCK))
 
 
 def _put_return(parts: list, row: tuple) -> None:

@@ -1,4 +1,5 @@
-"""Admin RPCs of the stock states (ReceiveReturn, Inspect, WriteOff): validate and translate;
+"""Admin RPCs of the stock states (ReceiveReturn, Inspect, WriteOff, HoldStock) and incoming
+stock (ExpectReceipt, Receive): validate and translate;
 the rules are in reservd.stockstates, reached through the ledger."""
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ from reservd.validation import Invalid
 
 
 def stock_message(sku: str, on_hand: int, reserved: int, committed: int,
-                  states: tuple[int, int, int], incoming: int = 0) -> pb.Stock:
-    """A Stock message with the states, incoming and the one ``available``."""
-    quarantine, damaged, quality_control = states
+                  states: tuple[int, int, int, int], incoming: int = 0) -> pb.Stock:
+    """A Stock message with the states (reservd.stockstates.STATE_NAMES' order), incoming and
+    the one ``available``."""
+    quarantine, damaged, quality_control, safety_stock = states
     return pb.Stock(
         sku=sku, on_hand=on_hand, reserved=reserved, committed=committed,
         available=stockstates.available(on_hand, reserved, committed, sum(states)),
         quarantine=quarantine, damaged=damaged, quality_control=quality_control,
-        incoming=incoming,
+        safety_stock=safety_stock, incoming=incoming,
     )
 
 
@@ -35,7 +37,8 @@ class StockStateRpcs:
         return pb.StockStateResponse(
             stock=stock_message(
                 outcome.sku, outcome.on_hand, outcome.reserved, outcome.committed,
-                (outcome.quarantine, outcome.damaged, outcome.quality_control),
+                (outcome.quarantine, outcome.damaged, outcome.quality_control,
+                 outcome.safety_stock),
             ),
             sequence=outcome.seq, replayed=outcome.replayed,
         )
@@ -78,6 +81,22 @@ class StockStateRpcs:
             await invalid(context, error)
         return await self._state_answer(
             lambda: self.ledger.write_off(change_id, sku, units, state), context
+        )
+
+    async def HoldStock(self, request: pb.HoldStockRequest, context):
+        limits = self.limits
+        try:
+            change_id = validation.text("change_id", request.change_id, limits.id_bytes_max)
+            sku = validation.text("sku", request.sku, limits.id_bytes_max)
+            state = validation.text("state", request.state, limits.id_bytes_max)
+            if state not in stockstates.HOLD_STATES:
+                raise Invalid("state", f"must be one of {', '.join(stockstates.HOLD_STATES)}, "
+                              f"not {state!r}")
+            units = validation.delta("units", request.units, limits)  # < 0 returns them
+        except Invalid as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return await self._state_answer(
+            lambda: self.ledger.hold_stock(change_id, sku, state, units), context
         )
 
     async def ExpectReceipt(self, request: pb.ExpectReceiptRequest, context):

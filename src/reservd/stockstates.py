@@ -4,16 +4,25 @@ Vocabulary (all in units of stock items, per SKU):
 
 - ``quarantine``: returned units awaiting inspection. On hand, never available.
 - ``damaged``: units inspected as unsellable, until written off. On hand, never available.
-- ``quality_control``: units held for checks. On hand, never available (no command moves units
-  into it yet; it is counted so the vocabulary and ``unsellable`` are complete).
-- ``unsellable`` = quarantine + damaged + quality_control: the one row counter the table keeps,
-  so ``available = on_hand - reserved - committed - unsellable`` is checked atomically by every
-  Reserve (reservd.table; :func:`available` is the same formula for the service).
+- ``quality_control``: units held for checks. On hand, never available.
+- ``safety_stock``: units an operator sets aside (Shopify's state of that name). On hand, never
+  available to any channel.
+- ``unsellable`` = quarantine + damaged + quality_control + safety_stock: the one row counter
+  the table keeps, so ``available = on_hand - reserved - committed - unsellable`` is checked
+  atomically by every Reserve (reservd.table; :func:`available` is the same formula for the
+  service).
 
 Returns flow: ``ReceiveReturn`` puts units in quarantine (on_hand and unsellable rise together,
 available does not move); ``Inspect`` ends a return's quarantine: sellable units leave
 ``unsellable`` and so become available, damaged ones move to ``damaged``; ``WriteOff`` removes
 damaged units (on_hand and unsellable fall together). Each is idempotent by its id.
+
+Held states: ``HoldStock`` moves units from the ``shared`` bucket into ``safety_stock`` or
+``quality_control`` (units > 0) or back (units < 0); on_hand does not move, unsellable moves by
+the units. Taking from ``shared`` only keeps the named buckets' free units whole (their sum
+with shared is ``available``). Its change ids share the write-offs' idempotency records (and
+``write_offs_max``): the state tells the two apart (WRITE_OFF_STATES and HOLD_STATES are
+disjoint).
 
 This module decides (checks every precondition, returning a :class:`Refusal` value) and applies
 (the table asserts); the ledger orders decide -> apply -> log, so replay reuses :meth:`apply`.
@@ -26,9 +35,10 @@ from reservd import records
 from reservd.records import RecordType
 from reservd.store import Fifo
 
-QUARANTINE, DAMAGED, QUALITY_CONTROL = 0, 1, 2
-STATE_NAMES = ("quarantine", "damaged", "quality_control")
+QUARANTINE, DAMAGED, QUALITY_CONTROL, SAFETY_STOCK = 0, 1, 2, 3
+STATE_NAMES = ("quarantine", "damaged", "quality_control", "safety_stock")
 WRITE_OFF_STATES = ("damaged",)
+HOLD_STATES = ("safety_stock", "quality_control")
 
 
 def available(on_hand: int, reserved: int, committed: int, unsellable: int) -> int:
@@ -54,6 +64,7 @@ class StateOutcome(NamedTuple):
     quarantine: int
     damaged: int
     quality_control: int
+    safety_stock: int
     seq: int
     replayed: bool
 
@@ -81,7 +92,8 @@ class StockStates:
 
     def __init__(self, table, returns_max: int = 1 << 62, write_offs_max: int = 1 << 62) -> None:
         self.table = table
-        self.counts: dict[str, list[int]] = {}  # sku -> [quarantine, damaged, quality_control]
+        # sku -> [quarantine, damaged, quality_control, safety_stock]
+        self.counts: dict[str, list[int]] = {}
         # Returns (in quarantine, or inspected and kept retention_seconds for an idempotent
         # repeat) and write-offs (idempotency records, kept retention_seconds): each bounded, a
         # new one beyond its bound is refused RESOURCE_EXHAUSTED before anything is logged.
@@ -97,10 +109,10 @@ class StockStates:
         self.awaiting = 0  # returns in quarantine
         self._written_off = Fifo()  # (at_ms, change_id)
 
-    def of(self, sku: str) -> tuple[int, int, int]:
-        """(quarantine, damaged, quality_control) of ``sku``, zeros if it has none."""
+    def of(self, sku: str) -> tuple[int, int, int, int]:
+        """(quarantine, damaged, quality_control, safety_stock) of ``sku``, zeros if none."""
         row = self.counts.get(sku)
-        return (0, 0, 0) if row is None else (row[0], row[1], row[2])
+        return (0, 0, 0, 0) if row is None else (row[0], row[1], row[2], row[3])
 
     # -- decide ---------------------------------------------------------------------------------
 
@@ -157,16 +169,9 @@ class StockStates:
     def decide_write_off(
         self, change_id: str, sku: str, units: int, state: str, now_ms: int
     ) -> records.WriteOff | StateOutcome | Refusal:
-        previous = self.write_offs.get(change_id)
-        if previous is not None:
-            if previous.request != (sku, units, state):
-                return Refusal(
-                    "ALREADY_EXISTS", f"write-off {change_id!r} exists with a different payload"
-                )
-            return previous.outcome._replace(replayed=True)
-        if len(self.write_offs) >= self.write_offs_max:
-            return Refusal("RESOURCE_EXHAUSTED", f"{len(self.write_offs)} write-offs are kept for "
-                           "their idempotency window: write_offs_max reached")
+        repeat = self._repeat(change_id, (sku, units, state), WRITE_OFF_STATES)
+        if repeat is not None:
+            return repeat
         if state not in WRITE_OFF_STATES:
             return Refusal(
                 "FAILED_PRECONDITION", f"state must be one of {', '.join(WRITE_OFF_STATES)}, "
@@ -181,6 +186,43 @@ class StockStates:
                 f"{units}", "units",
             )
         return records.WriteOff(now_ms, change_id, sku, units, state)
+
+    def decide_hold(
+        self, change_id: str, sku: str, state: str, units: int, shared: int | None, now_ms: int
+    ) -> records.HoldStock | StateOutcome | Refusal:
+        """``units`` > 0 into a held ``state`` from the shared bucket, which has ``shared``
+        free units (None: unknown SKU); < 0 back to shared."""
+        repeat = self._repeat(change_id, (sku, units, state), HOLD_STATES)
+        if repeat is not None:
+            return repeat
+        if state not in HOLD_STATES:
+            return Refusal("FAILED_PRECONDITION", f"state must be one of "
+                           f"{', '.join(HOLD_STATES)}, not {state!r}", "state")
+        if shared is None:
+            return Refusal("NOT_FOUND", f"sku {sku!r} is unknown: SetStock creates it", "sku")
+        held = self.of(sku)[STATE_NAMES.index(state)]
+        if units > max(shared, 0):
+            return Refusal("FAILED_PRECONDITION", f"sku {sku!r} has {max(shared, 0)} free units "
+                           f"in the shared bucket: cannot hold {units} in {state}", "units")
+        if -units > held:
+            return Refusal("FAILED_PRECONDITION", f"sku {sku!r} has {held} {state} units: "
+                           f"cannot return {-units}", "units")
+        return records.HoldStock(now_ms, change_id, sku, units, state)
+
+    def _repeat(self, change_id: str, request: tuple, states: tuple[str, ...]
+                ) -> StateOutcome | Refusal | None:
+        """A repeat of a write-off or hold (the same change id): its outcome, or ALREADY_EXISTS
+        for a different payload; RESOURCE_EXHAUSTED when a new one would pass the bound."""
+        previous = self.write_offs.get(change_id)
+        if previous is not None:
+            if previous.request != request or request[2] not in states:
+                return Refusal("ALREADY_EXISTS", f"change {change_id!r} exists with a different "
+                               "payload", "change_id")
+            return previous.outcome._replace(replayed=True)
+        if len(self.write_offs) >= self.write_offs_max:
+            return Refusal("RESOURCE_EXHAUSTED", f"{len(self.write_offs)} write-offs and holds "
+                           "are kept for their idempotency window: write_offs_max reached")
+        return None
 
     # -- apply (live and replay) ----------------------------------------------------------------
 
@@ -215,9 +257,13 @@ class StockStates:
             self.awaiting -= 1
             self._drop_inspected()
             return outcome
-        assert kind is RecordType.WRITE_OFF, kind
         index = STATE_NAMES.index(command.state)
-        self._move(command.sku, -command.units, index, -command.units, seq)
+        if kind is RecordType.HOLD_STOCK:
+            assert command.state in HOLD_STATES, command
+            self._move(command.sku, 0, index, command.units, seq)
+        else:
+            assert kind is RecordType.WRITE_OFF, kind
+            self._move(command.sku, -command.units, index, -command.units, seq)
         outcome = self._outcome(command.sku, seq)
         self.write_offs[command.change_id] = WrittenOff(
             (command.sku, command.units, command.state), outcome, command.at_ms
@@ -255,7 +301,7 @@ class StockStates:
             queue.popleft()
 
     def _move(self, sku: str, on_hand_delta: int, state: int, units: int, seq: int) -> None:
-        row = self.counts.setdefault(sku, [0, 0, 0])
+        row = self.counts.setdefault(sku, [0, 0, 0, 0])
         assert row[state] + units >= 0, f"{STATE_NAMES[state]} of sku {sku!r} would go negative"
         self._table_move(sku, on_hand_delta, units, seq)
         row[state] += units
@@ -281,23 +327,36 @@ class StockStates:
     def unsellable_of(self, sku: str) -> int:
         return sum(self.of(sku))
 
-    def snapshot_rows(self) -> tuple[list, list, list]:
-        """(state rows, return rows, write-off rows) as plain tuples for reservd.state_codec."""
-        states = [(sku, *row) for sku, row in self.counts.items() if any(row)]
-        returns = [(return_id, *entry[:7], *entry.outcome[4:8], entry.inspected_at_ms)
+    def snapshot_rows(self) -> tuple[list, list, list, list]:
+        """(state rows, return rows, write-off rows, safety-stock rows) as plain tuples for
+        reservd.state_codec (safety_stock has its own section: format 8)."""
+        states = [(sku, *row[:3]) for sku, row in self.counts.items() if any(row[:3])]
+        safety = [(sku, row[3]) for sku, row in self.counts.items() if row[3]]
+        returns = [(return_id, *entry[:7], *entry.outcome[4:7], entry.outcome.seq,
+                    entry.inspected_at_ms)
                    for return_id, entry in self.returns.items()]
         write_offs = [(change_id, *w.request, w.at_ms, w.outcome.seq)
                       for change_id, w in self.write_offs.items()]
-        return states, returns, write_offs
+        return states, returns, write_offs, safety
 
     def restore_state(self, row: tuple) -> None:
         sku, quarantine, damaged, quality_control = row
-        self.counts[sku] = [quarantine, damaged, quality_control]
+        self._restore_counts(sku, (QUARANTINE, DAMAGED, QUALITY_CONTROL),
+                             (quarantine, damaged, quality_control))
+
+    def restore_safety_stock(self, row: tuple) -> None:
+        sku, units = row
+        self._restore_counts(sku, (SAFETY_STOCK,), (units,))
+
+    def _restore_counts(self, sku: str, indexes: tuple[int, ...], values: tuple[int, ...]
+                        ) -> None:
         handle = self.table.lookup(sku)
         if handle < 0:
             raise ValueError(f"snapshot has states for sku {sku!r} but no stock row")
-        self.table.restore(sku, *self.table.counters(handle),
-                           quarantine + damaged + quality_control)
+        row = self.counts.setdefault(sku, [0, 0, 0, 0])
+        for index, value in zip(indexes, values):
+            row[index] = value
+        self.table.restore(sku, *self.table.counters(handle), sum(row))
 
     def restore_return(self, row: tuple, now_ms: int) -> None:
         """``now_ms``: the retention start of an inspected return from a format-4 snapshot,
@@ -309,7 +368,7 @@ class StockStates:
         handle = self.table.lookup(sku)
         counters = self.table.counters(handle) if handle >= 0 else (0, 0, 0)
         outcome = StateOutcome(sku, *counters, quarantine_then, damaged_then,
-                               quality_control_then, seq, False)
+                               quality_control_then, self.of(sku)[SAFETY_STOCK], seq, False)
         self.returns[return_id] = Return(sku, units, reservation_id, at_ms, bool(inspected),
                                          sellable, damaged, outcome, inspected_at_ms or 0)
         if inspected:
@@ -332,5 +391,5 @@ class StockStates:
         self._written_off.sort()
         self._quarantined.sort()
 
-    def items(self) -> Iterator[tuple[str, int, int, int]]:
+    def items(self) -> Iterator[tuple[str, int, int, int, int]]:
         return ((sku, *row) for sku, row in self.counts.items())
