@@ -159,7 +159,7 @@ def test_a_finished_reservation_answers_from_its_record():
         assert refused.code is Code.ALREADY_EXISTS
     assert ledger.fulfil("cart").replayed
     assert ledger.release("cart").code is Code.FAILED_PRECONDITION
-    gone = ledger.reserve("gone", ("a",), (1,), "", 60, False)
+    assert ledger.reserve("gone", ("a",), (1,), "", 60, False).granted
     ledger.release("gone")
     retry = ledger.reserve("gone", ("a",), (1,), "", 60, False)
     assert retry.replayed and not retry.granted and retry.quantities == (0,)

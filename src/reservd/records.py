@@ -43,7 +43,7 @@ class RecordType(enum.IntEnum):
     EXPECT_RECEIPT = 15
     RECEIVE = 16
     SET_REPLENISHMENT = 17  # reservd.planning_records
-    # stock2 branch: HoldStock (safety_stock / quality_control); renumber at merge if taken.
+    # HoldStock (safety_stock / quality_control), reservd.stockstates.
     HOLD_STOCK = 18
     # Velocity rules and promotions (reservd.rules_records).
     RULE = 20

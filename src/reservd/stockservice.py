@@ -94,7 +94,7 @@ class StockStateRpcs:
                               f"not {state!r}")
             units = validation.delta("units", request.units, limits)  # < 0 returns them
         except Invalid as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await invalid(context, error)
         return await self._state_answer(
             lambda: self.ledger.hold_stock(change_id, sku, state, units), context
         )
