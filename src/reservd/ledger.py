@@ -12,26 +12,36 @@ invariant raises AssertionError and stops the daemon, and recovery takes over.
 """
 from __future__ import annotations
 
-import enum
 import logging
-from typing import NamedTuple, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from reservd import (
-    alerts, finished, finished_rows, incoming, planning, planning_records, records, state_codec, stockstates,
+    alerts, finished, incoming, planning, planning_records, records, stockstates,
 )
-from reservd.alertrules import SNAPSHOT_KINDS as _RULE_KINDS, AlertRules
+from reservd.alertrules import AlertRules
 from reservd.channels import Channels
 from reservd.config import Config
 from reservd.expiry import Deadlines
-from reservd.ledger_channels import ChannelCommands, unwrap, wrap
-from reservd.ledger_planning import PlanningCommands
-from reservd.ledger_rules import ENCODERS as _RULE_ENCODERS, RULE_KINDS as _RULE_RECORDS, RuleCommands
-from reservd.records import RecordType
 from reservd.finished import FinishedAdjustment, FinishedReservation
+from reservd.ledger_channels import ChannelCommands
+from reservd.ledger_planning import PlanningCommands
+from reservd.ledger_rules import (
+    ENCODERS as _RULE_ENCODERS, RULE_KINDS as _RULE_RECORDS, RuleCommands,
+)
+from reservd.ledger_snapshot import SnapshotCommands
+from reservd.ledger_stock import StockCommands
+# The ledger's answers live in reservd.outcomes; importing them from here keeps working.
+from reservd.outcomes import Code, Rejection, ReservationOutcome, ReserveOutcome
+from reservd.records import RecordType
 from reservd.store import Reservation, ReservationStore, State, StockOutcome
 from reservd.table import (
     RESERVE_FINISHED, RESERVE_INSUFFICIENT, RESERVE_UNKNOWN_SKU, CounterTable,
 )
+
+__all__ = [
+    "Code", "Ledger", "Log", "Rejection", "Reservation", "ReservationOutcome", "ReserveOutcome",
+    "State", "StockOutcome",
+]
 
 log = logging.getLogger("reservd.ledger")
 
@@ -61,48 +71,6 @@ _STATE_KINDS = (RecordType.RECEIVE_RETURN, RecordType.INSPECT, RecordType.WRITE_
 _INCOMING_KINDS = (RecordType.EXPECT_RECEIPT, RecordType.RECEIVE)
 
 
-class Code(enum.Enum):
-    """Why a request was refused (mapped one to one onto gRPC status codes)."""
-
-    NOT_FOUND = "NOT_FOUND"
-    ALREADY_EXISTS = "ALREADY_EXISTS"
-    FAILED_PRECONDITION = "FAILED_PRECONDITION"
-    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
-    UNAVAILABLE = "UNAVAILABLE"
-
-
-class Rejection(NamedTuple):
-    """A refused request: ``code``, the rule it broke, and the request ``field`` it names
-    (empty when it concerns the request as a whole)."""
-
-    code: Code
-    message: str
-    field: str = ""
-
-    def text(self, prefix: str = "") -> str:
-        """The answer's message: ``field: message``, the field under ``prefix`` (a batch's
-        ``ops[3].reserve.``)."""
-        return f"{prefix}{self.field}: {self.message}" if self.field else self.message
-
-
-class ReserveOutcome(NamedTuple):
-    granted: bool
-    skus: tuple[str, ...]
-    requested: tuple[int, ...]
-    quantities: tuple[int, ...]  # granted per line (0 when refused)
-    available: tuple[int, ...]
-    expires_at_ms: int
-    state: State | None
-    seq: int
-    replayed: bool
-
-
-class ReservationOutcome(NamedTuple):
-    reservation: Reservation
-    seq: int  # the mutation to wait for before answering (0: nothing to wait for)
-    replayed: bool
-
-
 class Log(Protocol):
     """Where the ledger appends its commands (the WAL, or nothing in memory-only mode)."""
 
@@ -113,9 +81,13 @@ class Log(Protocol):
     def append(self, seq: int, type: int, payload: bytes) -> None: ...
 
 
-class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
-    """Reservations, their expiry and idempotency, over a counter table; channels and buckets
-    (reservd.channels), velocity, rules and promotions (reservd.ledger_rules) beside it."""
+class Ledger(
+    StockCommands, SnapshotCommands, ChannelCommands, PlanningCommands, RuleCommands
+):
+    """Reservations, their expiry and idempotency, over a counter table. Beside it, each a
+    mixin of one command family: stock and its states (reservd.ledger_stock), snapshots
+    (reservd.ledger_snapshot), channels and buckets (reservd.ledger_channels), replenishment
+    (reservd.ledger_planning), velocity, rules and promotions (reservd.ledger_rules)."""
 
     def __init__(self, table: CounterTable, log_: Log, clock, config: Config) -> None:
         self.table = table
@@ -409,171 +381,6 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
         self._deadlines.compact(self._deadline_of)
         assert len(self._deadlines) <= self.held, (len(self._deadlines), self.held)
 
-    # -- Stock ---------------------------------------------------------------------------------
-
-    def set_stock(
-        self,
-        adjustment_id: str,
-        sku: str,
-        on_hand: int,
-        expected_on_hand: int | None,
-        reason: str,
-        actor: str = "",
-    ) -> StockOutcome | Rejection:
-        """A recount: on_hand becomes ``on_hand`` (creating the SKU). A recount below
-        reserved + committed is accepted (reality wins) and reported as a shortfall.
-        ``actor``: the caller's identity, logged with the command (audit)."""
-        return self._stock_change(
-            RecordType.SET_STOCK, adjustment_id, sku, on_hand, expected_on_hand, reason, actor
-        )
-
-    def adjust_stock(
-        self,
-        adjustment_id: str,
-        sku: str,
-        delta: int,
-        expected_on_hand: int | None,
-        reason: str,
-        actor: str = "",
-    ) -> StockOutcome | Rejection:
-        """A receipt (delta > 0), damage or shrinkage (delta < 0) of an existing SKU.
-        ``actor``: the caller's identity, logged with the command (audit)."""
-        return self._stock_change(
-            RecordType.ADJUST_STOCK, adjustment_id, sku, delta, expected_on_hand, reason, actor
-        )
-
-    def _stock_change(
-        self, kind: RecordType, adjustment_id: str, sku: str, value: int,
-        expected_on_hand: int | None, reason: str, actor: str = "",
-    ) -> StockOutcome | Rejection:
-        request = (kind, sku, value, expected_on_hand)
-        record = self.finished.adjustment(adjustment_id)
-        if record is not None:
-            _, kept = finished.unpack(record)
-            if kept.digest != finished.adjustment_digest(request):
-                return Rejection(
-                    Code.ALREADY_EXISTS,
-                    f"adjustment {adjustment_id!r} exists with a different payload",
-                )
-            return self._adjustment_outcome(kept, True)
-        refused = self._retention_full()
-        if refused is not None:
-            return refused
-        handle = self.table.lookup(sku)
-        if handle < 0 and kind is RecordType.ADJUST_STOCK:
-            return Rejection(Code.NOT_FOUND, f"sku {sku!r} is unknown: SetStock creates it")
-        on_hand = self.table.counters(handle)[0] if handle >= 0 else 0
-        if expected_on_hand is not None and expected_on_hand != on_hand:
-            return Rejection(
-                Code.FAILED_PRECONDITION,
-                f"sku {sku!r}: on_hand is {on_hand}, not the expected {expected_on_hand}",
-            )
-        if kind is RecordType.ADJUST_STOCK and on_hand + value < 0:
-            return Rejection(
-                Code.FAILED_PRECONDITION,
-                f"{value} would make on_hand of sku {sku!r} {on_hand + value} (< 0)", "delta",
-            )
-        on_hand_max = self.config.limits.on_hand_max
-        if kind is RecordType.ADJUST_STOCK and on_hand + value > on_hand_max:
-            return Rejection(
-                Code.FAILED_PRECONDITION,
-                f"{value} would make on_hand of sku {sku!r} {on_hand + value} "
-                f"(> on_hand_max {on_hand_max})", "delta",
-            )
-        if kind is RecordType.SET_STOCK and not 0 <= value <= on_hand_max:
-            return Rejection(
-                Code.FAILED_PRECONDITION,
-                f"{value} is not within [0, on_hand_max {on_hand_max}]", "on_hand",
-            )
-        if handle < 0 and len(self.table) >= self.config.skus_max:
-            # Decided here, never in _apply_stock: replay creates what was logged, whatever
-            # skus_max is now.
-            return Rejection(
-                Code.RESOURCE_EXHAUSTED,
-                f"sku {sku!r} would be SKU {len(self.table) + 1}: skus_max {self.config.skus_max} "
-                "reached", "sku",
-            )
-        refused = self._unwritable()
-        if refused is not None:
-            return refused
-        command = records.StockChange(
-            self.clock.now_ms(), adjustment_id, sku, value, expected_on_hand, reason, actor
-        )
-        outcome, _ = self._execute(kind, command)
-        if outcome.shortfall:
-            log.warning(
-                "stock shortfall",
-                extra={"sku": sku, "on_hand": outcome.on_hand, "reserved": outcome.reserved,
-                       "committed": outcome.committed, "shortfall": outcome.shortfall,
-                       "reason": reason, "adjustment_id": adjustment_id},
-            )
-        return outcome
-
-    # -- Stock states and returns (rules in reservd.stockstates) --------------------------------
-
-    def receive_return(
-        self, return_id: str, sku: str, units: int, reservation_id: str
-    ) -> stockstates.StateOutcome | Rejection:
-        """Returned ``units`` of ``sku`` arrive into quarantine: on hand, not available."""
-        return self._state_command(RecordType.RECEIVE_RETURN, self.states.decide_return(
-            return_id, sku, units, reservation_id, self.clock.now_ms(),
-            self.config.limits.on_hand_max,
-        ))
-
-    def inspect(
-        self, return_id: str, sellable_units: int, damaged_units: int
-    ) -> stockstates.StateOutcome | Rejection:
-        """End a return's quarantine: sellable units become available, damaged ones damaged."""
-        return self._state_command(RecordType.INSPECT, self.states.decide_inspect(
-            return_id, sellable_units, damaged_units, self.clock.now_ms()
-        ))
-
-    def write_off(
-        self, change_id: str, sku: str, units: int, state: str
-    ) -> stockstates.StateOutcome | Rejection:
-        """Remove ``units`` of an unsellable ``state`` (damaged): on_hand falls with it."""
-        return self._state_command(RecordType.WRITE_OFF, self.states.decide_write_off(
-            change_id, sku, units, state, self.clock.now_ms()
-        ))
-
-    def hold_stock(
-        self, change_id: str, sku: str, state: str, units: int
-    ) -> stockstates.StateOutcome | Rejection:
-        """Set ``units`` of ``sku`` aside in a held ``state`` (safety_stock, quality_control)
-        from the shared bucket (units > 0), or return them to it (units < 0)."""
-        available = self.channels.available(sku)
-        shared = None if available is None else self.channels.shared(sku, available)
-        return self._state_command(RecordType.HOLD_STOCK, self.states.decide_hold(
-            change_id, sku, state, units, shared, self.clock.now_ms()
-        ))
-
-    def expect_receipt(
-        self, po_id: str, sku: str, units: int, eta_ms: int
-    ) -> incoming.IncomingOutcome | Rejection:
-        """A purchase order: ``units`` of ``sku`` due at ``eta_ms`` (incoming, not on hand)."""
-        return self._state_command(RecordType.EXPECT_RECEIPT, self.incoming.decide_expect(
-            po_id, sku, units, eta_ms, self.clock.now_ms()
-        ))
-
-    def receive(
-        self, receipt_id: str, po_id: str, units: int
-    ) -> incoming.IncomingOutcome | Rejection:
-        """A (partial) receipt against a purchase order; over-receipt is reported."""
-        return self._state_command(RecordType.RECEIVE, self.incoming.decide_receive(
-            receipt_id, po_id, units, self.clock.now_ms(), self.config.limits.on_hand_max
-        ))
-
-    def _state_command(self, kind: RecordType, decided):
-        if isinstance(decided, stockstates.Refusal):
-            return Rejection(Code[decided.code], decided.message, decided.field)
-        if isinstance(decided, (stockstates.StateOutcome, incoming.IncomingOutcome)):
-            return decided  # an idempotent repeat
-        refused = self._unwritable()
-        if refused is not None:
-            return refused
-        outcome, _ = self._execute(kind, decided)
-        return outcome
-
     # -- Replay and snapshots -------------------------------------------------------------------
 
     def replay(self, seq: int, record_type: int, payload: bytes) -> None:
@@ -608,134 +415,6 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
         if changed:
             self._reorder_alerts(changed)
         self.alerts.end(seq)
-
-    def snapshot_state(self):
-        """Capture the state after ``self.seq`` now (cheap copies, no encoding); returns
-        (seq, encode) where ``encode()`` builds the bytes (reservd.state_codec) and may run in
-        a worker thread: the copied records are immutable, and handles and channel indexes
-        never change meaning.
-        """
-        seq = self.seq
-        stock = list(self.table.items())
-        reservations = self.reservations.raw()
-        kept = self.finished.raw()
-        decode_reservation = self.reservations.decode
-        states, returns, write_offs, safety_stock = self.states.snapshot_rows()
-        orders, receipts = self.incoming.snapshot_rows()
-        demand, replenishment, counts = self.planning.snapshot_rows()
-
-        # Filled while the reservation rows are encoded, and written after them: one decode each.
-        owners: list[tuple[str, str]] = []
-
-        def reservation_rows():
-            for reservation_id, data in reservations:
-                r = decode_reservation(reservation_id, data)
-                if r.owner:
-                    owners.append((reservation_id, r.owner))
-                yield (
-                    r.reservation_id, r.channel, r.request, r.skus, r.quantities, r.committed,
-                    int(r.state), r.expires_at_ms, r.seq, r.finished_at_ms,
-                )
-
-        channel_rows = {
-            **self.channels.snapshot_rows(), **self.alerts.snapshot_rows(),
-            **self.alert_rules.snapshot_rows(),
-        }
-        rule_sections = self._rule_sections()
-
-        def encode() -> bytes:
-            return wrap(
-                state_codec.encode(
-                    seq, stock, reservation_rows(), (), states, returns, write_offs, orders,
-                    receipts, owners, demand, replenishment, counts, rule_sections,
-                    finished_rows.snapshot_rows(
-                        kept, self.table.sku, self.reservations.origin_of
-                    ),
-                    safety_stock,
-                ),
-                channel_rows,
-            )
-
-        return seq, encode
-
-    def restore(self, payload: bytes) -> None:
-        """Load a snapshot into an empty ledger (before replaying the records after it).
-        ValueError for a snapshot that does not parse."""
-        assert not self.reservations and len(self.table) == 0, "restore into a fresh ledger"
-        payload, channel_rows = unwrap(payload)
-        for kind, rows in channel_rows.items():
-            if kind in alerts.SNAPSHOT_KINDS:
-                self.alerts.restore_rows(kind, rows)
-            elif kind in _RULE_KINDS:
-                self.alert_rules.restore_rows(kind, rows)
-            else:
-                self.channels.restore_rows(kind, rows)
-        seq, rows = state_codec.decode(payload)
-        lookup = self.table.lookup
-        origin = self.reservations.origin
-        # Finished reservations (with their owners) and adjustments of formats 2-6.
-        legacy_finished: dict[str, list] = {}
-        legacy_adjustments: list[tuple] = []
-        now_ms = self.clock.now_ms()
-        for kind, row in rows:
-            if kind == state_codec.STOCK:
-                self.table.restore(*row)
-            elif kind == state_codec.STATES:
-                self.states.restore_state(row)
-            elif kind == state_codec.RETURN:
-                self.states.restore_return(row, now_ms)
-            elif kind == state_codec.WRITE_OFF:
-                self.states.restore_write_off(row)
-            elif kind == state_codec.SAFETY_STOCK:
-                self.states.restore_safety_stock(row)
-            elif kind == state_codec.ORDER:
-                self.incoming.restore_order(row, now_ms)
-            elif kind == state_codec.RECEIPT:
-                self.incoming.restore_receipt(row, now_ms)
-            elif kind == state_codec.DEMAND:
-                self.planning.restore_demand(row)
-            elif kind == state_codec.REPLENISHMENT:
-                self.planning.restore_settings(row)
-            elif kind == state_codec.COUNT:
-                self.planning.restore_count(row)
-            elif kind == state_codec.FINISHED:
-                self.finished.add(finished_rows.record(row, lookup, origin))
-            elif kind == state_codec.RESERVATION:
-                (reservation_id, channel, request, skus, quantities, committed, state_value,
-                 expires_at_ms, reservation_seq, finished_at_ms) = row
-                if finished_rows.is_finished(state_value):
-                    legacy_finished[reservation_id] = [row, ""]
-                    continue
-                state = State(state_value)
-                self.reservations[reservation_id] = Reservation(
-                    reservation_id, channel, request, skus, tuple(lookup(sku) for sku in skus),
-                    quantities, committed, state, expires_at_ms, reservation_seq,
-                    finished_at_ms,
-                )
-                if state is State.HELD:
-                    self._deadlines.push(expires_at_ms, reservation_id)
-                    self.held += 1
-                self.live += 1
-            elif kind >= state_codec.FIRST_RULES_SECTION:
-                self._restore_rule_row(kind, row)
-            elif kind == state_codec.OWNER:
-                reservation_id, owner = row
-                if reservation_id in legacy_finished:
-                    legacy_finished[reservation_id][1] = owner
-                else:
-                    self.reservations[reservation_id] = self.reservations[
-                        reservation_id
-                    ]._replace(owner=owner)
-            else:
-                legacy_adjustments.append(row)
-        for packed in finished_rows.from_legacy(
-            legacy_finished.values(), legacy_adjustments, lookup, origin
-        ):
-            self.finished.add(packed)
-        self.alert_rules.restart_ring()
-        self.states.restored()
-        self.incoming.restored()
-        self.seq = seq
 
     # -- Internals ------------------------------------------------------------------------------
 
@@ -984,37 +663,6 @@ class Ledger(ChannelCommands, PlanningCommands, RuleCommands):
             self.held -= 1
             self._hold_ended_or_moved()
         return updated
-
-    def _apply_stock(
-        self, kind: RecordType, command: records.StockChange, seq: int
-    ) -> StockOutcome:
-        if kind is RecordType.SET_STOCK:
-            recount = self.table.lookup(command.sku) >= 0
-            handle = self.table.ensure(command.sku)
-            previous = self.table.set_on_hand(handle, command.value, seq)
-            if recount:  # creating a SKU is not a count
-                self.planning.on_count(command.sku, command.at_ms, previous, command.value)
-                self._ghost_alert(command.sku)
-        else:
-            handle = self.table.lookup(command.sku)
-            assert handle >= 0, f"adjust of unknown sku {command.sku!r}"
-            previous = self.table.adjust_on_hand(handle, command.value, seq) - command.value
-        on_hand, reserved, committed = self.table.counters(handle)
-        kept = FinishedAdjustment(
-            finished.adjustment_digest(
-                (kind, command.sku, command.value, command.expected_on_hand)
-            ),
-            seq, command.at_ms, int(kind), handle, on_hand, reserved, committed, previous,
-        )
-        self.finished.add(
-            finished.pack_adjustment(finished.adjustment_key(command.adjustment_id), kept)
-        )
-        self.stock_dirty.add(command.sku)
-        self.alert_rules.stock_changed(command.sku, on_hand, reserved, committed, command.at_ms)
-        return StockOutcome(
-            command.sku, on_hand, reserved, committed, previous,
-            max(0, reserved + committed - on_hand), seq, False,
-        )
 
     def _prune(self, now_ms: int) -> None:
         """Forget idempotency records older than retention_seconds (and only those: the window
