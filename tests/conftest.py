@@ -121,3 +121,34 @@ def _extension_loaded():
         assert EXTENSION, "RESERVD_REQUIRE_EXT=1 but reservd._ctable did not load"
     if os.environ.get("RESERVD_NO_EXT") == "1":
         assert not EXTENSION, "RESERVD_NO_EXT=1 but the Cython table is in use"
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server of its own on a loopback port, for one test (a module may override
+    this, e.g. to parametrize persistence)."""
+    from redisserver import RedisServer, require_redis_server
+
+    try:
+        require_redis_server()
+    except RuntimeError as error:
+        pytest.fail(str(error), pytrace=False)
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.close()
+
+
+def twins(python_class, extension: str, name: str) -> list:
+    """pytest params: the pure-Python twin, and the C class ``reservd.<extension>.<name>``
+    (skipped when the extension is not built)."""
+    import importlib
+
+    params = [pytest.param(python_class, id="python")]
+    try:
+        module = importlib.import_module(f"reservd.{extension}")
+    except ImportError:
+        params.append(pytest.param(None, id="cython", marks=pytest.mark.skip("no extension")))
+    else:
+        params.append(pytest.param(getattr(module, name), id="cython"))
+    return params

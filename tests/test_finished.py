@@ -7,6 +7,7 @@ import random
 import struct
 
 import pytest
+from conftest import twins
 
 from reservd import _pyfinished, finished, finished_rows, state_codec
 from reservd.clock import ManualClock
@@ -18,15 +19,6 @@ from reservd.table import Table
 from test_ledger_model import RecordingLog
 
 
-def _tables():
-    tables = [pytest.param(_pyfinished.FinishedTable, id="python")]
-    try:
-        from reservd import _cfinished
-
-        tables.append(pytest.param(_cfinished.FinishedTable, id="cython"))
-    except ImportError:
-        tables.append(pytest.param(None, id="cython", marks=pytest.mark.skip("no extension")))
-    return tables
 
 
 def _random_record(rng: random.Random, key: bytes, at_ms: int) -> bytes:
@@ -45,7 +37,7 @@ def _random_record(rng: random.Random, key: bytes, at_ms: int) -> bytes:
     ))
 
 
-@pytest.mark.parametrize("table_class", _tables())
+@pytest.mark.parametrize("table_class", twins(_pyfinished.FinishedTable, "_cfinished", "FinishedTable"))
 def test_the_table_agrees_with_a_plain_model(table_class):
     """Adds (some replacing a kept key, as log replay does), lookups and forgetting, across
     1 MiB blocks and index growth and shrinking, against a dict and a list."""

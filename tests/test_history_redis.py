@@ -7,11 +7,10 @@ from __future__ import annotations
 import asyncio
 import random
 
-import pytest
 from conftest import aio, cart, running, test_config
 from history import Recorder, check, read_final_state, read_wal
 from history_model import COMMITTED, HELD
-from redisserver import RedisServer, require_redis_server
+from redisserver import RedisServer
 
 from reservd.v1 import reservd_pb2 as pb
 
@@ -23,17 +22,6 @@ ACKED_BEFORE_FAULT = 150
 CALLS_DURING_FAULT = 100
 ACKED_AFTER_HEAL = 150
 
-
-@pytest.fixture
-def redis_server(tmp_path):
-    try:
-        require_redis_server()
-    except RuntimeError as error:
-        pytest.fail(str(error), pytrace=False)
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.close()
 
 
 class _Load:

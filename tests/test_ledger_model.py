@@ -4,6 +4,7 @@ replaying the ledger's own log into a fresh ledger rebuilds exactly the same sta
 from __future__ import annotations
 
 import pytest
+from conftest import twins
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -316,18 +317,9 @@ def _kept(ledger: Ledger) -> list[tuple]:
     ))
 
 
-def _tables():
-    tables = [pytest.param(_pytable.Table, id="python")]
-    try:
-        from reservd import _ctable
-
-        tables.append(pytest.param(_ctable.Table, id="cython"))
-    except ImportError:
-        tables.append(pytest.param(None, id="cython", marks=pytest.mark.skip("no extension")))
-    return tables
 
 
-@pytest.mark.parametrize("table_class", _tables())
+@pytest.mark.parametrize("table_class", twins(_pytable.Table, "_ctable", "Table"))
 def test_ledger_agrees_with_the_reference_model(table_class):
     machine = _machine(table_class)
     machine.TestCase.settings = settings(

@@ -13,7 +13,6 @@ import redis.asyncio as aioredis
 from conftest import aio, cart, running, test_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from redisserver import RedisServer, require_redis_server
 
 from reservd import mirrorwrite
 from reservd.clock import ManualClock
@@ -31,14 +30,6 @@ _ids = iter(range(1, 1 << 30))
 def _id(prefix: str) -> str:
     return f"{prefix}-{next(_ids)}"
 
-
-@pytest.fixture
-def redis_server(tmp_path):
-    require_redis_server()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.close()
 
 
 async def _set_channel(node, name: str, **policy) -> None:

@@ -10,7 +10,6 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from conftest import aio, cart, eventually, running, test_config
-from redisserver import RedisServer, require_redis_server
 
 from reservd import state_codec
 from reservd.clock import ManualClock
@@ -147,14 +146,6 @@ async def test_watch_stock_shows_held_units_leaving_available():
         assert (update.on_hand, update.available) == (5, 3)
         stream.cancel()
 
-
-@pytest.fixture
-def redis_server(tmp_path):
-    require_redis_server()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.close()
 
 
 @aio
