@@ -254,9 +254,14 @@ async def assert_mirror_equals_table(daemon, client: aioredis.Redis) -> None:
     assert keys == sorted(PREFIX + "stock:" + sku for sku in table)
     for sku, (on_hand, reserved, committed) in table.items():
         stored = await client.hgetall(PREFIX + "stock:" + sku)
+        quarantine, damaged, quality_control, safety_stock, incoming = (
+            daemon.ledger.breakdown(sku)
+        )
         assert {k.decode(): int(v) for k, v in stored.items() if k != b"seq"} == {
             "on_hand": on_hand, "reserved": reserved, "committed": committed,
             "available": on_hand - reserved - committed, "epoch": daemon.mirror.epoch,
+            "quarantine": quarantine, "damaged": damaged, "quality_control": quality_control,
+            "safety_stock": safety_stock, "incoming": incoming,
         }, sku
 
 

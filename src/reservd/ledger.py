@@ -33,6 +33,7 @@ from reservd.ledger_stock import StockCommands
 # The ledger's answers live in reservd.outcomes; importing them from here keeps working.
 from reservd.outcomes import Code, Rejection, ReservationOutcome, ReserveOutcome
 from reservd.records import RecordType
+from reservd.statehistory import StateHistory
 from reservd.store import Reservation, ReservationStore, State, StockOutcome
 from reservd.table import (
     RESERVE_FINISHED, RESERVE_INSUFFICIENT, RESERVE_UNKNOWN_SKU, CounterTable,
@@ -104,6 +105,8 @@ class Ledger(
         self.states = stockstates.StockStates(table, config.returns_max, config.write_offs_max)
         self.incoming = incoming.Incoming(table, config.purchase_orders_max, config.receipts_max)
         self.planning = planning.Planning(config)
+        # Each SKU's states at the sequences the change ring still holds (WatchStock, mirror).
+        self.state_history = StateHistory(self.breakdown)
         self.live = 0  # held + committed
         self.held = 0
         # Held reservations' ids by expiry second. An entry goes stale when its hold ends or
@@ -468,12 +471,8 @@ class Ledger(
             return self._apply_fulfil(command, seq)
         if kind is RecordType.EXPIRE:
             return self._apply_expire(command, seq)
-        if kind in _STATE_KINDS:
-            return self.states.apply(kind, command, seq)
-        if kind in _INCOMING_KINDS:
-            outcome = self.incoming.apply(kind, command, seq)
-            self._reorder_alert(outcome.sku)  # incoming moved, maybe with no table change
-            return outcome
+        if kind in _STATE_KINDS or kind in _INCOMING_KINDS:
+            return self._apply_state(kind, command, seq)
         if kind is RecordType.SET_REPLENISHMENT:
             self.planning.apply_settings(command)
             self._reorder_alert(command.sku)  # the reorder point moved

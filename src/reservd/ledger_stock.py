@@ -8,15 +8,25 @@ from reservd import finished, incoming, records, stockstates
 from reservd.finished import FinishedAdjustment
 from reservd.outcomes import Code, Rejection
 from reservd.records import RecordType
+from reservd.statehistory import Breakdown
 from reservd.store import StockOutcome
 
 log = logging.getLogger("reservd.ledger")
 
 
+# Any sequence: the change ring's entries up to the newest.
+_SEQ_ALL = (1 << 63) - 1
+
+
 class StockCommands:
-    """Needs the Ledger's table, clock, config, finished, states, incoming, channels, planning,
-    alert_rules, stock_dirty, _execute, _unwritable, _retention_full, _adjustment_outcome and
-    _ghost_alert."""
+    """Needs the Ledger's table, clock, config, finished, states, incoming, state_history,
+    channels, planning, alert_rules, stock_dirty, _execute, _unwritable, _retention_full,
+    _adjustment_outcome, _ghost_alert and _reorder_alert."""
+
+    def breakdown(self, sku: str) -> Breakdown:
+        """``sku``'s units by state now: quarantine, damaged, quality_control, safety_stock
+        (on hand, never available) and incoming (not on hand)."""
+        return (*self.states.of(sku), self.incoming.of(sku))
 
     def set_stock(
         self,
@@ -209,3 +219,28 @@ class StockCommands:
             command.sku, on_hand, reserved, committed, previous,
             max(0, reserved + committed - on_hand), seq, False,
         )
+
+    def _apply_state(self, kind: RecordType, command, seq: int):
+        """A stock-state or incoming command, live and in replay; records the SKU's breakdown
+        before and after it (reservd.statehistory), and gives it a change ring entry when the
+        counters do not move (an ExpectReceipt), so watchers and the mirror see it."""
+        if kind is RecordType.INSPECT:
+            sku = self.states.returns[command.return_id].sku
+        elif kind is RecordType.RECEIVE:
+            sku = self.incoming.orders[command.po_id].sku
+        else:
+            sku = command.sku
+        before = self.breakdown(sku)
+        if kind in (RecordType.EXPECT_RECEIPT, RecordType.RECEIVE):
+            outcome = self.incoming.apply(kind, command, seq)
+            self._reorder_alert(sku)  # incoming moved, maybe with no table change
+        else:
+            outcome = self.states.apply(kind, command, seq)
+        handle = self.table.lookup(sku)
+        if kind is RecordType.EXPECT_RECEIPT and handle >= 0:
+            self.table.touch(handle, seq)
+        _, oldest = self.table.changes(self.table.ring_tail, 1, _SEQ_ALL)
+        self.state_history.record(
+            sku, seq, before, self.breakdown(sku), oldest[0][0] if oldest else seq
+        )
+        return outcome

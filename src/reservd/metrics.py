@@ -173,6 +173,12 @@ class Metrics:
             value=ledger.retained_adjustments,
         )
         yield GaugeMetricFamily(
+            "reservd_state_history_entries",
+            "Stock-state breakdowns kept for the change ring's readers (at most one per SKU "
+            "that changed state, plus one per state command the ring holds)",
+            value=ledger.state_history.entries,
+        )
+        yield GaugeMetricFamily(
             "reservd_retained_max", "Bound on retained records (new work refused at it)",
             value=ledger.config.retained_max,
         )

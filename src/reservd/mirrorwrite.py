@@ -10,13 +10,18 @@ from typing import Callable, Container, Iterable, Mapping
 
 from reservd import stockstates
 from reservd.mirrorfields import Fields, safest
+from reservd.statehistory import Breakdown
 from reservd.table import Change, CounterTable
 
 # One batch, applied atomically. KEYS[1]: the watermark; KEYS[2..]: stock hashes.
-# ARGV: mode, epoch, seq, time_ms (0: leave the time), expected_seq, stale_after_ms, then nine
+# ARGV: mode, epoch, seq, time_ms (0: leave the time), expected_seq, stale_after_ms, then ten
 # per stock hash: rule, seq, on_hand, reserved, committed, available, channels_seq,
-# channels_exact, and its channel fields as one string "name\nvalue\nname\nvalue..." (one
-# argument, not two per field: packing them was most of a write's cost; names are printable).
+# channels_exact, its channel fields as one string "name\nvalue\nname\nvalue..." (one
+# argument, not two per field: packing them was most of a write's cost; names are printable),
+# and its stock states "quarantine,damaged,quality_control,safety_stock,incoming" at the same
+# version, written with the counters under the counters' rule ("" writes none): the rule
+# protects `available`, which already counts them; a "lower" write may show a state command
+# that is not durable yet, as it shows the counters.
 #   apply:   refuse the whole batch unless the watermark is of this epoch and at least
 #            expected_seq (otherwise Redis lost what it held: reservd must rewrite everything);
 #            write each stock hash by its rule; move the watermark forward.
@@ -51,7 +56,7 @@ local function channel_field(name)
 end
 local written = 0
 for i = 2, #KEYS do
-  local at = 7 + (i - 2) * 9
+  local at = 7 + (i - 2) * 10
   local key = KEYS[i]
   local rule = ARGV[at]
   local version = tonumber(ARGV[at + 1])
@@ -85,9 +90,18 @@ for i = 2, #KEYS do
     cwrite = (replace or colder) and (count > 0 or stored_cseq ~= nil)
   end
   if write then
-    redis.call('HSET', key, 'on_hand', ARGV[at + 2], 'reserved', ARGV[at + 3],
-      'committed', ARGV[at + 4], 'available', ARGV[at + 5], 'seq', ARGV[at + 1],
-      'epoch', ARGV[2])
+    local states = ARGV[at + 9]
+    if states == '' then
+      redis.call('HSET', key, 'on_hand', ARGV[at + 2], 'reserved', ARGV[at + 3],
+        'committed', ARGV[at + 4], 'available', ARGV[at + 5], 'seq', ARGV[at + 1],
+        'epoch', ARGV[2])
+    else
+      local q, d, qc, ss, inc = string.match(states, '^(%d+),(%d+),(%d+),(%d+),(%d+)$')
+      redis.call('HSET', key, 'on_hand', ARGV[at + 2], 'reserved', ARGV[at + 3],
+        'committed', ARGV[at + 4], 'available', ARGV[at + 5], 'seq', ARGV[at + 1],
+        'epoch', ARGV[2], 'quarantine', q, 'damaged', d, 'quality_control', qc,
+        'safety_stock', ss, 'incoming', inc)
+    end
   end
   if cwrite then
     local values = {}
@@ -191,11 +205,14 @@ def batch_command(
     prefix: str, mode: str, epoch: int, seq: int, time_ms: int, expected_seq: int,
     stale_after_ms: int, rows: Iterable[Change], lower: Container[str] = (),
     channels: Mapping[str, ChannelRow] | None = None,
+    states: Callable[[str, int], Breakdown] | None = None,
 ) -> tuple[list[str], list]:
     """KEYS and ARGV of one :data:`BATCH_SCRIPT` call; ``rows`` as the change ring has them:
-    (seq, sku, on_hand, reserved, committed, unsellable); the SKUs in ``lower`` are written by the "lower"
-    rule (not durable yet), the others by the "newer" rule. ``channels``: per SKU its channel
-    fields and their version (a SKU without: none, at the row's own version)."""
+    (seq, sku, on_hand, reserved, committed, unsellable); the SKUs in ``lower`` are written by
+    the "lower" rule (not durable yet), the others by the "newer" rule. ``channels``: per SKU
+    its channel fields and their version (a SKU without: none, at the row's own version).
+    ``states(sku, seq)``: the SKU's stock states at the row's version (reservd.statehistory),
+    written with its counters (none: not written)."""
     stock = prefix + "stock:"
     keys = [prefix + "watermark"]
     args: list = [mode, epoch, seq, time_ms, expected_seq, stale_after_ms]
@@ -208,6 +225,7 @@ def batch_command(
             stockstates.available(on_hand, reserved, committed, unsellable),
             channels_seq, channels_exact,
             "\n".join([f"{name}\n{value}" for name, value in fields]),
+            "" if states is None else "%d,%d,%d,%d,%d" % states(sku, version),
         )
     return keys, args
 

@@ -25,6 +25,7 @@ from typing import AsyncIterator
 from reservd import stockstates
 from reservd.config import Config
 from reservd.futures import SharedFuture
+from reservd.statehistory import Breakdown
 from reservd.table import CounterTable
 from reservd.v1 import reservd_pb2 as pb
 from reservd.watchers import Sleeper, TooManyStreams, admit
@@ -37,11 +38,13 @@ class TooManyWatchers(TooManyStreams):
 
 
 def _update(seq: int, sku: str, on_hand: int, reserved: int, committed: int,
-            unsellable: int, snapshot: bool) -> pb.StockUpdate:
+            unsellable: int, snapshot: bool, states: Breakdown) -> pb.StockUpdate:
+    quarantine, damaged, quality_control, safety_stock, incoming = states
     return pb.StockUpdate(
         sku=sku, on_hand=on_hand, reserved=reserved, committed=committed,
         available=stockstates.available(on_hand, reserved, committed, unsellable),
-        sequence=seq, snapshot=snapshot,
+        sequence=seq, snapshot=snapshot, quarantine=quarantine, damaged=damaged,
+        quality_control=quality_control, safety_stock=safety_stock, incoming=incoming,
     )
 
 
@@ -167,13 +170,15 @@ class WatchHub:
             self.position, changes = table.changes(start, buffer_max, self.durable_seq)
             if not changes:
                 break
+            states_at = self.ledger.state_history.at
             for offset, (seq, sku, on_hand, reserved, committed, unsellable) in enumerate(
                 changes
             ):
                 watchers = by_sku.get(sku)
                 if watchers is None and not everyone:
                     continue
-                update = _update(seq, sku, on_hand, reserved, committed, unsellable, False)
+                update = _update(seq, sku, on_hand, reserved, committed, unsellable, False,
+                                 states_at(sku, seq))
                 for group in (watchers, everyone):
                     if not group:
                         continue
@@ -294,9 +299,10 @@ class WatchHub:
             # step at a time, so a long way back does not hold the event loop.
             position, changes = table.changes(watcher.position, self.buffer_max, self.durable_seq)
             watcher.position = position
-            skus = watcher.skus
+            skus, states_at = watcher.skus, self.ledger.state_history.at
             batch = [
-                _update(seq, sku, on_hand, reserved, committed, unsellable, False)
+                _update(seq, sku, on_hand, reserved, committed, unsellable, False,
+                        states_at(sku, seq))
                 for seq, sku, on_hand, reserved, committed, unsellable in changes
                 if skus is None or sku in skus
             ]
@@ -316,7 +322,7 @@ class WatchHub:
                 seq = ledger.seq
                 snapshot = _Snapshot(seq, table.ring_head, [
                     _update(seq, sku, on_hand, reserved, committed,
-                            table.unsellable(table.lookup(sku)), True)
+                            table.unsellable(table.lookup(sku)), True, ledger.breakdown(sku))
                     for sku, on_hand, reserved, committed in table.items()
                 ])
                 self._snapshot = weakref.ref(snapshot)
@@ -326,7 +332,8 @@ class WatchHub:
             seq, position = ledger.seq, table.ring_head
             ordered = sorted(watcher.skus)
             updates = [
-                _update(seq, sku, *counters, table.unsellable(table.lookup(sku)), True)
+                _update(seq, sku, *counters, table.unsellable(table.lookup(sku)), True,
+                        ledger.breakdown(sku))
                 for sku, counters in zip(ordered, table.stock(ordered))
                 if counters is not None
             ]

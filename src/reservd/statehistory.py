@@ -1,0 +1,54 @@
+"""Each SKU's stock states at any sequence the change ring still holds, for WatchStock updates
+and the Redis mirror, which read the ring after the fact.
+
+A ring entry carries a SKU's counters and the sum of its unsellable states as of its sequence;
+the breakdown (quarantine, damaged, quality_control, safety_stock, incoming) changes only by a
+state command (ReceiveReturn, Inspect, WriteOff, HoldStock, ExpectReceipt, Receive), never by a
+Reserve. So the ledger records, at each state command, the SKU's breakdown before and after it,
+and a reader asks for the breakdown at an entry's sequence. Nothing is recorded on the Reserve
+path.
+
+Bound: an entry older than the ring's oldest entry can never be asked for (a reader behind the
+ring re-reads the current state instead), so each SKU keeps its entries from the last one at or
+before the ring's oldest sequence on: at most one per SKU that ever changed state plus one per
+state command the ring still holds (``watch_ring_capacity``); ``reservd_state_history_entries``.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+Breakdown = tuple[int, int, int, int, int]  # quarantine, damaged, quality_control, safety_stock, incoming
+NONE: Breakdown = (0, 0, 0, 0, 0)
+
+
+class StateHistory:
+    """``at(sku, seq)``: the SKU's breakdown right after ``seq`` (any ``seq`` at or after the
+    ring's oldest entry); ``current(sku)`` answers for a SKU with nothing recorded."""
+
+    def __init__(self, current: Callable[[str], Breakdown]) -> None:
+        self.current = current
+        self._by_sku: dict[str, deque[tuple[int, Breakdown, Breakdown]]] = {}
+        self.entries = 0
+
+    def record(self, sku: str, seq: int, before: Breakdown, after: Breakdown,
+               horizon_seq: int) -> None:
+        """The state command ``seq`` took ``sku`` from ``before`` to ``after``;
+        ``horizon_seq``: the sequence of the oldest entry the ring still holds."""
+        kept = self._by_sku.get(sku)
+        if kept is None:
+            kept = self._by_sku[sku] = deque()
+        kept.append((seq, before, after))
+        self.entries += 1
+        while len(kept) > 1 and kept[1][0] <= horizon_seq:
+            kept.popleft()
+            self.entries -= 1
+
+    def at(self, sku: str, seq: int) -> Breakdown:
+        kept = self._by_sku.get(sku)
+        if kept is None:
+            return self.current(sku)
+        for entry_seq, before, after in reversed(kept):
+            if entry_seq <= seq:
+                return after
+        return kept[0][1]  # before the oldest change kept: what it started from
