@@ -247,6 +247,15 @@ async def test_the_script_takes_channel_fields_the_safe_way(redis_server):
     # A SKU that never had channel fields is written exactly as before.
     assert await call([(8, "s", 10, 1, 0, 0)], {}) == 1
     assert await fields() == {}
+    # The hash remembers the names it holds (channels_names): the same names again skip the
+    # scan for stale ones, and a name gone is still removed.
+    assert await call([(9, "s", 10, 0, 0, 0)], {"s": (9, 1, base)}) == 1
+    names = "\n".join(name for name, _ in base)
+    assert (await client.hget("t:stock:s", "channels_names")).decode() == names
+    assert await call([(10, "s", 10, 0, 0, 0)], {"s": (10, 1, base)}) == 1
+    assert await fields() == {**dict(base), "channels_seq": 10, "channels_exact": 1}
+    assert await call([(11, "s", 10, 0, 0, 0)], {"s": (11, 1, base[:4])}) == 1
+    assert await fields() == {**dict(base[:4]), "channels_seq": 11, "channels_exact": 1}
     await client.aclose()
 
 

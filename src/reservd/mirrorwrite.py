@@ -32,7 +32,8 @@ from reservd.table import Change, CounterTable
 # available (the values are not durable yet: they may only take availability down).
 # The channel fields (ats:<channel>, level:<channel>, level, free:<bucket>) have their own
 # version, (channels_seq, channels_exact), and the same two rules: "newer" replaces them all
-# (removing fields no longer there); "lower" takes each one only the safe way: the lower ats or
+# (removing fields no longer there: a scan of the hash, skipped when channels_names, the names
+# the hash holds, equals the new ones; "" when not known); "lower" takes each one only the safe way: the lower ats or
 # free units, the higher level, a bucket absent from the hash or from the new state counting 0
 # free units there.
 BATCH_SCRIPT = """
@@ -68,7 +69,7 @@ for i = 2, #KEYS do
   end
   local count = #parts / 2
   local stored = redis.call('HMGET', key, 'epoch', 'seq', 'available', 'channels_seq',
-    'channels_exact')
+    'channels_exact', 'channels_names')
   local stored_epoch = tonumber(stored[1])
   if stored_epoch and stored_epoch > epoch then
     return redis.error_reply('RESERVD_NEWER ' .. key .. ' has epoch ' .. stored[1] ..
@@ -105,14 +106,20 @@ for i = 2, #KEYS do
   end
   if cwrite then
     local values = {}
+    local names = {}
+    for j = 0, count - 1 do
+      names[j + 1] = parts[2 * j + 1]
+    end
+    -- The hash's channel field names, when known: equal to these, there is nothing stale to
+    -- find, and the scan of the whole hash is skipped.
+    local joined = table.concat(names, '\\n')
+    local same = count > 0 and stored[6] == joined
     if lower then
-      local names = {}
       local given = {}
-      for j = 0, count - 1 do
-        names[j + 1] = parts[2 * j + 1]
-        given[names[j + 1]] = true
+      for j = 1, count do
+        given[names[j]] = true
       end
-      if stored_cseq ~= nil then
+      if stored_cseq ~= nil and not same then
         -- A bucket the hash shows and the new state lacks has 0 free units there.
         local shown = redis.call('HGETALL', key)
         for j = 1, #shown, 2 do
@@ -142,6 +149,9 @@ for i = 2, #KEYS do
         values[#values + 1] = name
         values[#values + 1] = string.format('%d', value)
       end
+      if not same then
+        joined = ''  -- new names beside the old: unknown until a "newer" write
+      end
     else
       local keep = {}
       for j = 0, count - 1 do
@@ -150,7 +160,7 @@ for i = 2, #KEYS do
         values[#values + 1] = name
         values[#values + 1] = parts[2 * j + 2]
       end
-      if stored_cseq ~= nil then
+      if stored_cseq ~= nil and not same then
         local stale = {}
         for _, name in ipairs(redis.call('HKEYS', key)) do
           if channel_field(name) and not keep[name] then
@@ -167,9 +177,11 @@ for i = 2, #KEYS do
       values[#values + 1] = ARGV[at + 6]
       values[#values + 1] = 'channels_exact'
       values[#values + 1] = ARGV[at + 7]
+      values[#values + 1] = 'channels_names'
+      values[#values + 1] = joined
       redis.call('HSET', key, unpack(values))
     else
-      redis.call('HDEL', key, 'channels_seq', 'channels_exact')
+      redis.call('HDEL', key, 'channels_seq', 'channels_exact', 'channels_names')
     end
   end
   if write or cwrite then
