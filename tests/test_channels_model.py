@@ -7,11 +7,13 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import twins
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from test_ledger_model import RecordingLog, _tables
+from test_ledger_model import RecordingLog
 
+from reservd import _pytable
 from reservd.channelpolicy import Enforcement, Policy, ats
 from reservd.channels import SHARED
 from reservd.clock import ManualClock
@@ -393,7 +395,7 @@ def _state(ledger: Ledger) -> tuple:
     )
 
 
-@pytest.mark.parametrize("table_class", _tables())
+@pytest.mark.parametrize("table_class", twins(_pytable.Table, "_ctable", "Table"))
 def test_channels_agree_with_the_reference_model(table_class):
     machine = _machine(table_class)
     machine.TestCase.settings = settings(
