@@ -122,3 +122,31 @@ def test_the_kept_breakdowns_are_bounded_by_the_ring():
     for seq, sku, *_ in entries:
         held = (seq - 1) % 2  # seq 2 is hold n = 0 (+1), seq 3 n = 1 (-1), ...
         assert history.at(sku, seq) == (0, 0, 0, held, 0)
+
+
+def test_the_bound_holds_across_skus():
+    """A SKU whose state commands left the ring keeps at most one breakdown, even if it never
+    gets another state command (the pruning is not per SKU only)."""
+    capacity = 64
+    config = Config(watch_ring_capacity=capacity)
+    ledger = Ledger(Table(ring_capacity=capacity), RecordingLog(), ManualClock(), config)
+    skus = [f"sku-{n}" for n in range(10)]
+    for sku in skus:
+        ledger.set_stock(f"s-{sku}", sku, 1_000, None, "")
+    for sku in skus:
+        for n in range(100):
+            ledger.hold_stock(f"h-{sku}-{n}", sku, "safety_stock", 1)
+    history = ledger.state_history
+    assert history.entries <= capacity + len(skus)
+    for sku in skus:  # the current breakdown, for any sequence from the ring's oldest on
+        assert history.at(sku, ledger.seq) == (0, 0, 0, 100, 0)
+    _, entries = ledger.table.changes(ledger.table.ring_tail, capacity, ledger.seq)
+    for seq, sku, *_ in entries:
+        assert history.at(sku, seq) == (0, 0, 0, 100 - (ledger.seq - seq), 0)
+    # Counter changes push the state commands out of the ring; the expiry tick prunes.
+    ledger.set_stock("s-other", "other", 1, None, "")
+    for n in range(capacity):
+        ledger.set_stock(f"s-other-{n}", "other", 2 + n, None, "")
+    ledger.expire_due(100)
+    assert history.entries == len(skus)
+    assert all(history.at(sku, ledger.seq) == (0, 0, 0, 100, 0) for sku in skus)

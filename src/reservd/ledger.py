@@ -670,6 +670,7 @@ class Ledger(
         self.finished.forget(horizon_ms)
         self.states.prune(horizon_ms)
         self.incoming.prune(horizon_ms)
+        self._prune_state_history()
 
 
 def _exists(reservation_id: str) -> Rejection:

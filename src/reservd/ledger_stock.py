@@ -239,8 +239,14 @@ class StockCommands:
         handle = self.table.lookup(sku)
         if kind is RecordType.EXPECT_RECEIPT and handle >= 0:
             self.table.touch(handle, seq)
-        _, oldest = self.table.changes(self.table.ring_tail, 1, _SEQ_ALL)
-        self.state_history.record(
-            sku, seq, before, self.breakdown(sku), oldest[0][0] if oldest else seq
-        )
+        self.state_history.record(sku, seq, before, self.breakdown(sku), self._ring_oldest(seq))
         return outcome
+
+    def _ring_oldest(self, default: int) -> int:
+        """The sequence of the change ring's oldest entry (``default`` when it is empty)."""
+        _, oldest = self.table.changes(self.table.ring_tail, 1, _SEQ_ALL)
+        return oldest[0][0] if oldest else default
+
+    def _prune_state_history(self) -> None:
+        """Forget the breakdowns of state commands that left the ring (reservd.statehistory)."""
+        self.state_history.prune(self._ring_oldest(0))

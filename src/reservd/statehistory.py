@@ -12,6 +12,8 @@ Bound: an entry older than the ring's oldest entry can never be asked for (a rea
 ring re-reads the current state instead), so each SKU keeps its entries from the last one at or
 before the ring's oldest sequence on: at most one per SKU that ever changed state plus one per
 state command the ring still holds (``watch_ring_capacity``); ``reservd_state_history_entries``.
+Every SKU is pruned, not only the one of the next state command (a SKU that gets none keeps
+one entry), at each state command and on the expiry tick (reservd.ledger._prune).
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ class StateHistory:
     def __init__(self, current: Callable[[str], Breakdown]) -> None:
         self.current = current
         self._by_sku: dict[str, deque[tuple[int, Breakdown, Breakdown]]] = {}
+        # (seq, sku) of each entry newer than the last pruning's horizon, oldest first: pruning
+        # walks it, so a SKU that gets no more state commands is pruned too.
+        self._order: deque[tuple[int, str]] = deque()
         self.entries = 0
 
     def record(self, sku: str, seq: int, before: Breakdown, after: Breakdown,
@@ -39,10 +44,20 @@ class StateHistory:
         if kept is None:
             kept = self._by_sku[sku] = deque()
         kept.append((seq, before, after))
+        self._order.append((seq, sku))
         self.entries += 1
-        while len(kept) > 1 and kept[1][0] <= horizon_seq:
-            kept.popleft()
-            self.entries -= 1
+        self.prune(horizon_seq)
+
+    def prune(self, horizon_seq: int) -> None:
+        """Forget what no reader can ask for any more: no sequence before ``horizon_seq`` (the
+        ring's oldest entry) is asked for. Per SKU, the last entry at or before it stays: it
+        answers from ``horizon_seq`` to the next one."""
+        order, by_sku = self._order, self._by_sku
+        while order and order[0][0] <= horizon_seq:
+            kept = by_sku[order.popleft()[1]]
+            while len(kept) > 1 and kept[1][0] <= horizon_seq:
+                kept.popleft()
+                self.entries -= 1
 
     def at(self, sku: str, seq: int) -> Breakdown:
         kept = self._by_sku.get(sku)
