@@ -150,3 +150,25 @@ def test_the_bound_holds_across_skus():
     ledger.expire_due(100)
     assert history.entries == len(skus)
     assert all(history.at(sku, ledger.seq) == (0, 0, 0, 100, 0) for sku in skus)
+
+
+def test_a_snapshot_restore_seeds_the_states():
+    """After a restore, a SKU's states at a Reserve's sequence are the snapshot's (a SKU with
+    nothing recorded answers no states, so the restore must record them)."""
+    ledger = Ledger(Table(), RecordingLog(), ManualClock(), Config())
+    ledger.set_stock("s", "hat", 10, None, "")
+    ledger.set_stock("s2", "cap", 10, None, "")
+    ledger.receive_return("rma-1", "hat", 2, "")
+    ledger.hold_stock("h-1", "hat", "safety_stock", 3)
+    ledger.expect_receipt("po-1", "cap", 7, 0)
+    _, encode = ledger.snapshot_state()
+    restored = Ledger(Table(), RecordingLog(), ManualClock(), Config())
+    restored.restore(encode())
+    restored.log.last_seq = restored.seq
+    history = restored.state_history
+    assert history.entries == 2
+    restored.set_stock("s3", "sock", 1, None, "")
+    for sku, expected in (("hat", (2, 0, 0, 3, 0)), ("cap", (0, 0, 0, 0, 7)),
+                          ("sock", (0, 0, 0, 0, 0))):
+        assert history.at(sku, restored.seq) == expected == restored.breakdown(sku)
+        assert history.text_at(sku, restored.seq) == ",".join(map(str, expected))

@@ -106,7 +106,7 @@ class Ledger(
         self.incoming = incoming.Incoming(table, config.purchase_orders_max, config.receipts_max)
         self.planning = planning.Planning(config)
         # Each SKU's states at the sequences the change ring still holds (WatchStock, mirror).
-        self.state_history = StateHistory(self.breakdown)
+        self.state_history = StateHistory()
         self.live = 0  # held + committed
         self.held = 0
         # Held reservations' ids by expiry second. An entry goes stale when its hold ends or

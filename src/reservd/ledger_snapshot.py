@@ -139,4 +139,8 @@ class SnapshotCommands:
         self.alert_rules.restart_ring()
         self.states.restored()
         self.incoming.restored()
+        for sku in {*self.states.counts, *self.incoming.by_sku}:
+            breakdown = self.breakdown(sku)
+            if any(breakdown):
+                self.state_history.seed(sku, breakdown)
         self.seq = seq

@@ -361,7 +361,7 @@ class RedisMirror(Healing):
     ) -> None:
         keys, args = batch_command(
             self.prefix, "apply", self.epoch, seq, time_ms, self.settled_seq,
-            self.stale_after_ms, rows, lower, channels, self.ledger.state_history.at,
+            self.stale_after_ms, rows, lower, channels, self.ledger.state_history.text_at,
         )
         started = time.monotonic()
         await self._call(pack(("EVALSHA", self._batch_sha, len(keys), *keys, *args)))

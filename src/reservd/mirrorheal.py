@@ -306,7 +306,7 @@ class Healing:
             channels = {row[0]: (durable, 1, mirror_fields(row[0])) for row in chunk}
             keys, args = batch_command(
                 prefix, "rewrite", epoch, durable, 0, 0, self.stale_after_ms,
-                ((durable, *row) for row in chunk), (), channels, self.ledger.state_history.at,
+                ((durable, *row) for row in chunk), (), channels, self.ledger.state_history.text_at,
             )
             async with asyncio.timeout(timeout):
                 await client.evalsha(self._batch_sha, len(keys), *keys, *args)

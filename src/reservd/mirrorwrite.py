@@ -10,7 +10,6 @@ from typing import Callable, Container, Iterable, Mapping
 
 from reservd import stockstates
 from reservd.mirrorfields import Fields, safest
-from reservd.statehistory import Breakdown
 from reservd.table import Change, CounterTable
 
 # One batch, applied atomically. KEYS[1]: the watermark; KEYS[2..]: stock hashes.
@@ -217,14 +216,15 @@ def batch_command(
     prefix: str, mode: str, epoch: int, seq: int, time_ms: int, expected_seq: int,
     stale_after_ms: int, rows: Iterable[Change], lower: Container[str] = (),
     channels: Mapping[str, ChannelRow] | None = None,
-    states: Callable[[str, int], Breakdown] | None = None,
+    states: Callable[[str, int], str] | None = None,
 ) -> tuple[list[str], list]:
     """KEYS and ARGV of one :data:`BATCH_SCRIPT` call; ``rows`` as the change ring has them:
     (seq, sku, on_hand, reserved, committed, unsellable); the SKUs in ``lower`` are written by
     the "lower" rule (not durable yet), the others by the "newer" rule. ``channels``: per SKU
     its channel fields and their version (a SKU without: none, at the row's own version).
-    ``states(sku, seq)``: the SKU's stock states at the row's version (reservd.statehistory),
-    written with its counters (none: not written)."""
+    ``states(sku, seq)``: the SKU's stock states at the row's version as the script takes
+    them (reservd.statehistory.StateHistory.text_at), written with its counters (none: not
+    written)."""
     stock = prefix + "stock:"
     keys = [prefix + "watermark"]
     args: list = [mode, epoch, seq, time_ms, expected_seq, stale_after_ms]
@@ -237,7 +237,7 @@ def batch_command(
             stockstates.available(on_hand, reserved, committed, unsellable),
             channels_seq, channels_exact,
             "\n".join([f"{name}\n{value}" for name, value in fields]),
-            "" if states is None else "%d,%d,%d,%d,%d" % states(sku, version),
+            "" if states is None else states(sku, version),
         )
     return keys, args
 
