@@ -470,7 +470,7 @@ async def test_the_script_never_applies_an_older_version(redis_server):
         keys, args = mirrorwrite.batch_command(
             "t:", mode, epoch, seq, time_ms, expected_seq, 1_350, rows, lower
         )
-        return await client.evalsha(sha, len(keys), *keys, *args)
+        return (await client.evalsha(sha, len(keys), *keys, *args))[0]  # hashes written
 
     async def stock():
         return {k.decode(): int(v) for k, v in (await client.hgetall("t:stock:s")).items()}

@@ -177,6 +177,10 @@ class Config:
     # reservd (the grant stays applied; a retry with the same id returns it).
     mirror_grant_wait_ms_max: int = 2_000
     mirror_batch_max: int = 5_000
+    # SKUs whose channel fields in Redis the mirror knows exactly, so that a write sends only
+    # the fields that changed (least recently written forgotten first; about 1.2 KiB each with
+    # the example config's seven channels; 0: always the full fields).
+    mirror_shown_skus_max: int = 10_000
     # The mirror refreshes its watermark this often while idle (readers judge staleness by it),
     # and retries an unreachable Redis with a backoff doubling from min to max.
     mirror_heartbeat_ms: int = 100

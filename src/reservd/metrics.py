@@ -242,6 +242,17 @@ class Metrics:
                 "so as not to send them again unchanged (at most watch_ring_capacity)",
                 value=mirror.pending_rows,
             )
+            yield GaugeMetricFamily(
+                "reservd_mirror_shown_skus",
+                "SKUs whose channel fields in Redis the mirror knows exactly, so that it sends "
+                "only what changed (at most mirror_shown_skus_max)",
+                value=mirror.shown_skus,
+            )
+            yield CounterMetricFamily(
+                "reservd_mirror_rows_delta",
+                "Rows whose channel fields were sent as a delta over what Redis holds",
+                value=stats.rows_delta,
+            )
             yield CounterMetricFamily(
                 "reservd_mirror_rows_unchanged",
                 "Rows not sent again: the previous write sent them as they are",

@@ -160,6 +160,7 @@ class Healing:
         self._open = False
         self._reason = why
         self._sent.clear()
+        self._shown.clear()
         self.stats.failures += 1
         self._lag_samples.clear()
         self.guard.trip(SOURCE, why)
@@ -206,7 +207,9 @@ class Healing:
     async def _resync(self) -> None:
         """Connect, bring Redis up to date (replay the ring, or rewrite every key), reopen."""
         started = time.monotonic()
-        self._sent.clear()  # Redis may hold less than we sent (it lost data, or a write failed)
+        # Redis may hold less than we sent (it lost data, or a write failed)
+        self._sent.clear()
+        self._shown.clear()
         await self._drop_client()
         self._client = client = self._connect()
         self._probe = self._connect("reservd-mirror-probe")

@@ -13,14 +13,15 @@ from reservd.mirrorfields import Fields, safest
 from reservd.table import Change, CounterTable
 
 # One batch, applied atomically. KEYS[1]: the watermark; KEYS[2..]: stock hashes.
-# ARGV: mode, epoch, seq, time_ms (0: leave the time), expected_seq, stale_after_ms, then ten
+# ARGV: mode, epoch, seq, time_ms (0: leave the time), expected_seq, stale_after_ms, then twelve
 # per stock hash: rule, seq, on_hand, reserved, committed, available, channels_seq,
 # channels_exact, its channel fields as one string "name\nvalue\nname\nvalue..." (one
 # argument, not two per field: packing them was most of a write's cost; names are printable),
-# and its stock states "quarantine,damaged,quality_control,safety_stock,incoming" at the same
+# its stock states "quarantine,damaged,quality_control,safety_stock,incoming" at the same
 # version, written with the counters under the counters' rule ("" writes none): the rule
 # protects `available`, which already counts them; a "lower" write may show a state command
-# that is not durable yet, as it shows the counters.
+# that is not durable yet, as it shows the counters; then a *base* "channels_seq,channels_exact"
+# and a *delta* (see :func:`channel_delta`): "" and "" without one.
 #   apply:   refuse the whole batch unless the watermark is of this epoch and at least
 #            expected_seq (otherwise Redis lost what it held: reservd must rewrite everything);
 #            write each stock hash by its rule; move the watermark forward.
@@ -32,9 +33,16 @@ from reservd.table import Change, CounterTable
 # The channel fields (ats:<channel>, level:<channel>, level, free:<bucket>) have their own
 # version, (channels_seq, channels_exact), and the same two rules: "newer" replaces them all
 # (removing fields no longer there: a scan of the hash, skipped when channels_names, the names
-# the hash holds, equals the new ones; "" when not known); "lower" takes each one only the safe way: the lower ats or
-# free units, the higher level, a bucket absent from the hash or from the new state counting 0
-# free units there.
+# the hash holds, equals the new ones; "" when not known); "lower" takes each one only the safe
+# way: the lower ats or free units, the higher level, a bucket absent from the hash or from the
+# new state counting 0 free units there.
+# A delta is what the rule would change over a hash whose channel fields reservd knows exactly
+# (the base version, of this epoch, with the same names): when the hash is at the base version,
+# only the delta's fields are written (the same result, without reading or parsing the rest;
+# most of what channels cost Redis). Otherwise the full fields are taken as above.
+# Returns {stock hashes written, one letter per stock hash}: "x" its channel fields are now
+# exactly the written ones (the new fields by "newer", base + delta by "lower"), "k" they were
+# not touched and are still the base, "u" not known.
 BATCH_SCRIPT = """
 local mode = ARGV[1]
 local epoch = tonumber(ARGV[2])
@@ -55,18 +63,15 @@ local function channel_field(name)
     string.sub(name, 1, 5) == 'free:'
 end
 local written = 0
+local codes = {}
 for i = 2, #KEYS do
-  local at = 7 + (i - 2) * 10
+  local at = 7 + (i - 2) * 12
   local key = KEYS[i]
   local rule = ARGV[at]
   local version = tonumber(ARGV[at + 1])
   local cseq = tonumber(ARGV[at + 6])
   local cexact = tonumber(ARGV[at + 7])
-  local parts = {}
-  for part in string.gmatch(ARGV[at + 8], '[^\\n]+') do
-    parts[#parts + 1] = part
-  end
-  local count = #parts / 2
+  local some = ARGV[at + 8] ~= ''
   local stored = redis.call('HMGET', key, 'epoch', 'seq', 'available', 'channels_seq',
     'channels_exact', 'channels_names')
   local stored_epoch = tonumber(stored[1])
@@ -83,11 +88,18 @@ for i = 2, #KEYS do
   if lower then
     write = stored_epoch == epoch and older and
       tonumber(ARGV[at + 5]) < (tonumber(stored[3]) or 0)
-    cwrite = stored_epoch == epoch and colder and count > 0
+    cwrite = stored_epoch == epoch and colder and some
   else
     local replace = not stored_epoch or stored_epoch < epoch
     write = replace or older
-    cwrite = (replace or colder) and (count > 0 or stored_cseq ~= nil)
+    cwrite = (replace or colder) and (some or stored_cseq ~= nil)
+  end
+  local base = ARGV[at + 10]
+  local known = base ~= '' and stored_epoch == epoch and stored_cseq ~= nil and
+    stored[4] .. ',' .. tostring(stored[5]) == base
+  local code = 'u'
+  if not cwrite and known then
+    code = 'k'
   end
   if write then
     local states = ARGV[at + 9]
@@ -103,7 +115,23 @@ for i = 2, #KEYS do
         'safety_stock', ss, 'incoming', inc)
     end
   end
-  if cwrite then
+  if cwrite and known then
+    local values = {}
+    for part in string.gmatch(ARGV[at + 11], '[^\\n]+') do
+      values[#values + 1] = part
+    end
+    values[#values + 1] = 'channels_seq'
+    values[#values + 1] = ARGV[at + 6]
+    values[#values + 1] = 'channels_exact'
+    values[#values + 1] = ARGV[at + 7]
+    redis.call('HSET', key, unpack(values))
+    code = 'x'
+  elseif cwrite then
+    local parts = {}
+    for part in string.gmatch(ARGV[at + 8], '[^\\n]+') do
+      parts[#parts + 1] = part
+    end
+    local count = #parts / 2
     local values = {}
     local names = {}
     for j = 0, count - 1 do
@@ -179,10 +207,14 @@ for i = 2, #KEYS do
       values[#values + 1] = 'channels_names'
       values[#values + 1] = joined
       redis.call('HSET', key, unpack(values))
+      if not lower then
+        code = 'x'
+      end
     else
       redis.call('HDEL', key, 'channels_seq', 'channels_exact', 'channels_names')
     end
   end
+  codes[#codes + 1] = code
   if write or cwrite then
     written = written + 1
   end
@@ -199,7 +231,7 @@ if mode ~= 'rewrite' then
       'stale_after_ms', ARGV[6])
   end
 end
-return written
+return {written, table.concat(codes)}
 """
 
 # A new epoch, above the counter, the watermark and the caller's current epoch (Redis may have
@@ -217,6 +249,7 @@ def batch_command(
     stale_after_ms: int, rows: Iterable[Change], lower: Container[str] = (),
     channels: Mapping[str, ChannelRow] | None = None,
     states: Callable[[str, int], str] | None = None,
+    deltas: Mapping[str, Delta] | None = None,
 ) -> tuple[list[str], list]:
     """KEYS and ARGV of one :data:`BATCH_SCRIPT` call; ``rows`` as the change ring has them:
     (seq, sku, on_hand, reserved, committed, unsellable); the SKUs in ``lower`` are written by
@@ -224,22 +257,46 @@ def batch_command(
     its channel fields and their version (a SKU without: none, at the row's own version).
     ``states(sku, seq)``: the SKU's stock states at the row's version as the script takes
     them (reservd.statehistory.StateHistory.text_at), written with its counters (none: not
-    written)."""
+    written). ``deltas``: per SKU its :func:`channel_delta` (a SKU without: none)."""
     stock = prefix + "stock:"
     keys = [prefix + "watermark"]
     args: list = [mode, epoch, seq, time_ms, expected_seq, stale_after_ms]
     channels = channels or {}
+    deltas = deltas or {}
     for version, sku, on_hand, reserved, committed, unsellable in rows:
         keys.append(stock + sku)
         channels_seq, channels_exact, fields = channels.get(sku) or (version, 1, ())
+        delta = deltas.get(sku)
         args += (
             "lower" if sku in lower else "newer", version, on_hand, reserved, committed,
             stockstates.available(on_hand, reserved, committed, unsellable),
             channels_seq, channels_exact,
             "\n".join([f"{name}\n{value}" for name, value in fields]),
             "" if states is None else states(sku, version),
+            *(("", "") if delta is None else delta[:2]),
         )
     return keys, args
+
+
+def channel_delta(row: ChannelRow, lower: bool, base: ChannelRow) -> Delta | None:
+    """The :data:`BATCH_SCRIPT` delta of channel fields ``row`` over ``base``, what Redis's
+    hash holds: the fields the rule changes (by "lower": each the safe way over the base) and
+    the fields the hash then holds. None when the names differ (the script takes the full
+    fields then, and removes the stale ones)."""
+    fields, held = row[2], base[2]
+    if len(fields) != len(held) or not fields:
+        return None
+    result: list[tuple[str, int]] = []
+    changed: list[str] = []
+    for (name, value), (held_name, before) in zip(fields, held):
+        if name != held_name:
+            return None
+        if lower and value != before:
+            value = max(value, before) if name.startswith("level") else min(value, before)
+        result.append((name, value))
+        if value != before:
+            changed.append(f"{name}\n{value}")
+    return f"{base[0]},{base[1]}", "\n".join(changed), tuple(result)
 
 
 def pack(arguments: Iterable[str | int]) -> bytes:
@@ -257,6 +314,11 @@ def pack(arguments: Iterable[str | int]) -> bytes:
 # the sequence of the SKU's newest change they account for; channels_exact 1 when they are its
 # state then (durable), 0 when the safest value over the states a recovery could bring back.
 ChannelRow = tuple[int, int, Fields]
+
+# What the script writes for a SKU whose channel fields Redis holds exactly (the base, a
+# ChannelRow): (base version "channels_seq,channels_exact", the changed fields as one string,
+# the fields the hash then holds).
+Delta = tuple[str, str, Fields]
 
 
 def _available(change: Change) -> int:
