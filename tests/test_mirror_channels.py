@@ -78,21 +78,28 @@ async def settled(node, client: aioredis.Redis, skus) -> None:
     GetBuckets key for key."""
     daemon = node.daemon
     for _ in range(1000):
-        exact = [await client.hget(PREFIX + "stock:" + sku, "channels_exact") for sku in skus]
-        if (daemon.mirror.settled_seq == daemon.ledger.seq
-                and all(value == b"1" for value in exact)):
-            break
+        if daemon.mirror.settled_seq == daemon.ledger.seq:
+            expected = await expected_hashes(node, skus)
+            exact = [await client.hget(PREFIX + "stock:" + sku, "channels_exact") for sku in skus]
+            # A SKU with no channel field has no channels_exact either.
+            if all(value == b"1" or (value is None and not expected[sku])
+                   for sku, value in zip(skus, exact)):
+                break
         await asyncio.sleep(0.01)
     assert await shown_hashes(client, skus) == await expected_hashes(node, skus)
     assert len(daemon.mirror.fields) == 0  # every entry's fields settled and dropped
 
 
+@pytest.mark.parametrize("shown_skus_max", [10_000, 1, 0], ids=["deltas", "one-known", "full"])
 @aio
 async def test_the_hash_equals_get_ats_and_get_buckets_after_reserves_allocations_and_policies(
-    tmp_path, redis_server
+    tmp_path, redis_server, shown_skus_max
 ):
+    """Whether a write sends channel fields as deltas over what Redis holds (every SKU known,
+    one at a time, none: reservd.mirrorshown), the hashes are the same."""
     client = aioredis.Redis(port=redis_server.port)
-    config = test_config(tmp_path / "data", redis_url=redis_server.url)
+    config = test_config(tmp_path / "data", redis_url=redis_server.url,
+                         mirror_shown_skus_max=shown_skus_max)
     skus = ("hero", "plain", "low")
     async with running(config) as node:
         for sku, units in (("hero", 1000), ("plain", 100), ("low", 30)):
@@ -135,6 +142,9 @@ async def test_the_hash_equals_get_ats_and_get_buckets_after_reserves_allocation
                     overrides=pb.ChannelPolicy(share_bp=rng.choice((8000, 9000, 10000)))))
             if round_ % 20 == 19:
                 await settled(node, client, skus)
+        shown = node.daemon.mirror.shown
+        assert len(shown) <= shown_skus_max
+        assert (shown.deltas_sent > 0) == (shown_skus_max > 0)
         # Down to the triggers: "low" through levels 1-4.
         await _set_channel(node, "amazon", share_bp=8500)
         await settled(node, client, skus)

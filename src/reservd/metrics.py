@@ -246,12 +246,12 @@ class Metrics:
                 "reservd_mirror_shown_skus",
                 "SKUs whose channel fields in Redis the mirror knows exactly, so that it sends "
                 "only what changed (at most mirror_shown_skus_max)",
-                value=mirror.shown_skus,
+                value=len(mirror.shown),
             )
             yield CounterMetricFamily(
                 "reservd_mirror_rows_delta",
                 "Rows whose channel fields were sent as a delta over what Redis holds",
-                value=stats.rows_delta,
+                value=mirror.shown.deltas_sent,
             )
             yield CounterMetricFamily(
                 "reservd_mirror_rows_unchanged",

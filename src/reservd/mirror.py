@@ -63,7 +63,8 @@ from reservd.mirrorfields import FieldJournal, FieldsDropped
 from reservd.mirrorheal import (  # noqa: F401  (MirrorSlow, MirrorUnavailable, SOURCE: API)
     SOURCE, Healing, MirrorSlow, MirrorUnavailable, _Rebuild, _describe, _settle,
 )
-from reservd.mirrorwrite import ChannelRow, Delta, batch_command, channel_delta, pack, plan
+from reservd.mirrorshown import ShownFields
+from reservd.mirrorwrite import ChannelRow, batch_command, pack, plan
 from reservd.table import Change, CounterTable
 
 log = logging.getLogger("reservd.mirror")
@@ -81,7 +82,6 @@ class MirrorStats:
     slow_writes: int = 0  # writes answered later than mirror_timeout_ms (Redis probed, alive)
     grant_waits_exceeded: int = 0  # grants answered UNAVAILABLE after mirror_grant_wait_ms_max
     rows_unchanged: int = 0  # rows not sent again: the previous write sent them as they are
-    rows_delta: int = 0  # rows whose channel fields went as a delta over what Redis holds
     reopen_seconds_last: float | None = None  # closed -> open again, the latest time
 
 
@@ -134,12 +134,8 @@ class RedisMirror(Healing):
         # of what channel fields cost a write. At most one per ring entry not durable yet
         # (watch_ring_capacity); emptied whenever the mirror resynchronises.
         self._sent: dict[str, tuple] = {}  # reservd_mirror_pending_rows
-        # SKU -> the channel fields its hash holds exactly (as the script reported), so the
-        # next write sends only what changed (reservd.mirrorwrite.channel_delta): a Reserve
-        # changes a few ats and one bucket of a SKU's many fields. Least recently written
-        # first; at most mirror_shown_skus_max; emptied whenever the mirror resynchronises or
-        # a write fails (Redis may then hold anything at or below it).
-        self._shown: dict[str, ChannelRow] = {}  # reservd_mirror_shown_skus
+        # What each hash's channel fields are, so a write sends only what changed.
+        self.shown = ShownFields(config.mirror_shown_skus_max)  # reservd_mirror_shown_skus
         self._rewrite_seq = 0  # sequence of the latest full rewrite
         self._open = False
         self._reason = "the Redis mirror is not written yet"
@@ -212,11 +208,6 @@ class RedisMirror(Healing):
 
         batch.add_done_callback(copy)
         return future
-
-    @property
-    def shown_skus(self) -> int:
-        """SKUs whose channel fields in Redis the mirror knows exactly (see ``_shown``)."""
-        return len(self._shown)
 
     @property
     def pending_rows(self) -> int:
@@ -371,17 +362,7 @@ class RedisMirror(Healing):
         self, rows: list[Change], seq: int, time_ms: int, lower: Container[str] = (),
         channels: dict[str, ChannelRow] | None = None,
     ) -> None:
-        deltas: dict[str, Delta] = {}
-        shown = self._shown
-        if channels and shown:
-            for row in rows:
-                sku = row[1]
-                base, fields = shown.get(sku), channels.get(sku)
-                if base is not None and fields is not None:
-                    delta = channel_delta(fields, sku in lower, base)
-                    if delta is not None:
-                        deltas[sku] = delta
-            self.stats.rows_delta += len(deltas)
+        deltas = self.shown.deltas(rows, lower, channels) if channels else {}
         keys, args = batch_command(
             self.prefix, "apply", self.epoch, seq, time_ms, self.settled_seq,
             self.stale_after_ms, rows, lower, channels, self.ledger.state_history.text_at,
@@ -394,32 +375,7 @@ class RedisMirror(Healing):
         if self.observer is not None:
             self.observer.mirror_write(self._written_at - started)
         if channels:
-            self._note_shown(rows, codes, lower, channels, deltas)
-
-    def _note_shown(
-        self, rows: list[Change], codes: bytes, lower: Container[str],
-        channels: dict[str, ChannelRow], deltas: dict[str, Delta],
-    ) -> None:
-        """Remember what each written hash's channel fields now are, by the script's letter
-        per row (reservd.mirrorwrite.BATCH_SCRIPT)."""
-        assert len(codes) == len(rows), (len(codes), len(rows))
-        shown, shown_max = self._shown, self.config.mirror_shown_skus_max
-        for row, code in zip(rows, codes):
-            sku = row[1]
-            if code == 0x6B:  # "k": untouched, still what we know
-                continue
-            known = shown.pop(sku, None)
-            fields = channels.get(sku)
-            if code != 0x78 or fields is None or shown_max == 0:  # not "x": unknown
-                continue
-            if sku in lower:
-                delta = deltas.get(sku)
-                assert delta is not None, f"a lower write of {sku!r} known exact without a base"
-                assert known is not None
-                fields = (fields[0], fields[1], delta[2])
-            shown[sku] = fields
-            if len(shown) > shown_max:
-                del shown[next(iter(shown))]
+            self.shown.note(rows, codes, lower, channels, deltas)
 
     async def _idle(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()

@@ -160,7 +160,7 @@ class Healing:
         self._open = False
         self._reason = why
         self._sent.clear()
-        self._shown.clear()
+        self.shown.forget()
         self.stats.failures += 1
         self._lag_samples.clear()
         self.guard.trip(SOURCE, why)
@@ -209,7 +209,7 @@ class Healing:
         started = time.monotonic()
         # Redis may hold less than we sent (it lost data, or a write failed)
         self._sent.clear()
-        self._shown.clear()
+        self.shown.forget()
         await self._drop_client()
         self._client = client = self._connect()
         self._probe = self._connect("reservd-mirror-probe")

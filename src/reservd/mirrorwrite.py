@@ -257,7 +257,8 @@ def batch_command(
     its channel fields and their version (a SKU without: none, at the row's own version).
     ``states(sku, seq)``: the SKU's stock states at the row's version as the script takes
     them (reservd.statehistory.StateHistory.text_at), written with its counters (none: not
-    written). ``deltas``: per SKU its :func:`channel_delta` (a SKU without: none)."""
+    written). ``deltas``: per SKU its :func:`reservd.mirrorshown.channel_delta` (a SKU without:
+    none)."""
     stock = prefix + "stock:"
     keys = [prefix + "watermark"]
     args: list = [mode, epoch, seq, time_ms, expected_seq, stale_after_ms]
@@ -278,27 +279,6 @@ def batch_command(
     return keys, args
 
 
-def channel_delta(row: ChannelRow, lower: bool, base: ChannelRow) -> Delta | None:
-    """The :data:`BATCH_SCRIPT` delta of channel fields ``row`` over ``base``, what Redis's
-    hash holds: the fields the rule changes (by "lower": each the safe way over the base) and
-    the fields the hash then holds. None when the names differ (the script takes the full
-    fields then, and removes the stale ones)."""
-    fields, held = row[2], base[2]
-    if len(fields) != len(held) or not fields:
-        return None
-    result: list[tuple[str, int]] = []
-    changed: list[str] = []
-    for (name, value), (held_name, before) in zip(fields, held):
-        if name != held_name:
-            return None
-        if lower and value != before:
-            value = max(value, before) if name.startswith("level") else min(value, before)
-        result.append((name, value))
-        if value != before:
-            changed.append(f"{name}\n{value}")
-    return f"{base[0]},{base[1]}", "\n".join(changed), tuple(result)
-
-
 def pack(arguments: Iterable[str | int]) -> bytes:
     """One command in RESP, as redis-py's pack_command makes it, without its per-argument
     cost (the mirror's hot path sends one per batch)."""
@@ -317,7 +297,7 @@ ChannelRow = tuple[int, int, Fields]
 
 # What the script writes for a SKU whose channel fields Redis holds exactly (the base, a
 # ChannelRow): (base version "channels_seq,channels_exact", the changed fields as one string,
-# the fields the hash then holds).
+# the fields the hash then holds); see reservd.mirrorshown.
 Delta = tuple[str, str, Fields]
 
 
