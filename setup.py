@@ -65,7 +65,9 @@ def extensions():
             optional=True,
         )
         # _atsvalues: every channel's ats for one SKU in one call (channelpolicy.ats_values's twin).
-        for name in ("_ctable", "_cfinished", "_atsvalues")
+        # _mirrorargs: a mirrored row's channel fields (mirrorwrite.fields_text's and
+        # mirrorshown.channel_delta's twins).
+        for name in ("_ctable", "_cfinished", "_atsvalues", "_mirrorargs")
     ]
     return cythonize(
         exts,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import os
 from typing import Mapping, NamedTuple, Sequence
+
+from reservd.extension import compiled
 
 BASIS_POINTS = 10_000
 
@@ -136,15 +137,7 @@ def ats_values(
 
 
 def _load_ats_values():
-    if os.environ.get("RESERVD_NO_EXT") == "1":
-        return ats_values
-    try:
-        from reservd._atsvalues import ats_values as compiled
-    except ImportError:
-        if os.environ.get("RESERVD_REQUIRE_EXT") == "1":
-            raise
-        return ats_values
-    return compiled
+    return compiled("reservd._atsvalues", "ats_values", ats_values)
 
 
 # What the hot paths call (reservd.channels.Channels.mirror_fields): the C twin when built.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Container
 
+from reservd.extension import compiled
 from reservd.mirrorwrite import ChannelRow, Delta
 from reservd.table import Change
 
@@ -29,22 +30,36 @@ _KEPT = ord("k")  # not touched, still the base
 def channel_delta(row: ChannelRow, lower: bool, base: ChannelRow) -> Delta | None:
     """The delta of channel fields ``row`` over ``base``, what Redis's hash holds: the fields
     the rule changes (by "lower": each the safe way over the base, the lower ``ats`` or free
-    units, the higher level) and the fields the hash then holds. None when the names differ
-    (the script takes the full fields then, and removes the stale ones)."""
+    units, the higher level) and the fields the hash then holds (``row``'s own tuple when the
+    rule took each value as it is). None when the names differ (the script takes the full
+    fields then, and removes the stale ones). The definition; :data:`CHANNEL_DELTA` is its C
+    twin when built (reservd._mirrorargs)."""
     fields, held = row[2], base[2]
     if len(fields) != len(held) or not fields:
         return None
-    result: list[tuple[str, int]] = []
+    result: list[tuple[str, int]] | None = None
     changed: list[str] = []
-    for (name, value), (held_name, before) in zip(fields, held):
+    for i, ((name, value), (held_name, before)) in enumerate(zip(fields, held)):
         if name != held_name:
             return None
-        if lower and value != before:
-            value = max(value, before) if name.startswith("level") else min(value, before)
-        result.append((name, value))
-        if value != before:
-            changed.append(f"{name}\n{value}")
-    return f"{base[0]},{base[1]}", "\n".join(changed), tuple(result)
+        if value == before:
+            continue
+        if lower:
+            safe = max(value, before) if name.startswith("level") else min(value, before)
+            if safe != value:
+                if result is None:
+                    result = list(fields)
+                result[i] = (name, safe)
+                value = safe
+            if value == before:
+                continue
+        changed += (name, str(value))
+    return (f"{base[0]},{base[1]}", "\n".join(changed),
+            fields if result is None else tuple(result))
+
+
+# What the mirror calls: the C twin when built.
+CHANNEL_DELTA = compiled("reservd._mirrorargs", "channel_delta", channel_delta)
 
 
 class ShownFields:
@@ -75,7 +90,7 @@ class ShownFields:
             sku = row[1]
             base, fields = known.get(sku), channels.get(sku)
             if base is not None and fields is not None:
-                delta = channel_delta(fields, sku in lower, base)
+                delta = CHANNEL_DELTA(fields, sku in lower, base)
                 if delta is not None:
                     deltas[sku] = delta
         self.deltas_sent += len(deltas)

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Callable, Container, Iterable, Mapping
 
 from reservd import stockstates
+from reservd.extension import compiled
 from reservd.mirrorfields import Fields, safest
 from reservd.table import Change, CounterTable
 
@@ -272,11 +273,21 @@ def batch_command(
             "lower" if sku in lower else "newer", version, on_hand, reserved, committed,
             stockstates.available(on_hand, reserved, committed, unsellable),
             channels_seq, channels_exact,
-            "\n".join([f"{name}\n{value}" for name, value in fields]),
+            FIELDS_TEXT(fields),
             "" if states is None else states(sku, version),
             *(("", "") if delta is None else delta[:2]),
         )
     return keys, args
+
+
+def fields_text(fields: Fields) -> str:
+    """A row's channel fields as the script takes them: ``"name\nvalue\nname\nvalue..."``.
+    The definition; :data:`FIELDS_TEXT` is its C twin when built (reservd._mirrorargs)."""
+    return "\n".join([f"{name}\n{value}" for name, value in fields])
+
+
+# What batch_command calls: the C twin when built.
+FIELDS_TEXT = compiled("reservd._mirrorargs", "fields_text", fields_text)
 
 
 def pack(arguments: Iterable[str | int]) -> bytes:
