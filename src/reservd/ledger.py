@@ -22,9 +22,10 @@ from reservd.alertrules import AlertRules
 from reservd.channels import Channels
 from reservd.config import Config
 from reservd.expiry import Deadlines
-from reservd.finished import FinishedAdjustment, FinishedReservation
 from reservd.ledger_channels import ChannelCommands
+from reservd.ledger_expiry import ExpiryCommands
 from reservd.ledger_planning import PlanningCommands
+from reservd.ledger_retained import RetainedRecords, different_payload
 from reservd.ledger_rules import (
     ENCODERS as _RULE_ENCODERS, RULE_KINDS as _RULE_RECORDS, RuleCommands,
 )
@@ -46,7 +47,6 @@ __all__ = [
 
 log = logging.getLogger("reservd.ledger")
 
-_DEADLINES_SLACK = 64
 _ENCODERS = {
     RecordType.COMMIT: records.encode_commit,
     RecordType.EXTEND: records.encode_extend,
@@ -83,12 +83,14 @@ class Log(Protocol):
 
 
 class Ledger(
-    StockCommands, SnapshotCommands, ChannelCommands, PlanningCommands, RuleCommands
+    RetainedRecords, ExpiryCommands, StockCommands, SnapshotCommands, ChannelCommands,
+    PlanningCommands, RuleCommands,
 ):
-    """Reservations, their expiry and idempotency, over a counter table. Beside it, each a
-    mixin of one command family: stock and its states (reservd.ledger_stock), snapshots
-    (reservd.ledger_snapshot), channels and buckets (reservd.ledger_channels), replenishment
-    (reservd.ledger_planning), velocity, rules and promotions (reservd.ledger_rules)."""
+    """Reservations over a counter table. Beside it, each a mixin of one concern: finished
+    records and idempotency (reservd.ledger_retained), expiry (reservd.ledger_expiry), stock and
+    its states (reservd.ledger_stock), snapshots (reservd.ledger_snapshot), channels and buckets
+    (reservd.ledger_channels), replenishment (reservd.ledger_planning), velocity, rules and
+    promotions (reservd.ledger_rules)."""
 
     def __init__(self, table: CounterTable, log_: Log, clock, config: Config) -> None:
         self.table = table
@@ -111,8 +113,8 @@ class Ledger(
         self.held = 0
         # Held reservations' ids by expiry second. An entry goes stale when its hold ends or
         # moves; stale entries are dropped once they outnumber the held reservations, so there
-        # are at most 2 * held + _DEADLINES_SLACK entries (O(1) amortised: dropping costs what
-        # making the stale entries cost).
+        # are at most 2 * held + 64 entries (O(1) amortised: dropping costs what making the
+        # stale entries cost; reservd.ledger_expiry).
         self._deadlines = Deadlines()
         self.channels = Channels(table, config.channels_max, config.buckets_per_sku_max)
         self._init_rules(config)
@@ -143,7 +145,7 @@ class Ledger(
         existing = self.reservations.get(reservation_id)
         if existing is not None:
             if existing.request != request:
-                return _exists(reservation_id)
+                return different_payload(reservation_id)
             if existing.state is State.HELD and existing.expires_at_ms <= self.clock.now_ms():
                 # Due but not yet swept: the honest answer is that it expired.
                 refused = self._unwritable()
@@ -299,91 +301,6 @@ class Ledger(
         updated, seq = self._execute(RecordType.FULFIL, command)
         return ReservationOutcome(updated, seq, False)
 
-    def expire_due(self, limit: int) -> int:
-        """Expire up to ``limit`` held reservations whose deadline has passed; returns the last
-        sequence used (0 if none). O(1) amortised per expiry (reservd.expiry), never a scan."""
-        if self._unwritable() is not None:
-            return 0
-        now_ms = self.clock.now_ms()
-        last_seq = 0
-        for reservation_id in self._deadlines.due(now_ms, limit, self._deadline_of):
-            last_seq = self._expire(self.reservations[reservation_id], now_ms)
-        self._prune(now_ms)
-        return last_seq
-
-    def _deadline_of(self, reservation_id: str) -> int | None:
-        current = self.reservations.get(reservation_id)
-        if current is None or current.state is not State.HELD:
-            return None
-        return current.expires_at_ms
-
-    def get(self, reservation_id: str) -> Reservation | None:
-        """The reservation as it stands (a view decoded from its compact record), live or
-        finished and still retained, or None."""
-        live = self.reservations.get(reservation_id)
-        if live is not None:
-            return live
-        record = self.finished.reservation(reservation_id)
-        if record is None:
-            return None
-        return self._finished_view(reservation_id, finished.unpack(record)[1])
-
-    def _replayed_finished(
-        self, reservation_id: str, record: bytes, request: tuple
-    ) -> ReserveOutcome | Rejection:
-        """A Reserve of an id whose finished ``record`` is kept: its replay, or ALREADY_EXISTS
-        for another payload."""
-        kept = finished.unpack(record)[1]
-        if kept.digest != finished.reserve_digest(request):
-            return _exists(reservation_id)
-        return self._replayed_reserve(
-            self._finished_view(reservation_id, kept), request[0], request[1]
-        )
-
-    def _finished_view(self, reservation_id: str, kept: FinishedReservation) -> Reservation:
-        """A finished record as a Reservation: the lines it held or committed (request None)."""
-        held = [line for line in kept.lines if line[1]]
-        sku_of = self.table.sku
-        channel, owner = self.reservations.origin_of(kept.origin)
-        return Reservation(
-            reservation_id, channel, None, tuple(sku_of(line[0]) for line in held),
-            tuple(line[0] for line in held), tuple(line[1] for line in held),
-            tuple(line[2] for line in held) if kept.committed else None, State(kept.state),
-            kept.expires_at_ms, kept.seq, kept.finished_at_ms, owner,
-        )
-
-    def adjustment(self, adjustment_id: str) -> tuple[StockOutcome, int] | None:
-        """The outcome of a retained adjustment and its finished_at_ms, or None."""
-        record = self.finished.adjustment(adjustment_id)
-        if record is None:
-            return None
-        kept = finished.unpack(record)[1]
-        return self._adjustment_outcome(kept, False), kept.finished_at_ms
-
-    def _adjustment_outcome(self, kept: FinishedAdjustment, replayed: bool) -> StockOutcome:
-        return StockOutcome(
-            self.table.sku(kept.handle), kept.on_hand, kept.reserved, kept.committed,
-            kept.previous_on_hand, max(0, kept.reserved + kept.committed - kept.on_hand),
-            kept.seq, replayed,
-        )
-
-    def next_deadline_ms(self) -> int | None:
-        """The earliest deadline of a held reservation (unix ms), or None."""
-        return self._deadlines.next_deadline_ms(self._deadline_of)
-
-    @property
-    def deadline_entries(self) -> int:
-        """Entries in the expiry buckets (stale ones included): at most 2 * held + 64."""
-        return len(self._deadlines)
-
-    def _hold_ended_or_moved(self) -> None:
-        """A hold's expiry entry just went stale: drop stale entries once they outnumber the
-        held reservations."""
-        if len(self._deadlines) <= 2 * self.held + _DEADLINES_SLACK:
-            return
-        self._deadlines.compact(self._deadline_of)
-        assert len(self._deadlines) <= self.held, (len(self._deadlines), self.held)
-
     # -- Replay and snapshots -------------------------------------------------------------------
 
     def replay(self, seq: int, record_type: int, payload: bytes) -> None:
@@ -484,35 +401,6 @@ class Ledger(
         assert kind in (RecordType.SET_STOCK, RecordType.ADJUST_STOCK), kind
         return self._apply_stock(kind, command, seq)
 
-    def _retention_full(self) -> Rejection | None:
-        """New reservations and adjustments are refused rather than forgetting an idempotency
-        record before its retention_seconds: a retry after an early forget would apply twice.
-        (Holds that finish meanwhile are still retained: at most retained_max + live.)"""
-        if self.retained < self.config.retained_max:
-            return None
-        return Rejection(
-            Code.RESOURCE_EXHAUSTED,
-            f"{self.retained} finished reservations and adjustments are kept for their "
-            f"{self.config.retention_seconds} s idempotency window: retained_max reached "
-            f"(raise retained_max or lower retention_seconds)",
-        )
-
-    @property
-    def retained(self) -> int:
-        """Idempotency records kept: finished reservations plus adjustments."""
-        return len(self.finished)
-
-    @property
-    def retained_adjustments(self) -> int:
-        return self.finished.adjustments
-
-    def retained_oldest_seconds(self) -> float:
-        """Age of the oldest idempotency record kept (0 when none), in seconds."""
-        oldest = self.finished.oldest_ms()
-        if oldest is None:
-            return 0.0
-        return max(0, self.clock.now_ms() - oldest) / 1000
-
     def _find(self, reservation_id: str, action: str) -> Reservation | Rejection:
         current = self.get(reservation_id)
         if current is None:
@@ -536,29 +424,6 @@ class Ledger(
         return Rejection(
             Code.FAILED_PRECONDITION,
             f"cannot {action} reservation {current.reservation_id!r}: {why}",
-        )
-
-    def _expire(self, current: Reservation, now_ms: int) -> int:
-        _, seq = self._execute(RecordType.EXPIRE, records.Finish(now_ms, current.reservation_id))
-        return seq
-
-    def _replayed_reserve(
-        self, existing: Reservation, skus: tuple[str, ...], requested: tuple[int, ...]
-    ) -> ReserveOutcome:
-        """The original outcome of a Reserve retried with the same payload (``skus``,
-        ``requested``), as it stands now: a held, committed or fulfilled reservation is still
-        granted; a released or expired one is not (granted False, quantities 0), so a retry
-        never mistakes a lost hold for a live one."""
-        if existing.state in (State.RELEASED, State.EXPIRED):
-            return ReserveOutcome(
-                False, skus, requested, (0,) * len(skus), self._available(skus), 0,
-                existing.state, existing.seq, True,
-            )
-        held = dict(zip(existing.skus, existing.quantities))
-        granted = tuple(held.get(sku, 0) for sku in skus)
-        return ReserveOutcome(
-            True, skus, requested, granted, self._available(skus), existing.expires_at_ms,
-            existing.state, existing.seq, True,
         )
 
     def _available(self, skus: tuple[str, ...]) -> tuple[int, ...]:
@@ -642,38 +507,3 @@ class Ledger(
         self.channels.apply_finish(command.reservation_id, fulfilled=False)
         return self._finish(current, State.EXPIRED, command.at_ms, seq)
 
-    def _finish(self, current: Reservation, state: State, at_ms: int, seq: int) -> Reservation:
-        """The reservation leaves the live store for a finished record (reservd.finished)."""
-        reservation_id = current.reservation_id
-        self.finished.add(finished.pack_reservation(
-            finished.reservation_key(reservation_id),
-            FinishedReservation(
-                finished.reserve_digest(current.request), seq, at_ms, int(state),
-                self.reservations.origin(current.channel, current.owner),
-                current.expires_at_ms, current.committed is not None,
-                self.reservations.request_lines(reservation_id),
-            ),
-        ))
-        del self.reservations[reservation_id]
-        updated = current._replace(state=state, seq=seq, finished_at_ms=at_ms, request=None)
-        self.live -= 1
-        assert self.live >= 0
-        if current.state is State.HELD:
-            self.held -= 1
-            self._hold_ended_or_moved()
-        return updated
-
-    def _prune(self, now_ms: int) -> None:
-        """Forget idempotency records older than retention_seconds (and only those: the window
-        is the promise; retained_max refuses new work instead of cutting it)."""
-        horizon_ms = now_ms - self.config.retention_seconds * 1000
-        self.finished.forget(horizon_ms)
-        self.states.prune(horizon_ms)
-        self.incoming.prune(horizon_ms)
-        self._prune_state_history()
-
-
-def _exists(reservation_id: str) -> Rejection:
-    return Rejection(
-        Code.ALREADY_EXISTS, f"reservation {reservation_id!r} exists with a different payload"
-    )
