@@ -55,3 +55,40 @@ def channel_delta(tuple row, bint lower, tuple base):
         f"{base[0]},{base[1]}", "\n".join(changed),
         fields if result is None else tuple(result),
     )
+
+
+def safest_fields(list states):
+    """See reservd.mirrorfields.safest_fields. States whose names are the same, in the same
+    order (a SKU whose channels and buckets did not change between them: nearly always) are
+    merged position by position; any others by the definition."""
+    cdef Py_ssize_t count = len(states[0])
+    cdef Py_ssize_t i, j
+    cdef tuple first = states[0]
+    cdef tuple fields, pair
+    cdef list names = [pair[0] for pair in first]
+    cdef list values = [pair[1] for pair in first]
+    cdef list higher = [name.startswith("level") for name in names]
+    if len(set(names)) != count:
+        return _by_definition(states)
+    for j in range(1, len(states)):
+        fields = states[j]
+        if len(fields) != count:
+            return _by_definition(states)
+        for i in range(count):
+            pair = fields[i]
+            name = pair[0]
+            if name is not names[i] and name != names[i]:
+                return _by_definition(states)
+            value = pair[1]
+            if higher[i]:
+                if value > values[i]:
+                    values[i] = value
+            elif value < values[i]:
+                values[i] = value
+    return tuple(zip(names, values))
+
+
+def _by_definition(list states):
+    from reservd.mirrorfields import safest_fields
+
+    return safest_fields(states)

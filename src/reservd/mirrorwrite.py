@@ -10,7 +10,7 @@ from typing import Callable, Container, Iterable, Mapping
 
 from reservd import stockstates
 from reservd.extension import compiled
-from reservd.mirrorfields import Fields, safest
+from reservd.mirrorfields import SAFEST_FIELDS, Fields
 from reservd.table import Change, CounterTable
 
 # One batch, applied atomically. KEYS[1]: the watermark; KEYS[2..]: stock hashes.
@@ -420,6 +420,6 @@ def _channel_rows(
         waiting.add(sku)
     rows: dict[str, ChannelRow] = {}
     for sku, seen in states.items():
-        fields = seen[0] if len(seen) == 1 else tuple(safest(seen).items())
+        fields = seen[0] if len(seen) == 1 else SAFEST_FIELDS(seen)
         rows[sku] = (newest[sku], 0 if sku in waiting else 1, fields)
     return rows
