@@ -22,7 +22,7 @@ from reservd.table import Change, CounterTable
 # version, written with the counters under the counters' rule ("" writes none): the rule
 # protects `available`, which already counts them; a "lower" write may show a state command
 # that is not durable yet, as it shows the counters; then a *base* "channels_seq,channels_exact"
-# and a *delta* (see :func:`channel_delta`): "" and "" without one.
+# and a *delta* (reservd.mirrorshown.channel_delta): "" and "" without one.
 #   apply:   refuse the whole batch unless the watermark is of this epoch and at least
 #            expected_seq (otherwise Redis lost what it held: reservd must rewrite everything);
 #            write each stock hash by its rule; move the watermark forward.
