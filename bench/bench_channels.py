@@ -4,7 +4,7 @@ With ``--compare velocity``: what velocity tracking costs, the five channels wit
 velocity rules enabled on each, velocity_tracking off vs on.
 
     .venv/bin/python bench/bench_channels.py [--ops 6000] [--rounds 3] [--clients 64] [--mirror]
-        [--compare channels|velocity]
+        [--batching] [--compare channels|velocity]
 
 Each round runs both setups (alternating which goes first) on a fresh in-memory daemon, so the
 machine's other load hits both alike; prints each round and the median ratio. ``--mirror``: the
@@ -12,6 +12,8 @@ daemon keeps its WAL in a temporary directory and mirrors to a redis-server of i
 stock hash then also carries each channel's ats and level and each bucket's free units); each
 round then also prints Redis's own time in the mirror's script per Reserve (``INFO
 commandstats``, EVALSHA), which on a small machine is taken from the daemon too.
+``--batching``: the clients share one batching client (reservd.client.ReservdClient), whose
+Batch RPCs make reservd cheap per Reserve, so the channels' per-mutation work shows more.
 """
 from __future__ import annotations
 
@@ -87,17 +89,25 @@ def _redis_script_usec(url: str | None, reset: bool = False) -> float:
 
 
 async def _run(target: str, pid: int, configured: bool, ops: int, clients: int,
-               rules: bool = False, redis_url: str | None = None):
+               rules: bool = False, redis_url: str | None = None, batching: bool = False):
+    from reservd.client import ReservdClient
+
     async with grpc.aio.insecure_channel(target) as channel:
         await _setup(pb_grpc.AdminStub(channel), configured, rules)
         stub = pb_grpc.ReservationsStub(channel)
+        batcher = ReservdClient(target, batching=True, attempts_max=1) if batching else None
         counter = iter(range(ops))
 
         async def client(c: int) -> None:
             for n in counter:
+                sku, channel_name = f"s{n % SKUS}", CHANNELS[n % len(CHANNELS)]
+                if batcher is not None:
+                    result = await batcher.reserve(f"r{n}", ((sku, 1),), channel=channel_name)
+                    assert result.error is None and result.granted, result
+                    continue
                 response = await stub.Reserve(pb.ReserveRequest(
-                    reservation_id=f"r{n}", lines=[pb.Line(sku=f"s{n % SKUS}", quantity=1)],
-                    channel=CHANNELS[n % len(CHANNELS)]))
+                    reservation_id=f"r{n}", lines=[pb.Line(sku=sku, quantity=1)],
+                    channel=channel_name))
                 assert response.granted
 
         _redis_script_usec(redis_url, reset=True)
@@ -105,6 +115,8 @@ async def _run(target: str, pid: int, configured: bool, ops: int, clients: int,
         await asyncio.gather(*(client(c) for c in range(clients)))
         wall = time.perf_counter() - started
         cpu = (_cpu_seconds(pid) - cpu) / ops * 1e6
+        if batcher is not None:
+            await batcher.close()
         return ops / wall, cpu, _redis_script_usec(redis_url) / ops
 
 
@@ -115,6 +127,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--mirror", action="store_true",
                         help="WAL and the Redis mirror instead of in memory")
+    parser.add_argument("--batching", action="store_true",
+                        help="one batching client (Batch RPCs) instead of unary Reserves")
     parser.add_argument("--compare", choices=("channels", "velocity"), default="channels")
     args = parser.parse_args()
     velocity = args.compare == "velocity"
@@ -137,7 +151,8 @@ def main() -> None:
                     rates[configured], cpu[configured], script[configured] = uvloop.run(_run(
                         daemon.target, daemon.process.pid, configured or velocity, args.ops,
                         args.clients, rules=velocity,
-                        redis_url=redis.url if redis is not None else None))
+                        redis_url=redis.url if redis is not None else None,
+                        batching=args.batching))
                 finally:
                     daemon.kill()
                     if redis is not None:
@@ -153,7 +168,8 @@ def main() -> None:
     print(f"median RPC/s ratio {statistics.median(ratios):.3f}, median daemon CPU per RPC "
           f"ratio {statistics.median(cpu_ratios):.3f} over {args.rounds} rounds "
           f"({args.ops} Reserve RPCs each, {args.clients} clients, {SKUS} SKUs"
-          f"{', WAL + Redis mirror' if args.mirror else ', in memory'})")
+          f"{', WAL + Redis mirror' if args.mirror else ', in memory'}"
+          f"{', batching client' if args.batching else ''})")
 
 
 if __name__ == "__main__":
