@@ -244,7 +244,10 @@ class WatchView:
             seen = set(self.seen.get(sku, ()))
             for after, through in self.windows:
                 for seq in acknowledged:
-                    if after < seq <= through:
+                    # Not ``through`` itself: a multi-line cart is one sequence in several
+                    # updates, and a stream cut at the end of the run (or by a reconnect) may
+                    # have shown some of them only.
+                    if after < seq < through:
                         checked += 1
                         if seq not in seen:
                             missed += 1
