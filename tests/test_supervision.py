@@ -93,6 +93,29 @@ def test_a_background_task_dying_stops_the_daemon(tmp_path):
     _no_traceback(daemon)
 
 
+def test_a_durable_listener_that_raises_stops_the_daemon(tmp_path):
+    """The log tells the WatchStock hub each durable batch; a hub that raises is a bug, not a
+    log line while serving goes on (a watcher would miss changes)."""
+    daemon = DaemonProcess(
+        "--data-dir", str(tmp_path / "data"), launcher=LAUNCHER,
+        env={"RESERVD_TEST_FAULT": "hub.on_durable:3"},
+    ).start()
+    try:
+        target = ["--target", daemon.target]
+        for n in range(1, 6):
+            done = reservd_cli("set", *target, f"s{n}", "10", "--deadline", "2")
+            if done.returncode != 0:
+                break
+        assert daemon.wait() == EXIT_FATAL
+    finally:
+        daemon.kill()
+    fatal = daemon.logged("fatal")
+    assert len(fatal) == 1, fatal
+    assert fatal[0]["where"] == "durable listener WatchHub.on_durable", fatal
+    assert fatal[0]["invariant"].startswith("AssertionError: injected: call 3 of hub.")
+    _no_traceback(daemon)
+
+
 @aio
 async def test_a_task_that_raises_or_returns_closes_grants_and_writes(caplog):
     caplog.set_level(logging.INFO, logger="reservd.supervisor")

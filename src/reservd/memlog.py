@@ -17,6 +17,8 @@ class MemoryLog:
         self.durable_seq = 0
         self._listeners: list[Callable[[int], None]] = []
         self._notify_scheduled = False
+        # Told (error, where) when a durable listener raises (a bug), as the WAL does.
+        self.on_listener_error: Callable[[BaseException, str], None] | None = None
 
     def append(self, seq: int, type: int, payload: bytes) -> None:
         assert seq == self.last_seq + 1, f"append of seq {seq} after {self.last_seq}"
@@ -41,7 +43,12 @@ class MemoryLog:
     def _notify(self) -> None:
         self._notify_scheduled = False
         for callback in self._listeners:
-            callback(self.durable_seq)
+            try:
+                callback(self.durable_seq)
+            except Exception as error:
+                if self.on_listener_error is None:
+                    raise
+                self.on_listener_error(error, f"durable listener {callback.__qualname__}")
 
     async def start(self) -> None:
         return None

@@ -127,6 +127,8 @@ class WriteAheadLog:
         self._flush_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._snapshot_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._listeners: list[Callable[[int], None]] = []
+        # Told (error, where) when a durable listener raises (a bug).
+        self.on_listener_error: Callable[[BaseException, str], None] | None = None
         self._failure_listeners: list[Callable[[WalFailed], None]] = []
 
     # -- start-up -----------------------------------------------------------------------------
@@ -435,8 +437,13 @@ class WriteAheadLog:
         for callback in self._listeners:
             try:
                 callback(last_seq)
-            except Exception:
-                self.log.exception("durable listener %r failed", callback)
+            except Exception as error:
+                # A listener that raises is a bug: the streams (or the mirror) behind it can no
+                # longer be trusted, so it is not logged and passed over. Whoever runs the log
+                # decides (reservd.server stops the daemon); without anyone it propagates.
+                if self.on_listener_error is None:
+                    raise
+                self.on_listener_error(error, f"durable listener {callback.__qualname__}")
 
     def _fail(self, failure: WalFailed) -> None:
         if self.failed is not None:
