@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
+from reservd.durable import DurableListeners
+
 
 class MemoryLog:
     """Same surface as the WAL: append, commit, durable_seq and durable listeners."""
@@ -15,10 +17,8 @@ class MemoryLog:
     def __init__(self) -> None:
         self.last_seq = 0
         self.durable_seq = 0
-        self._listeners: list[Callable[[int], None]] = []
+        self.durable_listeners = DurableListeners()
         self._notify_scheduled = False
-        # Told (error, where) when a durable listener raises (a bug), as the WAL does.
-        self.on_listener_error: Callable[[BaseException, str], None] | None = None
 
     def append(self, seq: int, type: int, payload: bytes) -> None:
         assert seq == self.last_seq + 1, f"append of seq {seq} after {self.last_seq}"
@@ -35,20 +35,14 @@ class MemoryLog:
         return future
 
     def add_durable_listener(self, callback: Callable[[int], None]) -> None:
-        self._listeners.append(callback)
+        self.durable_listeners.add(callback)
 
     def add_failure_listener(self, callback) -> None:
         """Memory never fails: nothing to report."""
 
     def _notify(self) -> None:
         self._notify_scheduled = False
-        for callback in self._listeners:
-            try:
-                callback(self.durable_seq)
-            except Exception as error:
-                if self.on_listener_error is None:
-                    raise
-                self.on_listener_error(error, f"durable listener {callback.__qualname__}")
+        self.durable_listeners.notify(self.durable_seq)
 
     async def start(self) -> None:
         return None

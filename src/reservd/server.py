@@ -145,7 +145,7 @@ class Daemon:
             )
         self.recover()
         await self.log.start()
-        self.log.on_listener_error = self._on_bug
+        self.log.durable_listeners.on_error = self._on_bug
         self.log.add_durable_listener(self.hub.on_durable)
         self.log.add_durable_listener(self.ats_hub.on_durable)
         self.log.add_durable_listener(self.alert_hub.on_durable)

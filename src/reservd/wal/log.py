@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from reservd.durable import DurableListeners
 from reservd.futures import SharedFuture
 from reservd.wal.errors import DataDirectoryInUse, WalFailed
 from reservd.wal.format import (
@@ -126,9 +127,7 @@ class WriteAheadLog:
         self._task: asyncio.Task[None] | None = None
         self._flush_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._snapshot_executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._listeners: list[Callable[[int], None]] = []
-        # Told (error, where) when a durable listener raises (a bug).
-        self.on_listener_error: Callable[[BaseException, str], None] | None = None
+        self.durable_listeners = DurableListeners()
         self._failure_listeners: list[Callable[[WalFailed], None]] = []
 
     # -- start-up -----------------------------------------------------------------------------
@@ -245,7 +244,7 @@ class WriteAheadLog:
 
     def add_durable_listener(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(durable_seq)`` on the loop after each batch becomes durable."""
-        self._listeners.append(callback)
+        self.durable_listeners.add(callback)
 
     def add_failure_listener(self, callback: Callable[[WalFailed], None]) -> None:
         """Call ``callback(failure)`` on the loop once, when the log fails for good."""
@@ -434,16 +433,7 @@ class WriteAheadLog:
         future, self._inflight_future = self._inflight_future, None
         if future is not None and not future.done():
             future.set_result(None)
-        for callback in self._listeners:
-            try:
-                callback(last_seq)
-            except Exception as error:
-                # A listener that raises is a bug: the streams (or the mirror) behind it can no
-                # longer be trusted, so it is not logged and passed over. Whoever runs the log
-                # decides (reservd.server stops the daemon); without anyone it propagates.
-                if self.on_listener_error is None:
-                    raise
-                self.on_listener_error(error, f"durable listener {callback.__qualname__}")
+        self.durable_listeners.notify(last_seq)
 
     def _fail(self, failure: WalFailed) -> None:
         if self.failed is not None:
